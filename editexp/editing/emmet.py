@@ -1,0 +1,78 @@
+"""EMMET: ROME's equality-constrained update extended to a batch of facts.
+
+With epsilon = 0 EMMET solves  min tr(Delta C0 Delta^T)  subject to  (W + Delta) K = V;
+with epsilon > 0 (the paper's "lambda") the Gram matrix is regularised:
+
+    Delta = R (K^T C0^{-1} K + epsilon I)^{-1} K^T C0^{-1},    R = V - W K.
+
+For epsilon > 0 this is the exact minimiser of  epsilon tr(Delta C0 Delta^T) + ||Delta K - R||_F^2,
+i.e. MEMIT with lambda = epsilon (Woodbury identity). The E x E system is Cholesky-factored;
+C0 is solved with the per-layer ``CovarianceFactor``. With epsilon = 0 the Gram matrix
+K^T C0^{-1} K must be invertible: at most d_k facts, no duplicate or dependent keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editexp.editing.linalg import (
+    MAX_EXACT_SOLVE_CONDITION,
+    CovarianceFactor,
+    EditingError,
+    check_finite,
+    check_lambda,
+    cholesky_lower,
+    condition_lower_bound,
+    duplicate_columns,
+    prepare_batch,
+)
+
+
+def _check_exact_constraints_possible(keys: torch.Tensor, dim: int) -> None:
+    """Fail early when (W + Delta) K = V cannot be imposed exactly (EMMET with lambda=0)."""
+    n_keys = keys.shape[1]
+    if n_keys > dim:
+        raise EditingError(
+            f"EMMET with lambda=0 needs at most d_k={dim} facts per batch, got E={n_keys}; "
+            "use lambda > 0, e.g. 1e-4"
+        )
+    duplicates = duplicate_columns(keys)
+    if duplicates:
+        listed = "; ".join(", ".join(str(column) for column in group) for group in duplicates)
+        raise EditingError(
+            f"EMMET with lambda=0 cannot satisfy equality constraints for duplicate keys: "
+            f"key columns {listed} are identical (the same subject twice?); deduplicate the "
+            "batch or use lambda > 0, e.g. 1e-4"
+        )
+
+
+def emmet_delta(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, lam: float
+) -> torch.Tensor:
+    """EMMET's update Delta (d_v, d_k), float64; ``lam`` is epsilon, 0 = exact constraints."""
+    lam = check_lambda(lam, "EMMET")
+    keys, residuals = prepare_batch(keys, residuals, covariance, "EMMET")
+    if lam == 0.0:
+        _check_exact_constraints_possible(keys, covariance.dim)
+    whitened_keys = covariance.solve(keys)  # C0^{-1} K, (d_k, E)
+    gram = keys.T @ whitened_keys  # K^T C0^{-1} K, (E, E)
+    gram = 0.5 * (gram + gram.T)
+    system = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor = cholesky_lower(system)
+    if lam == 0.0:
+        condition = float("inf") if factor is None else condition_lower_bound(system, factor)
+        if condition > MAX_EXACT_SOLVE_CONDITION:
+            raise EditingError(
+                "EMMET with lambda=0: the Gram matrix K^T C0^-1 K is numerically singular "
+                f"(condition number >= {condition:.3g}): some keys are (nearly) linearly "
+                "dependent, e.g. the same subject twice; use lambda > 0, e.g. 1e-4"
+            )
+    elif factor is None:
+        raise EditingError(
+            f"EMMET: K^T C0^-1 K + lambda I is not numerically positive definite at "
+            f"lambda={lam:g}; increase lambda"
+        )
+    # Delta = R S^{-1} (C0^{-1} K)^T with S symmetric, computed as (C0^{-1} K (S^{-1} R^T))^T.
+    delta = (whitened_keys @ torch.cholesky_solve(residuals.T, factor)).T
+    check_finite(delta, "EMMET update")
+    return delta

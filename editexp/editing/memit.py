@@ -1,0 +1,56 @@
+"""MEMIT: a least-squares update for a batch of facts, trading memorisation for preservation.
+
+MEMIT minimises  lambda tr(Delta C0 Delta^T) + ||(W + Delta) K - V||_F^2,  whose solution is
+
+    Delta = R K^T (lambda C0 + K K^T)^{-1},    R = V - W K.
+
+The symmetric matrix A = lambda C0 + K K^T is Cholesky-factored and solved against, as
+Delta^T = A^{-1} K R^T; no inverse is formed. With lambda = 0, A = K K^T must be invertible,
+which needs at least d_k linearly independent keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editexp.editing.linalg import (
+    MAX_EXACT_SOLVE_CONDITION,
+    CovarianceFactor,
+    EditingError,
+    check_finite,
+    check_lambda,
+    cholesky_lower,
+    condition_lower_bound,
+    prepare_batch,
+)
+
+
+def memit_delta(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, lam: float
+) -> torch.Tensor:
+    """MEMIT's update Delta (d_v, d_k), float64, for keys (d_k, E) and residuals (d_v, E)."""
+    lam = check_lambda(lam, "MEMIT")
+    keys, residuals = prepare_batch(keys, residuals, covariance, "MEMIT")
+    n_keys = keys.shape[1]
+    system = lam * covariance.matrix + keys @ keys.T  # lambda C0 + K K^T, (d_k, d_k)
+    system = 0.5 * (system + system.T)
+    factor = cholesky_lower(system)
+    if lam == 0.0:
+        singular = factor is None
+        if not singular:
+            condition = condition_lower_bound(system, factor)
+            singular = condition > MAX_EXACT_SOLVE_CONDITION
+        if singular:
+            raise EditingError(
+                f"MEMIT with lambda=0 needs K K^T invertible, i.e. at least d_k={covariance.dim} "
+                f"linearly independent keys, got E={n_keys} keys whose K K^T is singular; "
+                "use lambda > 0 (the paper tunes lambda in 1 .. 1e6)"
+            )
+    elif factor is None:
+        raise EditingError(
+            f"MEMIT: lambda C0 + K K^T is not numerically positive definite at lambda={lam:g}; "
+            "increase lambda"
+        )
+    delta = torch.cholesky_solve(keys @ residuals.T, factor).T  # (A^{-1} K R^T)^T
+    check_finite(delta, "MEMIT update")
+    return delta
