@@ -41,8 +41,12 @@ from editexp.cache import cache_root, file_lock, file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 SOURCES = ("hf", "gguf", "random")
 
 
@@ -102,15 +106,15 @@ class ModelSpec:
                 f"model.source={self.source!r} for model {self.name!r}; expected one of {SOURCES}"
             )
         if self.dtype not in DTYPES:
-            raise ModelConfigError(
-                f"model.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}"
-            )
+            raise ModelConfigError(f"model.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
         if "{}" not in self.edit_module:
             raise ModelConfigError(
                 f"model.modules.edit={self.edit_module!r} needs a '{{}}' slot for the layer index"
             )
         if self.source == "hf" and not self.path:
-            raise ModelConfigError(f"model {self.name!r}: source=hf needs model.path (a HF id or dir)")
+            raise ModelConfigError(
+                f"model {self.name!r}: source=hf needs model.path (a HF id or dir)"
+            )
         if self.source == "gguf" and not (self.path or (self.gguf_package and self.gguf_file)):
             raise ModelConfigError(
                 f"model {self.name!r}: source=gguf needs model.path (a .gguf file) or "
@@ -244,8 +248,10 @@ def _build_random(spec: ModelSpec, dtype: torch.dtype):
     config = AutoConfig.for_model(model_type, **architecture)
     torch.manual_seed(spec.init_seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    identity = f"random:{model_type}:{stable_hash([architecture, spec.tokenizer])}:" \
-               f"seed{spec.init_seed}:{spec.dtype}"
+    identity = (
+        f"random:{model_type}:{stable_hash([architecture, spec.tokenizer])}:"
+        f"seed{spec.init_seed}:{spec.dtype}"
+    )
     return model, tokenizer, identity
 
 
@@ -271,7 +277,9 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
     specials = ["<|begin_of_text|>", "<|end_of_text|>"] + [
         f"<|reserved_special_token_{i}|>" for i in range(254)
     ]
-    backend = TikTokenConverter(vocab_file=str(model_file), extra_special_tokens=specials).converted()
+    backend = TikTokenConverter(
+        vocab_file=str(model_file), extra_special_tokens=specials
+    ).converted()
     if name == "llama3":
         bos_id = backend.token_to_id("<|begin_of_text|>")
         backend.post_processor = processors.TemplateProcessing(
