@@ -129,7 +129,8 @@ class ModelSpec:
         bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
         if bad:
             raise ModelConfigError(
-                f"layer={bad} is outside model {self.name!r}, which has layers 0..{self.n_layers - 1}"
+                f"layer={bad} is outside model {self.name!r}, "
+                f"which has layers 0..{self.n_layers - 1}"
             )
 
 
