@@ -32,8 +32,8 @@ def memit_delta(
     lam = check_lambda(lam, "MEMIT")
     keys, residuals = prepare_batch(keys, residuals, covariance, "MEMIT")
     n_keys = keys.shape[1]
-    system = lam * covariance.matrix + keys @ keys.T  # lambda C0 + K K^T, (d_k, d_k)
-    system = 0.5 * (system + system.T)
+    # lambda C0 + K K^T, (d_k, d_k), in one allocation; Cholesky reads only its lower triangle
+    system = torch.addmm(covariance.matrix, keys, keys.T, beta=lam)
     factor = cholesky_lower(system)
     if lam == 0.0:
         singular = factor is None
