@@ -1,0 +1,553 @@
+"""``editexp-report``: tables and figures from the ``summary.json`` files of a Hydra sweep.
+
+Usage: ``editexp-report <multirun dir> [--out DIR]`` (default ``<multirun dir>/report/``).
+
+Every ``summary.json`` below the multirun directory (recursively) is one row. Written:
+
+- ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE, and the
+  directory holding the summary (relative to the multirun directory);
+- ``results.md``: the same as Markdown tables (post-edit, then pre-edit), cells "mean (std)";
+- figures, each only when its axis varies in the sweep: ``metric_vs_layer.png``
+  (mode=singular, single-layer runs), ``metric_vs_batch_size.png`` (mode=batch, log2 x
+  axis), ``sequential.png`` (mode=sequential, metrics from ``batches.jsonl`` vs edits done);
+- ``lambda_<algorithm>.md`` for every algorithm run with more than one lambda.
+
+Lines in a figure are labelled by algorithm plus whichever other grid fields vary among the
+plotted runs; runs that share a line and an x value (e.g. seeds) are averaged.
+
+Partial sweeps are fine: job directories (with a ``.hydra/`` folder) that have no
+``summary.json`` are listed with their overrides, and when ``multirun.yaml`` exists the grid
+it describes is expanded with Hydra's override parser, exactly as the basic sweeper does
+(``hydra.sweeper.params`` first, then ``hydra.overrides.task``, later keys win), to print
+"k of n grid points complete" and the points that never got a job directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator
+from omegaconf import OmegaConf
+
+from editexp.cache import atomic_write, atomic_write_text
+
+METRICS = ("ES", "PS", "NS", "S", "GE")
+GRID_FIELDS = (
+    "algorithm",
+    "model",
+    "layer",
+    "mode",
+    "batch_size",
+    "n_edits",
+    "lambda",
+    "eval_schedule",
+)
+HEADERS = {
+    "algorithm": "Algorithm",
+    "model": "Model",
+    "layer": "Layer",
+    "mode": "Mode",
+    "batch_size": "Batch size",
+    "n_edits": "Edits",
+    "lambda": "λ",
+    "eval_schedule": "Eval",
+}
+
+
+# --------------------------------------------------------------------------- collecting runs
+
+
+@dataclass
+class Run:
+    directory: Path  # the directory holding summary.json
+    summary: dict[str, Any]
+    overrides: list[str] | None  # from the job's .hydra/overrides.yaml
+
+    def field(self, name: str) -> Any:
+        value = self.summary.get(name)
+        return tuple(value) if isinstance(value, list) else value
+
+    def metric(self, stage: str, metric: str, stat: str = "mean") -> float | None:
+        value = (self.summary.get(stage) or {}).get(metric, {}).get(stat)
+        return None if value is None else float(value)
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Rows of ``batches.jsonl`` beside the summary (unreadable lines skipped)."""
+        path = self.directory / "batches.jsonl"
+        if not path.is_file():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+
+@dataclass
+class Sweep:
+    root: Path
+    runs: list[Run] = field(default_factory=list)
+    incomplete: list[tuple[Path, list[str] | None]] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    grid: list[list[str]] | None = None  # expected points, each a list of "key=value"
+    grid_note: str | None = None  # why the grid size is unknown
+
+
+def read_overrides(job_dir: Path) -> list[str] | None:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return [str(item) for item in OmegaConf.to_container(OmegaConf.load(path))]
+    except Exception:
+        return None
+
+
+def _job_dir_of(path: Path, root: Path) -> Path | None:
+    """The nearest directory at or above ``path`` (inside ``root``) with a ``.hydra`` folder."""
+    for candidate in (path, *path.parents):
+        if (candidate / ".hydra").is_dir():
+            return candidate
+        if candidate == root:
+            break
+    return None
+
+
+def collect(root: Path) -> Sweep:
+    """Completed runs, unfinished job directories and the expected grid of a sweep."""
+    root = root.resolve()
+    sweep = Sweep(root)
+    summary_dirs: set[Path] = set()
+    for path in sorted(root.rglob("summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            sweep.unreadable.append((path, str(error)))
+            continue
+        job_dir = _job_dir_of(path.parent, root)
+        overrides = read_overrides(job_dir) if job_dir is not None else None
+        sweep.runs.append(Run(path.parent, summary, overrides))
+        summary_dirs.add(path.parent)
+    for hydra_dir in sorted(root.rglob(".hydra")):
+        job_dir = hydra_dir.parent
+        if not hydra_dir.is_dir() or job_dir == root:
+            continue
+        if not any(d == job_dir or job_dir in d.parents for d in summary_dirs):
+            sweep.incomplete.append((job_dir, read_overrides(job_dir)))
+    multirun_yaml = root / "multirun.yaml"
+    if multirun_yaml.is_file():
+        sweep.grid, sweep.grid_note = expected_grid(multirun_yaml)
+    return sweep
+
+
+# --------------------------------------------------------------------------- the sweep grid
+
+
+def expected_grid(multirun_yaml: Path) -> tuple[list[list[str]] | None, str | None]:
+    """The job overrides Hydra's basic sweeper generates from ``multirun.yaml``.
+
+    Returns ``(points, None)``, or ``(None, reason)`` when the grid cannot be expanded
+    (a non-discrete sweep such as ``interval``, an unparsable override, no hydra-core).
+    """
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:
+        return None, "hydra-core is not installed"
+    config = OmegaConf.load(multirun_yaml)
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    task = OmegaConf.select(config, "hydra.overrides.task") or []
+    arguments = [f"{key}={value}" for key, value in params.items()] + [str(t) for t in task]
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+        axes: dict[str, list[str]] = {}
+        for override in overrides:
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                axes[key] = [f"{key}={override.get_value_element_as_str()}"]
+            elif override.is_discrete_sweep():
+                axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            else:
+                return None, f"non-discrete sweep {key} in {multirun_yaml.name}"
+    except Exception as error:  # glob() needs a config loader, bad syntax, ...
+        return None, f"cannot expand the grid of {multirun_yaml.name}: {error}"
+    return [list(point) for point in itertools.product(*axes.values())], None
+
+
+def _normalise(overrides: Iterable[str]) -> frozenset[str]:
+    return frozenset(item.replace(" ", "") for item in overrides)
+
+
+@dataclass
+class GridStatus:
+    complete: int
+    total: int
+    not_started: list[list[str]]  # grid points without any job directory
+    unmatched_runs: int  # completed runs whose overrides are not a grid point
+
+
+def grid_status(sweep: Sweep) -> GridStatus | None:
+    if sweep.grid is None:
+        return None
+    points = {_normalise(point): point for point in sweep.grid}
+    done = {_normalise(run.overrides) for run in sweep.runs if run.overrides is not None}
+    started = done | {_normalise(o) for _, o in sweep.incomplete if o is not None}
+    unmatched = sum(
+        1 for run in sweep.runs if run.overrides is None or _normalise(run.overrides) not in points
+    )
+    return GridStatus(
+        complete=len(done & points.keys()),
+        total=len(points),
+        not_started=[point for key, point in points.items() if key not in started],
+        unmatched_runs=unmatched,
+    )
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def format_value(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if name == "layer" and isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def format_cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ({std:.2f})"
+
+
+def _sort_key(run: Run) -> tuple:
+    def order(value: Any) -> tuple:
+        return (0, 0) if value is None else (1, value)
+
+    return (
+        str(run.field("algorithm")),
+        order(run.field("layer")),
+        order(run.field("batch_size")),
+        order(run.field("lambda")),
+        str(run.field("model")),
+        str(run.field("mode")),
+        order(run.field("n_edits")),
+        str(run.field("eval_schedule")),
+        str(run.directory),
+    )
+
+
+def sorted_runs(runs: Sequence[Run]) -> list[Run]:
+    return sorted(runs, key=_sort_key)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
+
+
+def results_csv(sweep: Sweep) -> str:
+    header = list(GRID_FIELDS)
+    for stage in ("pre", "post"):
+        header += [f"{stage}_{m}_{stat}" for m in METRICS for stat in ("mean", "std")]
+    header.append("run_dir")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for run in sorted_runs(sweep.runs):
+        row = [format_value(name, run.field(name)) for name in GRID_FIELDS]
+        for stage in ("pre", "post"):
+            for metric in METRICS:
+                for stat in ("mean", "std"):
+                    value = run.metric(stage, metric, stat)
+                    row.append("" if value is None else repr(value))
+        row.append(_relative(run.directory, sweep.root))
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _metric_cells(run: Run, stage: str) -> list[str]:
+    return [
+        format_cell(run.metric(stage, metric), run.metric(stage, metric, "std"))
+        for metric in METRICS
+    ]
+
+
+def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
+    runs = sorted_runs(sweep.runs)
+    header = [HEADERS[name] for name in GRID_FIELDS] + list(METRICS) + ["Run"]
+    parts = [f"# Results: {sweep.root}\n"]
+    parts += [line + "  " for line in status_lines]
+    for stage, title in (("post", "Post-edit"), ("pre", "Pre-edit")):
+        rows = [
+            [format_value(name, run.field(name)) for name in GRID_FIELDS]
+            + _metric_cells(run, stage)
+            + [_relative(run.directory, sweep.root)]
+            for run in runs
+        ]
+        parts.append(f"\n## {title}\n")
+        parts.append(markdown_table(header, rows))
+    parts.append("\nMetric cells: mean (std) over facts; ES/PS/NS/S in percent, GE x100.\n")
+    return "\n".join(parts)
+
+
+def _varying(runs: Sequence[Run], names: Iterable[str]) -> list[str]:
+    return [name for name in names if len({run.field(name) for run in runs}) > 1]
+
+
+def _varying_within_algorithm(runs: Sequence[Run], names: Iterable[str]) -> list[str]:
+    """Fields that vary among the runs of at least one algorithm (so a lambda that only
+    differs between algorithms, e.g. each one's default, does not label the lines)."""
+    names = list(names)
+    by_algorithm: dict[str, list[Run]] = {}
+    for run in runs:
+        by_algorithm.setdefault(str(run.field("algorithm")), []).append(run)
+    varying = {name for group in by_algorithm.values() for name in _varying(group, names)}
+    return [name for name in names if name in varying]
+
+
+def lambda_tables(sweep: Sweep) -> dict[str, str]:
+    """``lambda_<algorithm>.md`` contents for algorithms run with more than one lambda."""
+    tables = {}
+    for algorithm in sorted({str(run.field("algorithm")) for run in sweep.runs}):
+        runs = [run for run in sweep.runs if str(run.field("algorithm")) == algorithm]
+        if len({run.field("lambda") for run in runs if run.field("lambda") is not None}) < 2:
+            continue
+        context = _varying(runs, [n for n in GRID_FIELDS if n not in ("algorithm", "lambda")])
+        runs = sorted(runs, key=lambda r: (_sort_key(r)[3], _sort_key(r)))
+        header = ["λ"] + [HEADERS[name] for name in context] + list(METRICS)
+        rows = [
+            [format_value("lambda", run.field("lambda"))]
+            + [format_value(name, run.field(name)) for name in context]
+            + _metric_cells(run, "post")
+            for run in runs
+        ]
+        title = f"# {algorithm}: post-edit metrics vs λ\n\n"
+        tables[f"lambda_{algorithm}.md"] = title + markdown_table(header, rows)
+    return tables
+
+
+# --------------------------------------------------------------------------- figures
+
+Point = tuple[float, float]
+
+
+def _line_label(run: Run, names: Sequence[str], lead: str | None = "algorithm") -> str:
+    parts = [str(run.field(lead))] if lead else []
+    parts += [f"{name}={format_value(name, run.field(name)) or 'none'}" for name in names]
+    return ", ".join(parts)
+
+
+def _average(points: Iterable[Point]) -> list[Point]:
+    """Average the y values of points sharing an x, sorted by x."""
+    grouped: dict[float, list[float]] = {}
+    for x, y in points:
+        grouped.setdefault(x, []).append(y)
+    return [(x, sum(ys) / len(ys)) for x, ys in sorted(grouped.items())]
+
+
+def _draw(
+    panels: dict[str, dict[str, dict[str, list[Point]]]],
+    xlabel: str,
+    log2_x: bool = False,
+    integer_x: bool = False,
+) -> Figure:
+    """One row of subplots per panel key (e.g. algorithm), one column per metric; lines in
+    insertion order, legend in the first column. ``log2_x`` ticks exactly the data x values."""
+    metrics = [m for m in METRICS if any(m in lines for lines in panels.values())]
+    figure = Figure(figsize=(3.6 * len(metrics), 3.0 * len(panels) + 0.6), layout="constrained")
+    axes = figure.subplots(len(panels), len(metrics), squeeze=False)
+    labels = [label for lines in panels.values() for by in lines.values() for label in by]
+    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+    for row, (panel, by_metric) in enumerate(panels.items()):
+        for col, metric in enumerate(metrics):
+            ax = axes[row][col]
+            xs: set[float] = set()
+            for label, points in by_metric.get(metric, {}).items():
+                points = _average(points)
+                xs.update(p[0] for p in points)
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker="o",
+                    label=label,
+                    color=colors[label],
+                )
+            if log2_x:
+                ax.set_xscale("log", base=2)
+                if xs:
+                    ticks = sorted(xs)
+                    ax.set_xticks(ticks, labels=[format_value("x", x) for x in ticks])
+                    ax.xaxis.set_minor_locator(NullLocator())
+            if integer_x:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{metric}" + (f" ({panel})" if panel else ""))
+            ax.grid(alpha=0.3)
+            if col == 0 and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="small")
+    return figure
+
+
+def _summary_panels(runs: Sequence[Run], x_of: Callable[[Run], float], exclude: Sequence[str]):
+    """Post-edit metric lines: one per algorithm (+ varying context), single panel."""
+    names = [n for n in GRID_FIELDS if n not in ("algorithm", *exclude)]
+    context = _varying_within_algorithm(runs, names)
+    by_metric: dict[str, dict[str, list[Point]]] = {}
+    for run in sorted_runs(runs):
+        for metric in METRICS:
+            value = run.metric("post", metric)
+            if value is not None:
+                line = by_metric.setdefault(metric, {}).setdefault(_line_label(run, context), [])
+                line.append((x_of(run), value))
+    return {"": by_metric}
+
+
+def layer_figure(runs: Sequence[Run]) -> Figure | None:
+    """Fig. 1: post metrics vs the edited layer (mode=singular, single-layer runs)."""
+    runs = [r for r in runs if r.field("mode") == "singular" and len(r.field("layer") or ()) == 1]
+    if len({run.field("layer") for run in runs}) < 2:
+        return None
+    panels = _summary_panels(runs, lambda run: run.field("layer")[0], exclude=("layer", "mode"))
+    return _draw(panels, "layer", integer_x=True)
+
+
+def batch_size_figure(runs: Sequence[Run]) -> Figure | None:
+    """Figs. 2-3: post metrics vs batch size (mode=batch), log2 x axis.
+
+    A batch-mode run makes one update with all its edits, so if ``batch_size`` is constant
+    while ``n_edits`` varies (a runner recording the configured, unused batch size), the
+    x axis is ``n_edits`` instead.
+    """
+    runs = [r for r in runs if r.field("mode") == "batch"]
+    axis = "batch_size"
+    if len({run.field(axis) for run in runs}) < 2:
+        axis = "n_edits"
+    runs = [run for run in runs if run.field(axis) is not None]
+    if len({run.field(axis) for run in runs}) < 2:
+        return None
+    exclude = ("batch_size", "mode", "n_edits")  # in batch mode one follows the other
+    panels = _summary_panels(runs, lambda run: run.field(axis), exclude=exclude)
+    label = "batch size" + (" (= edits)" if axis == "n_edits" else "")
+    return _draw(panels, label, log2_x=True)
+
+
+def sequential_figure(runs: Sequence[Run]) -> Figure | None:
+    """Figs. 4-5: metrics vs edits done (mode=sequential), one line per batch size, one row
+    of subplots per algorithm."""
+    runs = [r for r in runs if r.field("mode") == "sequential"]
+    context = _varying_within_algorithm(runs, [n for n in GRID_FIELDS if n != "mode"])
+    context = ["batch_size"] + [name for name in context if name != "batch_size"]
+    panels: dict[str, dict[str, dict[str, list[Point]]]] = {}
+    for run in sorted_runs(runs):
+        label = _line_label(run, context, lead=None)
+        by_metric = panels.setdefault(str(run.field("algorithm")), {})
+        for row in run.batches():
+            metrics = row.get("metrics") or {}
+            if row.get("edits_done") is None:
+                continue
+            for metric in METRICS:
+                if metrics.get(metric) is not None:
+                    line = by_metric.setdefault(metric, {}).setdefault(label, [])
+                    line.append((float(row["edits_done"]), float(metrics[metric])))
+    panels = {name: by_metric for name, by_metric in panels.items() if by_metric}
+    return _draw(panels, "edits done") if panels else None
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def status_lines(sweep: Sweep) -> list[str]:
+    lines = [f"{len(sweep.runs)} completed run(s) under {sweep.root}."]
+    status = grid_status(sweep)
+    if status is not None:
+        lines.append(f"{status.complete} of {status.total} grid points complete.")
+        if status.unmatched_runs:
+            lines.append(f"{status.unmatched_runs} completed run(s) match no grid point.")
+    elif sweep.grid_note:
+        lines.append(f"Grid size unknown: {sweep.grid_note}.")
+    else:
+        lines.append("No multirun.yaml: grid size unknown.")
+    for job_dir, overrides in sweep.incomplete:
+        shown = " ".join(overrides) if overrides else "(no overrides recorded)"
+        lines.append(f"Missing/incomplete: {_relative(job_dir, sweep.root)}: {shown}")
+    if status is not None:
+        for point in status.not_started:
+            lines.append(f"Not started (no job directory): {' '.join(point)}")
+    for path, error in sweep.unreadable:
+        lines.append(f"Unreadable: {_relative(path, sweep.root)}: {error}")
+    return lines
+
+
+def write_report(sweep: Sweep, out: Path) -> tuple[list[Path], list[str]]:
+    """Write every table and figure; returns the files written and the status lines."""
+    lines = status_lines(sweep)
+    written = [
+        atomic_write_text(out / "results.csv", results_csv(sweep)),
+        atomic_write_text(out / "results.md", results_markdown(sweep, lines)),
+    ]
+    figures = {
+        "metric_vs_layer.png": layer_figure(sweep.runs),
+        "metric_vs_batch_size.png": batch_size_figure(sweep.runs),
+        "sequential.png": sequential_figure(sweep.runs),
+    }
+    for name, figure in figures.items():
+        if figure is not None:
+            written.append(save_figure(figure, out / name))
+    for name, text in lambda_tables(sweep).items():
+        written.append(atomic_write_text(out / name, text))
+    return written, lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="editexp-report", description="Tables and figures from a Hydra multirun sweep."
+    )
+    parser.add_argument("multirun_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
+    parser.add_argument("--out", type=Path, help="output directory (default: <dir>/report)")
+    args = parser.parse_args(argv)
+    root: Path = args.multirun_dir
+    if not root.is_dir():
+        print(f"editexp-report: {root} is not a directory", file=sys.stderr)
+        return 2
+    sweep = collect(root)
+    if not sweep.runs:
+        print(f"editexp-report: no summary.json found under {root}", file=sys.stderr)
+        for line in status_lines(sweep)[1:]:
+            print(line, file=sys.stderr)
+        return 1
+    out = (args.out or root / "report").resolve()
+    written, lines = write_report(sweep, out)
+    for line in lines:
+        print(line)
+    print(f"Wrote {', '.join(path.name for path in written)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

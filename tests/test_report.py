@@ -1,0 +1,274 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from editexp.evaluation.metrics import harmonic_mean
+from editexp.report import expected_grid, main
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+
+def _stats(mean: float, std: float = 1.0, n: int = 8) -> dict:
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _summary(
+    algorithm: str = "memit",
+    layer: list[int] | None = None,
+    mode: str = "batch",
+    batch_size: int = 16,
+    n_edits: int = 16,
+    lam: float | None = 15000.0,
+    post: tuple[float, float, float] = (90.0, 80.0, 70.0),
+    ge: float | None = 610.0,
+) -> dict:
+    def stage(es: float, ps: float, ns: float, ge_mean: float | None) -> dict:
+        out = {
+            "ES": _stats(es, 2.0),
+            "PS": _stats(ps, 3.0),
+            "NS": _stats(ns, 4.0),
+            "S": {"mean": harmonic_mean([es, ps, ns])},
+        }
+        if ge_mean is not None:
+            out["GE"] = _stats(ge_mean, 5.0)
+        for key in ("ES", "PS", "NS"):
+            out[f"{key}_magnitude"] = _stats(0.1)
+        return out
+
+    return {
+        "algorithm": algorithm,
+        "model": "smollm2-135m",
+        "layer": layer if layer is not None else [1],
+        "mode": mode,
+        "batch_size": batch_size,
+        "n_edits": n_edits,
+        "lambda": lam,
+        "eval_schedule": "each_batch",
+        "edits_done": n_edits,
+        "seed": 0,
+        "pre": stage(10.0, 12.0, 88.0, 615.0),
+        "post": stage(*post, ge),
+        "update": {"delta_norm": 1.3, "preservation_error": 0.02},
+        "timing": {"total": 45.0},
+        "run_dir": "/elsewhere/not/used",
+    }
+
+
+def _job(
+    root: Path,
+    num: int,
+    overrides: list[str],
+    summary: dict | None,
+    batches: list[dict] | None = None,
+) -> Path:
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    lines = "".join(f"- {item}\n" for item in overrides)
+    (job / ".hydra" / "overrides.yaml").write_text(lines)
+    if summary is not None:
+        (job / "summary.json").write_text(json.dumps(summary))
+    if batches is not None:
+        text = "".join(json.dumps(row) + "\n" for row in batches)
+        (job / "batches.jsonl").write_text(text)
+    return job
+
+
+def _multirun_yaml(root: Path, params: dict[str, str], task: list[str]) -> None:
+    """The parts of a real Hydra multirun.yaml the report reads (same layout)."""
+    param_lines = "".join(f"      {key}: {value}\n" for key, value in params.items())
+    task_lines = "".join(f"    - {item}\n" for item in task)
+    (root / "multirun.yaml").write_text(
+        "hydra:\n"
+        "  run:\n    dir: outputs\n"
+        "  sweep:\n    dir: multirun/x\n    subdir: ${hydra.job.num}\n"
+        "  sweeper:\n"
+        "    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n"
+        "    max_batch_size: null\n"
+        f"    params:\n{param_lines}"
+        "  mode: MULTIRUN\n"
+        "  overrides:\n"
+        "    hydra:\n    - hydra.mode=MULTIRUN\n"
+        f"    task:\n{task_lines}"
+        "mode: batch\n"
+    )
+
+
+@pytest.fixture
+def batch_sweep(tmp_path: Path) -> Path:
+    """algorithm in {memit, emmet} x batch_size in {16, 64, 256}: 5 done, 1 incomplete."""
+    root = tmp_path / "multirun"
+    root.mkdir()
+    _multirun_yaml(root, {"algorithm": "memit,emmet"}, ["mode=batch", "batch_size=16,64,256"])
+    num = 0
+    for algorithm in ("memit", "emmet"):
+        for bs in (16, 64, 256):
+            overrides = [f"algorithm={algorithm}", "mode=batch", f"batch_size={bs}"]
+            done = not (algorithm == "emmet" and bs == 256)
+            lam = 15000.0 if algorithm == "memit" else 0.0
+            es = 100.0 - bs / 16 if algorithm == "memit" else 99.0 - bs / 16
+            summary = _summary(algorithm, batch_size=bs, n_edits=bs, lam=lam, post=(es, 80, 70))
+            if algorithm == "emmet" and bs == 64:
+                del summary["post"]["GE"]
+            _job(root, num, overrides, summary if done else None)
+            num += 1
+    return root
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 100 and path.read_bytes()[:8] == PNG_HEADER
+
+
+def test_batch_sweep_report(batch_sweep: Path, capsys: pytest.CaptureFixture[str]):
+    assert main([str(batch_sweep)]) == 0
+    out = capsys.readouterr().out
+    report = batch_sweep / "report"
+    assert "5 of 6 grid points complete" in out
+    assert "Missing/incomplete: 5: algorithm=emmet mode=batch batch_size=256" in out
+    assert str(report) in out
+
+    rows = _read_csv(report / "results.csv")
+    assert len(rows) == 5
+    # sorted by algorithm, then layer, batch size, lambda
+    assert [(r["algorithm"], r["batch_size"]) for r in rows] == [
+        ("emmet", "16"),
+        ("emmet", "64"),
+        ("memit", "16"),
+        ("memit", "64"),
+        ("memit", "256"),
+    ]
+    memit64 = rows[3]
+    assert memit64["layer"] == "1"
+    assert memit64["mode"] == "batch"
+    assert memit64["n_edits"] == "64"
+    assert memit64["lambda"] == "15000"
+    assert memit64["eval_schedule"] == "each_batch"
+    assert float(memit64["post_ES_mean"]) == 96.0
+    assert float(memit64["post_ES_std"]) == 2.0
+    assert float(memit64["post_NS_std"]) == 4.0
+    assert float(memit64["post_S_mean"]) == pytest.approx(harmonic_mean([96.0, 80.0, 70.0]))
+    assert memit64["post_S_std"] == ""
+    assert float(memit64["pre_GE_mean"]) == 615.0
+    assert float(memit64["post_GE_mean"]) == 610.0
+    assert rows[1]["post_GE_mean"] == "" and rows[1]["post_GE_std"] == ""
+    assert memit64["run_dir"] == "1"
+
+    markdown = (report / "results.md").read_text()
+    assert "| 96.00 (2.00) | 80.00 (3.00) | 70.00 (4.00) |" in markdown
+    assert "| 610.00 (5.00) |" in markdown
+    assert (
+        "## Pre-edit" in markdown and "| 10.00 (2.00) | 12.00 (3.00) | 88.00 (4.00) |" in markdown
+    )
+    assert "5 of 6 grid points complete" in markdown
+
+    assert _is_png(report / "metric_vs_batch_size.png")
+    assert not (report / "metric_vs_layer.png").exists()
+    assert not (report / "sequential.png").exists()
+    assert not list(report.glob("lambda_*.md"))  # one lambda per algorithm
+
+
+def test_out_option_and_not_started_points(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    _multirun_yaml(root, {}, ["algorithm=rome", "layer=[0],[1],[2]", "mode=singular"])
+    for num, layer in enumerate((0, 2)):
+        overrides = ["algorithm=rome", f"layer=[{layer}]", "mode=singular"]
+        summary = _summary("rome", [layer], "singular", 1, 8, None, (100.0, 60 + layer, 80))
+        _job(root, num, overrides, summary)
+    out_dir = tmp_path / "elsewhere"
+    assert main([str(root), "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 grid points complete" in out
+    assert "Not started (no job directory): algorithm=rome layer=[1] mode=singular" in out
+    assert _is_png(out_dir / "metric_vs_layer.png")
+    rows = _read_csv(out_dir / "results.csv")
+    assert [r["lambda"] for r in rows] == ["", ""]
+    assert not (root / "report").exists()
+
+
+def test_expected_grid_matches_hydra_product(tmp_path: Path):
+    _multirun_yaml(
+        tmp_path,
+        {"algorithm": "memit,emmet", "batch_size": "1,2"},
+        ["batch_size=16,64,256", "layer=[1],[2]", "lambda=1"],
+    )
+    points, note = expected_grid(tmp_path / "multirun.yaml")
+    assert note is None
+    # batch_size on the command line replaces the sweeper param: 2 x 3 x 2 x 1
+    assert len(points) == 12
+    assert ["algorithm=memit", "batch_size=16", "layer=[1]", "lambda=1"] in points
+
+
+def test_lambda_tables(tmp_path: Path):
+    root = tmp_path / "lam"
+    for num, lam in enumerate((1000.0, 10.0, 100000.0)):
+        summary = _summary(
+            "memit", lam=lam, batch_size=1024, n_edits=1024, post=(90, 80, lam / 2e3)
+        )
+        _job(root, num, ["algorithm=memit", f"lambda={lam}"], summary)
+    assert main([str(root)]) == 0
+    table = (root / "report" / "lambda_memit.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| λ | ES | PS | NS | S | GE |")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| 10", "| 1000", "| 100000"]
+    assert "| 90.00 (2.00) | 80.00 (3.00) | 50.00 (4.00) |" in lines[3]
+
+
+def test_sequential_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = tmp_path / "seq"
+    num = 0
+    for algorithm in ("memit", "emmet"):
+        for bs in (16, 32):
+            batches = [
+                {
+                    "batch": b,
+                    "edits_done": bs * (b + 1),
+                    "metrics": {"ES": 95.0 - b, "PS": 80.0, "NS": 70.0, "S": 80.4},
+                    "timing": {"solve": 0.1},
+                }
+                for b in range(64 // bs)
+            ]
+            summary = _summary(algorithm, mode="sequential", batch_size=bs, n_edits=64)
+            _job(root, num, [f"algorithm={algorithm}", f"batch_size={bs}"], summary, batches)
+            num += 1
+    (root / "3" / "batches.jsonl").open("a").write('{"batch": 2, "edits_do')  # torn last line
+    assert main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "No multirun.yaml" in out
+    assert _is_png(root / "report" / "sequential.png")
+    assert not (root / "report" / "metric_vs_batch_size.png").exists()
+
+
+def test_no_summaries_fails_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    root = tmp_path / "empty"
+    _job(root, 0, ["algorithm=memit"], None)
+    assert main([str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "no summary.json found" in err
+    assert "Missing/incomplete: 0: algorithm=memit" in err
+    assert not (root / "report").exists()
+    assert main([str(tmp_path / "does-not-exist")]) == 2
+
+
+def test_module_entry_point_exit_codes(batch_sweep: Path, tmp_path: Path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "editexp.report", str(batch_sweep)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "5 of 6 grid points complete" in ok.stdout
+    (tmp_path / "empty").mkdir()
+    empty = subprocess.run(
+        [sys.executable, "-m", "editexp.report", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+    )
+    assert empty.returncode == 1
+    assert "no summary.json found" in empty.stderr
