@@ -29,6 +29,7 @@ import csv
 import io
 import itertools
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,12 @@ def read_overrides(job_dir: Path) -> list[str] | None:
         return None
 
 
+def _natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key putting job 2 before job 10."""
+    parts = re.split(r"(\d+)", str(path))
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in parts]
+
+
 def _job_dir_of(path: Path, root: Path) -> Path | None:
     """The nearest directory at or above ``path`` (inside ``root``) with a ``.hydra`` folder."""
     for candidate in (path, *path.parents):
@@ -140,7 +147,7 @@ def collect(root: Path) -> Sweep:
         overrides = read_overrides(job_dir) if job_dir is not None else None
         sweep.runs.append(Run(path.parent, summary, overrides))
         summary_dirs.add(path.parent)
-    for hydra_dir in sorted(root.rglob(".hydra")):
+    for hydra_dir in sorted(root.rglob(".hydra"), key=_natural_key):
         job_dir = hydra_dir.parent
         if not hydra_dir.is_dir() or job_dir == root:
             continue
@@ -165,11 +172,11 @@ def expected_grid(multirun_yaml: Path) -> tuple[list[list[str]] | None, str | No
         from hydra.core.override_parser.overrides_parser import OverridesParser
     except ImportError:
         return None, "hydra-core is not installed"
-    config = OmegaConf.load(multirun_yaml)
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    task = OmegaConf.select(config, "hydra.overrides.task") or []
-    arguments = [f"{key}={value}" for key, value in params.items()] + [str(t) for t in task]
     try:
+        config = OmegaConf.load(multirun_yaml)
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        task = OmegaConf.select(config, "hydra.overrides.task") or []
+        arguments = [f"{key}={value}" for key, value in params.items()] + [str(t) for t in task]
         overrides = OverridesParser.create().parse_overrides(arguments)
         axes: dict[str, list[str]] = {}
         for override in overrides:
@@ -180,7 +187,7 @@ def expected_grid(multirun_yaml: Path) -> tuple[list[list[str]] | None, str | No
                 axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
             else:
                 return None, f"non-discrete sweep {key} in {multirun_yaml.name}"
-    except Exception as error:  # glob() needs a config loader, bad syntax, ...
+    except Exception as error:  # bad YAML, glob() needs a config loader, bad syntax, ...
         return None, f"cannot expand the grid of {multirun_yaml.name}: {error}"
     return [list(point) for point in itertools.product(*axes.values())], None
 

@@ -207,6 +207,15 @@ def test_expected_grid_matches_hydra_product(tmp_path: Path):
     assert ["algorithm=memit", "batch_size=16", "layer=[1]", "lambda=1"] in points
 
 
+def test_grid_of_non_discrete_sweep_is_unknown(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    _multirun_yaml(tmp_path, {}, ["lambda=interval(0,1)"])
+    points, note = expected_grid(tmp_path / "multirun.yaml")
+    assert points is None and "non-discrete" in note
+    _job(tmp_path, 0, ["lambda=0.5"], _summary())
+    assert main([str(tmp_path)]) == 0
+    assert "Grid size unknown: non-discrete sweep lambda" in capsys.readouterr().out
+
+
 def test_lambda_tables(tmp_path: Path):
     root = tmp_path / "lam"
     for num, lam in enumerate((1000.0, 10.0, 100000.0)):
