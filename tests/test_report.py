@@ -267,17 +267,10 @@ def test_no_summaries_fails_with_message(tmp_path: Path, capsys: pytest.CaptureF
     assert main([str(tmp_path / "does-not-exist")]) == 2
 
 
-def test_module_entry_point_exit_codes(batch_sweep: Path, tmp_path: Path):
-    ok = subprocess.run(
-        [sys.executable, "-m", "editexp.report", str(batch_sweep)], capture_output=True, text=True
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert "5 of 6 grid points complete" in ok.stdout
-    (tmp_path / "empty").mkdir()
+def test_module_entry_point_exit_code(tmp_path: Path):
+    """The process exit code is main()'s return value (success is covered in-process)."""
     empty = subprocess.run(
-        [sys.executable, "-m", "editexp.report", str(tmp_path / "empty")],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-m", "editexp.report", str(tmp_path)], capture_output=True, text=True
     )
     assert empty.returncode == 1
     assert "no summary.json found" in empty.stderr
