@@ -1,0 +1,113 @@
+"""CounterFact evaluation of a set of facts on the model as it is now.
+
+Every rewrite, paraphrase and neighbourhood prompt of every fact is scored in one
+:func:`~editexp.evaluation.scoring.score_continuations` call (so batches mix facts and stay
+full), each prompt against ``(target_new, target_true)``. Generation (GE) is optional and
+limited to the first ``generation_facts`` facts, since it is by far the slowest part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editexp.data.counterfact import Fact
+from editexp.evaluation.generation import generate_texts
+from editexp.evaluation.metrics import fact_metrics, generation_entropy
+from editexp.evaluation.scoring import score_continuations
+
+
+@dataclass
+class FactScores:
+    case_id: int
+    # family ("rewrite", "paraphrase", "neighborhood") -> (score_new, score_true) per prompt
+    scores: dict[str, list[tuple[float, float]]]
+    generation_texts: list[str] | None = None
+    GE: float | None = None  # mean generation_entropy of generation_texts, in bits
+
+
+def fact_prompts(fact: Fact) -> dict[str, list[str]]:
+    """The scored prompts of a fact, per family (families without prompts are left out)."""
+    families = {
+        "rewrite": [fact.rewrite_prompt],
+        "paraphrase": list(fact.paraphrase_prompts),
+        "neighborhood": list(fact.neighborhood_prompts),
+    }
+    return {family: prompts for family, prompts in families.items() if prompts}
+
+
+def evaluate_facts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Fact],
+    batch_size: int = 64,
+    generation_facts: int = 0,
+    generation_length: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[FactScores]:
+    """Scores of every fact's prompts, and generated texts and GE for the first few facts."""
+    prompts: list[str] = []
+    targets: list[list[str]] = []
+    slots: list[tuple[int, str]] = []  # (fact index, family) of each prompt
+    for index, fact in enumerate(facts):
+        for family, family_prompts in fact_prompts(fact).items():
+            prompts.extend(family_prompts)
+            targets.extend([[fact.target_new, fact.target_true]] * len(family_prompts))
+            slots.extend([(index, family)] * len(family_prompts))
+    scores = score_continuations(model, tokenizer, prompts, targets, batch_size, progress)
+
+    results = [FactScores(case_id=fact.case_id, scores={}) for fact in facts]
+    for (index, family), (score_new, score_true) in zip(slots, scores):
+        results[index].scores.setdefault(family, []).append((score_new, score_true))
+
+    generated = [
+        (index, fact)
+        for index, fact in enumerate(facts[:generation_facts])
+        if fact.generation_prompts
+    ]
+    generation_prompts = [prompt for _, fact in generated for prompt in fact.generation_prompts]
+    texts = generate_texts(
+        model, tokenizer, generation_prompts, generation_length, seed=seed, batch_size=batch_size
+    )
+    start = 0
+    for index, fact in generated:
+        fact_texts = texts[start : start + len(fact.generation_prompts)]
+        start += len(fact_texts)
+        results[index].generation_texts = fact_texts
+        results[index].GE = float(np.mean([generation_entropy(text) for text in fact_texts]))
+    return results
+
+
+def fact_metric_values(fact_scores: FactScores) -> dict[str, float]:
+    """ES/PS/NS, their magnitudes (see :func:`fact_metrics`) and GE when it was measured.
+
+    Only numbers, so a list of these goes straight into :func:`metrics.aggregate`.
+    """
+    values = fact_metrics(fact_scores.scores)
+    if fact_scores.GE is not None:
+        values["GE"] = fact_scores.GE
+    return values
+
+
+def fact_row(fact_scores: FactScores) -> dict[str, Any]:
+    """One JSON-serialisable line of ``facts.jsonl``.
+
+    ``case_id``, the metric values of :func:`fact_metric_values` at the top level, the raw
+    ``scores`` (lists of ``[score_new, score_true]``) and, for facts with generation, the
+    ``generation_texts``. Aggregate with :func:`fact_metric_values`, not with these rows
+    (``case_id`` is not a metric).
+    """
+    row: dict[str, Any] = {"case_id": fact_scores.case_id}
+    row.update(fact_metric_values(fact_scores))
+    row["scores"] = {
+        family: [[float(new), float(true)] for new, true in pairs]
+        for family, pairs in fact_scores.scores.items()
+    }
+    if fact_scores.generation_texts is not None:
+        row["generation_texts"] = list(fact_scores.generation_texts)
+    return row
