@@ -1,0 +1,263 @@
+"""The text corpus for layer statistics: documents, token windows and padded batches.
+
+Where the text comes from, in order:
+
+1. ``stats.corpus.files``: a list of text files;
+2. ``stats.corpus.dataset``: a ``datasets`` corpus (``dataset_config``, ``split``,
+   ``text_field``; streamed, e.g. wikitext or wikipedia on a GPU cluster);
+3. ``<data.dir>/corpus/*.txt`` (sorted by name; ``data.dir`` defaults to
+   ``$EDITEXP_DATA_DIR``).
+
+A document is a paragraph: one non-blank line of a file or of a dataset record. Paragraphs are
+tokenized without special tokens as running text (each followed by its newline) and their ids
+are concatenated into one stream. The stream is cut into windows of ``seq_len`` tokens, each
+encoded as the tokenizer encodes any text: with its BOS when it adds one (Llama-3), without
+when it does not (GPT-2, SmolLM2). Every window therefore looks like an edited prompt: at most
+one BOS, at its start (see ``editexp.tokens``). Windows are deterministic: window ``i`` always
+holds the same tokens, whatever ``n_tokens`` or the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from editexp.cache import file_sha256
+
+log = logging.getLogger(__name__)
+
+# Bump when the way text becomes windows changes: it is part of every statistics cache key.
+WINDOW_FORMAT = "paragraph-lines/window-bos/v1"
+_TOKENIZE_CHUNK = 256  # paragraphs per call of the (batched, fast) tokenizer
+
+
+class CorpusError(ValueError):
+    """No usable corpus: the message names the path or setting and what would be accepted."""
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where the statistics text comes from: local files or a ``datasets`` corpus."""
+
+    files: tuple[Path, ...] = ()
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    @classmethod
+    def from_config(cls, stats_cfg: Any, data_cfg: Any) -> CorpusSource:
+        corpus_cfg = stats_cfg.get("corpus") or {}
+        if corpus_cfg.get("files"):
+            return cls(files=tuple(_existing_file(path) for path in corpus_cfg["files"]))
+        if corpus_cfg.get("dataset"):
+            return cls(
+                dataset=str(corpus_cfg["dataset"]),
+                dataset_config=corpus_cfg.get("dataset_config"),
+                split=str(corpus_cfg.get("split") or "train"),
+                text_field=str(corpus_cfg.get("text_field") or "text"),
+            )
+        data_dir = data_cfg.get("dir") if data_cfg is not None else None
+        if data_dir:
+            corpus_dir = Path(data_dir).expanduser() / "corpus"
+            files = sorted(corpus_dir.glob("*.txt"))
+            if not files:
+                raise CorpusError(
+                    f"no statistics corpus: {corpus_dir} has no *.txt files "
+                    f"(data.dir={data_dir!r}); "
+                    "put text files there, or set stats.corpus.files=[...] or "
+                    "stats.corpus.dataset (e.g. wikitext)"
+                )
+            return cls(files=tuple(files))
+        raise CorpusError(
+            "no statistics corpus configured: set stats.corpus.files (a list of .txt files), "
+            "stats.corpus.dataset (a datasets corpus such as wikitext), or data.dir / "
+            "$EDITEXP_DATA_DIR (a folder holding corpus/*.txt)"
+        )
+
+    def identity(self) -> str:
+        """Names what the text is (file names and contents, or dataset coordinates)."""
+        if self.files:
+            parts = [f"{path.name}:{file_sha256(path)}" for path in self.files]
+            return f"files[{','.join(parts)}]|{WINDOW_FORMAT}"
+        return (
+            f"dataset[{self.dataset}:{self.dataset_config}:{self.split}:{self.text_field}]"
+            f"|{WINDOW_FORMAT}"
+        )
+
+    def describe(self) -> str:
+        if self.files:
+            return ", ".join(str(path) for path in self.files)
+        return f"datasets {self.dataset} ({self.dataset_config}, split {self.split})"
+
+    def paragraphs(self) -> Iterator[str]:
+        """Every non-blank line of the corpus, stripped, in a fixed order."""
+        texts = self._file_texts() if self.files else self._dataset_texts()
+        for text in texts:
+            for line in text.splitlines():
+                line = line.strip()
+                if line:
+                    yield line
+
+    def _file_texts(self) -> Iterator[str]:
+        for path in self.files:
+            with _existing_file(path).open(encoding="utf-8", errors="replace") as handle:
+                yield from handle
+
+    def _dataset_texts(self) -> Iterator[str]:
+        import datasets
+
+        try:
+            records = datasets.load_dataset(
+                self.dataset, self.dataset_config, split=self.split, streaming=True
+            )
+        except Exception as error:  # many kinds: missing dataset, config, network
+            raise CorpusError(
+                f"cannot load stats.corpus.dataset={self.dataset!r} "
+                f"(dataset_config={self.dataset_config!r}, split={self.split!r}): {error}; "
+                "or use local text files with stats.corpus.files / data.dir"
+            ) from error
+        for record in records:
+            if self.text_field not in record:
+                raise CorpusError(
+                    f"stats.corpus.text_field={self.text_field!r} is not a field of "
+                    f"{self.dataset!r}; its fields are {sorted(record)}"
+                )
+            yield record[self.text_field]
+
+
+def corpus_identity(stats_cfg: Any, data_cfg: Any) -> str:
+    """The corpus part of a statistics cache key."""
+    return CorpusSource.from_config(stats_cfg, data_cfg).identity()
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CorpusError(
+            f"statistics corpus file {path} does not exist; stats.corpus.files takes a list "
+            "of existing text files (or leave it null to use <data.dir>/corpus/*.txt)"
+        )
+    return path
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before any text (Llama-3: [BOS]; GPT-2, SmolLM2: [])."""
+    probe = "corpus"
+    with_special = list(tokenizer(probe).input_ids)
+    plain = list(tokenizer(probe, add_special_tokens=False).input_ids)
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, source: CorpusSource) -> Iterator[int]:
+    """The ids of the corpus as running text: every paragraph followed by its newline."""
+    chunk: list[str] = []
+
+    def encode(texts: list[str]) -> Iterator[int]:
+        for ids in tokenizer(texts, add_special_tokens=False).input_ids:
+            yield from ids
+
+    for paragraph in source.paragraphs():
+        chunk.append(paragraph + "\n")
+        if len(chunk) == _TOKENIZE_CHUNK:
+            yield from encode(chunk)
+            chunk = []
+    if chunk:
+        yield from encode(chunk)
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    source: CorpusSource,
+    seq_len: int,
+    n_tokens: int,
+    first_window: int = 0,
+) -> Iterator[list[int]]:
+    """Windows of ``seq_len`` ids (the tokenizer's BOS, then running text), starting at window
+    ``first_window``, until ``n_tokens`` ids in total; the last window is cut short to fit.
+
+    Logs a warning if the corpus runs out first (the windows then hold fewer tokens).
+    """
+    prefix = special_prefix(tokenizer)
+    text_len = seq_len - len(prefix)
+    if text_len < 1:
+        raise CorpusError(f"stats.seq_len={seq_len} leaves no room for text after {prefix}")
+    if n_tokens <= len(prefix):
+        raise CorpusError(f"stats.n_tokens={n_tokens} is too small for one window of text")
+    stream = token_stream(tokenizer, source)
+    for _ in range(first_window * text_len):  # skip the windows before first_window
+        if next(stream, None) is None:
+            break
+    produced = 0
+    window = list(prefix)
+    for token in stream:
+        if produced >= n_tokens:
+            return
+        window.append(token)
+        if len(window) == seq_len or produced + len(window) == n_tokens:
+            produced += len(window)
+            yield window
+            window = list(prefix)
+    if produced < n_tokens and len(window) > len(prefix):
+        produced += len(window)
+        yield window
+    if produced < n_tokens:
+        log.warning(
+            "statistics corpus (%s) ran out after %d of %d tokens",
+            source.describe(),
+            produced,
+            n_tokens,
+        )
+
+
+def padded_batches(
+    windows: Iterable[list[int]], batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Group windows into ``(input_ids, attention_mask)`` batches (B, T), padded on the right."""
+    batch: list[list[int]] = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == batch_size:
+            yield _pad_right(batch, pad_id)
+            batch = []
+    if batch:
+        yield _pad_right(batch, pad_id)
+
+
+def _pad_right(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(window) for window in windows)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, window in enumerate(windows):
+        input_ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
+        attention_mask[row, : len(window)] = 1
+    return input_ids, attention_mask
+
+
+def corpus_batches(
+    tokenizer: PreTrainedTokenizerBase,
+    source: CorpusSource,
+    seq_len: int,
+    n_tokens: int,
+    batch_size: int,
+    first_window: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded batches of corpus windows (see :func:`token_windows`)."""
+    windows = token_windows(tokenizer, source, seq_len, n_tokens, first_window)
+    return padded_batches(windows, batch_size, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    return int(pad_id) if pad_id is not None else 0

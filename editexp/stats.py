@@ -1,0 +1,534 @@
+"""Layer statistics: C0 = E[k k^T] (and the mean key) at the input of the edited module.
+
+One forward pass over the corpus collects every requested layer: a forward pre-hook on the
+edited module of each layer hands its input (the keys) at the real, selected tokens to an
+accumulator, and the hook of the deepest layer stops the pass by raising a private exception,
+so no later layer and no unembedding ever runs.
+
+Results are cached under ``cache_root()/stats/<model>/``, one file per layer, keyed by all that
+changes them (model weights, module, layer, corpus, n_tokens, seq_len, forward dtype; not the
+batch size). Files are written atomically under a per-file lock: two jobs that need the same
+statistics compute them once, the second waits and loads. ``sample_keys`` reuses the same
+hooks and cache to return raw held-out keys K0 from the corpus windows after the C0 sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from editexp.cache import atomic_torch_save, cache_root, file_lock, stable_hash
+from editexp.data.corpus import CorpusSource, corpus_batches
+from editexp.models import DTYPES, LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Precision of each batch's product keys^T keys before it is added to the float64 totals.
+# float32 here is ~2x faster than float64 on CPU (and 30-60x on consumer GPUs) and changes C0
+# by ~2e-7 relative to an all-float64 computation (measured on SmolLM2 layer 1 by
+# benchmarks/stats.py), the same order as the float32 rounding already in the keys. A batch is
+# a few thousand tokens, so float32 never sums more than that; all sums across batches are
+# float64.
+BATCH_PRODUCT_DTYPE = torch.float32
+# The product is computed in block rows of about this width, upper block triangle only
+# (C0 is symmetric): for d_k = 1536 that is 58% of the multiply-adds of keys^T keys.
+_STRIP_WIDTH = 256
+# Held-out keys: every 7th token of the windows after the C0 sample (7 is coprime with the
+# usual power-of-two seq_len, so the sampled positions move through each window).
+HELD_OUT_STRIDE = 7
+_CACHE_FORMAT = 1
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class StatsError(ValueError):
+    """Statistics cannot be collected as configured; the message says why."""
+
+
+@dataclass
+class LayerStats:
+    """Second moment and mean of the edited module's input at one layer, over ``n_tokens``."""
+
+    layer: int
+    second_moment: torch.Tensor  # C0 = mean over tokens of k k^T, float64 (d_k, d_k)
+    mean: torch.Tensor  # mean key, float64 (d_k,)
+    n_tokens: int
+    path: Path | None = field(default=None, compare=False)  # cache file, when cached
+    from_cache: bool = field(default=False, compare=False)
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to end the forward pass once every key is collected."""
+
+
+# --- collection ------------------------------------------------------------------------------
+
+
+@dataclass
+class _SelectedBatch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T), None when every position is a real token
+    selected: torch.Tensor  # (B, T) bool: positions whose keys are consumed
+    n_selected: int
+
+
+def _select_tokens(
+    batches: Iterable[Batch], n_select: int, stride: int
+) -> Iterator[_SelectedBatch]:
+    """Select every ``stride``-th real token (counting row by row across batches) until
+    ``n_select`` are selected; rows and trailing columns with nothing selected are dropped."""
+    n_real_seen = 0
+    n_selected = 0
+    for batch in batches:
+        if n_selected >= n_select:
+            return
+        input_ids, attention_mask = batch if isinstance(batch, tuple | list) else (batch, None)
+        real = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        index = n_real_seen + real.flatten().cumsum(0).view_as(real) - 1
+        selected = real & (index % stride == 0) & (index // stride < n_select)
+        n_real_seen += int(real.sum())
+        count = int(selected.sum())
+        if count == 0:
+            continue
+        n_selected += count
+        rows = selected.any(dim=1)
+        width = int(selected.any(dim=0).nonzero().max()) + 1
+        input_ids = input_ids[rows, :width]
+        selected = selected[rows, :width]
+        if attention_mask is not None:
+            attention_mask = attention_mask[rows, :width]
+            if bool(attention_mask.bool().all()):
+                attention_mask = None
+        yield _SelectedBatch(input_ids, attention_mask, selected, count)
+
+
+class _InputCapture:
+    """Forward pre-hooks on ``module_template.format(layer)`` for each layer.
+
+    ``run`` does one forward pass: each hook hands the module's input at the selected
+    positions, as (n_selected, d_k), to ``consume(layer, keys)``; the deepest layer's hook then
+    raises ``_StopForward``, which ``run`` catches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module_template: str,
+        layers: list[int],
+        consume: Callable[[int, torch.Tensor], None],
+    ) -> None:
+        self.model = model
+        self.module_template = module_template
+        self.layers = sorted(set(layers))
+        self.deepest = self.layers[-1]
+        self.consume = consume
+        self._selected: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _InputCapture:
+        for layer in self.layers:
+            module = self.model.get_submodule(self.module_template.format(layer))
+            self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            inputs = args[0]
+            if self._selected is None:  # every position
+                keys = inputs.reshape(-1, inputs.shape[-1])
+            else:
+                keys = inputs[self._selected]
+            self.consume(layer, keys)
+            if layer == self.deepest:
+                raise _StopForward
+
+        return hook
+
+    def run(self, batch: _SelectedBatch) -> None:
+        device = next(self.model.parameters()).device
+        selected = batch.selected.to(device)
+        self._selected = None if bool(selected.all()) else selected
+        attention_mask = batch.attention_mask
+        try:
+            self.model(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=None if attention_mask is None else attention_mask.to(device),
+                use_cache=False,
+            )
+        except _StopForward:
+            return
+        finally:
+            self._selected = None
+        raise StatsError(
+            f"the forward pass never reached {self.module_template.format(self.deepest)}"
+        )
+
+
+def _forward_precision(
+    model: nn.Module, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """Run at ``dtype``: as is when the model holds it, with autocast for half precisions."""
+    parameter = next(model.parameters())
+    if dtype is None or dtype == parameter.dtype:
+        return contextlib.nullcontext()
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device_type=parameter.device.type, dtype=dtype)
+    raise StatsError(
+        f"stats.dtype={dtype} needs a model loaded in {dtype} (it holds {parameter.dtype}); "
+        "float16 and bfloat16 also run on a float32 model, with autocast"
+    )
+
+
+def _run_capture(
+    model: nn.Module,
+    module_template: str,
+    layers: list[int],
+    batches: Iterable[Batch],
+    n_select: int,
+    stride: int,
+    consume: Callable[[int, torch.Tensor], None],
+    dtype: torch.dtype | None,
+    progress: bool,
+    unit: str,
+) -> int:
+    """One pass over ``batches`` feeding the keys of the selected tokens to ``consume``;
+    returns how many tokens were selected."""
+    if not layers:
+        raise StatsError("no layers requested")
+    if n_select < 1:
+        raise StatsError(f"asked for {n_select} tokens; need at least 1")
+    was_training = model.training
+    model.eval()
+    n_selected = 0
+    try:
+        with (
+            torch.inference_mode(),
+            _forward_precision(model, dtype),
+            _InputCapture(model, module_template, layers, consume) as capture,
+            tqdm(total=n_select, unit=unit, unit_scale=True, disable=not progress) as bar,
+        ):
+            for batch in _select_tokens(batches, n_select, stride):
+                capture.run(batch)
+                n_selected += batch.n_selected
+                bar.update(batch.n_selected)
+    finally:
+        model.train(was_training)
+    if n_selected == 0:
+        raise StatsError("the corpus yielded no tokens")
+    return n_selected
+
+
+class _MomentSums:
+    """float64 running sums of k and of the upper block triangle of k k^T."""
+
+    def __init__(self, product_dtype: torch.dtype) -> None:
+        self.product_dtype = product_dtype
+        self.second: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None
+        self.count = 0
+        self.strips: list[tuple[int, int]] = []
+
+    def add(self, keys: torch.Tensor) -> None:
+        if self.second is None:
+            d_k = keys.shape[1]
+            self.second = torch.zeros(d_k, d_k, dtype=torch.float64, device=keys.device)
+            self.first = torch.zeros(d_k, dtype=torch.float64, device=keys.device)
+            n_strips = max(1, round(d_k / _STRIP_WIDTH))
+            bounds = [round(i * d_k / n_strips) for i in range(n_strips + 1)]
+            self.strips = list(zip(bounds[:-1], bounds[1:]))
+        keys = keys.to(self.product_dtype)
+        self.first += keys.sum(dim=0, dtype=torch.float64)
+        for start, stop in self.strips:
+            self.second[start:stop, start:] += keys[:, start:stop].T @ keys[:, start:]
+        self.count += keys.shape[0]
+
+    def finish(self, layer: int) -> LayerStats:
+        """Mirror the upper triangle and divide by the token count (outside inference mode, so
+        the tensors are ordinary ones)."""
+        upper = self.second.triu()
+        second_moment = (upper + upper.triu(diagonal=1).T) / self.count
+        return LayerStats(layer, second_moment, self.first / self.count, self.count)
+
+
+def collect_layer_stats(
+    model: nn.Module,
+    module_template: str,
+    layers: list[int],
+    batches: Iterable[Batch],
+    n_tokens: int,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+    product_dtype: torch.dtype = BATCH_PRODUCT_DTYPE,
+) -> dict[int, LayerStats]:
+    """C0 and the mean key at the input of ``module_template.format(layer)`` for each layer,
+    over the first ``n_tokens`` real tokens of ``batches``, in one forward pass.
+
+    A batch is a tensor of token ids (B, T), all real tokens, or a pair
+    ``(input_ids, attention_mask)`` whose zeros mark padding (padding on the right) that is
+    not counted. ``dtype`` is the forward dtype (None: the model's own).
+    """
+    sums = {layer: _MomentSums(product_dtype) for layer in sorted(set(layers))}
+
+    def consume(layer: int, keys: torch.Tensor) -> None:
+        sums[layer].add(keys)
+
+    _run_capture(
+        model, module_template, layers, batches, n_tokens, 1, consume, dtype, progress, "tok"
+    )
+    return {layer: layer_sums.finish(layer) for layer, layer_sums in sums.items()}
+
+
+# --- configuration and caching ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """The typed view of the ``stats:`` config block (without the corpus)."""
+
+    n_tokens: int
+    seq_len: int
+    batch_size: int
+    dtype: str
+
+    @classmethod
+    def from_config(cls, stats_cfg: Any) -> StatsSettings:
+        settings = cls(
+            n_tokens=int(stats_cfg.get("n_tokens")),
+            seq_len=int(stats_cfg.get("seq_len")),
+            batch_size=int(stats_cfg.get("batch_size")),
+            dtype=str(stats_cfg.get("dtype") or "float32"),
+        )
+        if settings.dtype not in DTYPES:
+            raise StatsError(f"stats.dtype={settings.dtype!r}; expected one of {sorted(DTYPES)}")
+        for name in ("n_tokens", "seq_len", "batch_size"):
+            if getattr(settings, name) < 1:
+                raise StatsError(f"stats.{name}={getattr(settings, name)} must be >= 1")
+        return settings
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _cache_path(loaded: LoadedModel, kind: str, payload: dict[str, Any]) -> Path:
+    model_dir = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.spec.name)
+    name = f"{kind}-layer{payload['layer']:03d}-{stable_hash(payload)}.pt"
+    return cache_root() / "stats" / model_dir / name
+
+
+def _base_payload(
+    loaded: LoadedModel, layer: int, source: CorpusSource, settings: StatsSettings
+) -> dict[str, Any]:
+    return {
+        "format": _CACHE_FORMAT,
+        "model": loaded.identity,
+        "module": loaded.spec.edit_module,
+        "layer": layer,
+        "corpus": source.identity(),
+        "seq_len": settings.seq_len,
+        "dtype": settings.dtype,
+    }
+
+
+def _read_record(path: Path, payload: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a file from another torch version, or damaged by hand
+        log.warning("ignoring unreadable cache file %s (%s)", path, error)
+        return None
+    if record.get("payload") != payload:
+        log.warning("ignoring cache file %s: it was written for other settings", path)
+        return None
+    return record
+
+
+def _load_or_compute_records(
+    paths: dict[int, Path],
+    payloads: dict[int, dict[str, Any]],
+    compute: Callable[[list[int]], dict[int, dict[str, Any]]],
+) -> dict[int, tuple[dict[str, Any], bool]]:
+    """Per layer, the cached record (and True) or a freshly computed one (and False).
+
+    Layers missing from the cache are locked (in layer order, so jobs never deadlock),
+    checked again (another job may have written them meanwhile), computed together by
+    ``compute(layers)``, and written atomically before the locks are released.
+    """
+    records: dict[int, tuple[dict[str, Any], bool]] = {}
+    missing = []
+    for layer, path in paths.items():
+        record = _read_record(path, payloads[layer])
+        if record is None:
+            missing.append(layer)
+        else:
+            records[layer] = (record, True)
+    if not missing:
+        return records
+    with contextlib.ExitStack() as locks:
+        for layer in sorted(missing):
+            locks.enter_context(file_lock(paths[layer]))
+        to_compute = []
+        for layer in missing:
+            record = _read_record(paths[layer], payloads[layer])
+            if record is None:
+                to_compute.append(layer)
+            else:
+                records[layer] = (record, True)
+        if to_compute:
+            for layer, record in compute(to_compute).items():
+                record = {"payload": payloads[layer], **record}
+                atomic_torch_save(paths[layer], record)
+                records[layer] = (record, False)
+    return records
+
+
+def load_or_compute_stats(
+    loaded: LoadedModel,
+    layers: list[int],
+    stats_cfg: Any,
+    data_cfg: Any,
+    progress: bool = True,
+) -> dict[int, LayerStats]:
+    """C0 and the mean key for each layer: from the cache, or computed (all missing layers in
+    one pass) and cached."""
+    layers = sorted(set(int(layer) for layer in layers))
+    loaded.spec.check_layers(layers)
+    settings = StatsSettings.from_config(stats_cfg)
+    source = CorpusSource.from_config(stats_cfg, data_cfg)
+    payloads = {}
+    for layer in layers:
+        payload = _base_payload(loaded, layer, source, settings)
+        payload.update(kind="layer-stats", n_tokens=settings.n_tokens)
+        payload["batch_product"] = str(BATCH_PRODUCT_DTYPE)
+        payloads[layer] = payload
+    paths = {layer: _cache_path(loaded, "c0", payloads[layer]) for layer in layers}
+
+    def compute(missing: list[int]) -> dict[int, dict[str, Any]]:
+        log.info(
+            "collecting layer statistics for layers %s over %d tokens of %s",
+            missing,
+            settings.n_tokens,
+            source.describe(),
+        )
+        batches = corpus_batches(
+            loaded.tokenizer, source, settings.seq_len, settings.n_tokens, settings.batch_size
+        )
+        stats = collect_layer_stats(
+            loaded.model,
+            loaded.spec.edit_module,
+            missing,
+            batches,
+            settings.n_tokens,
+            progress=progress,
+            dtype=settings.torch_dtype,
+        )
+        return {
+            layer: {
+                "layer": layer,
+                "second_moment": item.second_moment.cpu(),
+                "mean": item.mean.cpu(),
+                "n_tokens": item.n_tokens,
+            }
+            for layer, item in stats.items()
+        }
+
+    records = _load_or_compute_records(paths, payloads, compute)
+    device = loaded.device
+    return {
+        layer: LayerStats(
+            layer=layer,
+            second_moment=records[layer][0]["second_moment"].to(device),
+            mean=records[layer][0]["mean"].to(device),
+            n_tokens=int(records[layer][0]["n_tokens"]),
+            path=paths[layer],
+            from_cache=records[layer][1],
+        )
+        for layer in layers
+    }
+
+
+def sample_keys(
+    loaded: LoadedModel,
+    layers: list[int],
+    n_keys: int,
+    stats_cfg: Any,
+    data_cfg: Any,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """Up to ``n_keys`` raw keys (d_k, n) per layer, held out from the C0 sample.
+
+    They come from the corpus windows after the ``stats.n_tokens`` tokens that C0 averages
+    over: every ``HELD_OUT_STRIDE``-th token, in one early-stopped pass with the same hooks as
+    the statistics, cached per layer next to them. For measuring ||Delta K0||.
+    """
+    layers = sorted(set(int(layer) for layer in layers))
+    loaded.spec.check_layers(layers)
+    if n_keys < 1:
+        raise StatsError(f"asked for {n_keys} held-out keys; need at least 1")
+    settings = StatsSettings.from_config(stats_cfg)
+    source = CorpusSource.from_config(stats_cfg, data_cfg)
+    first_window = math.ceil(settings.n_tokens / settings.seq_len)
+    payloads = {}
+    for layer in layers:
+        payload = _base_payload(loaded, layer, source, settings)
+        payload.update(
+            kind="held-out-keys",
+            n_keys=n_keys,
+            stride=HELD_OUT_STRIDE,
+            first_window=first_window,
+        )
+        payloads[layer] = payload
+    paths = {layer: _cache_path(loaded, "keys", payloads[layer]) for layer in layers}
+
+    def compute(missing: list[int]) -> dict[int, dict[str, Any]]:
+        batches = corpus_batches(
+            loaded.tokenizer,
+            source,
+            settings.seq_len,
+            n_keys * HELD_OUT_STRIDE,
+            settings.batch_size,
+            first_window=first_window,
+        )
+        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in missing}
+
+        def consume(layer: int, keys: torch.Tensor) -> None:
+            chunks[layer].append(keys.to("cpu", torch.float32, copy=True))
+
+        _run_capture(
+            loaded.model,
+            loaded.spec.edit_module,
+            missing,
+            batches,
+            n_keys,
+            HELD_OUT_STRIDE,
+            consume,
+            settings.torch_dtype,
+            progress,
+            "key",
+        )
+        return {
+            layer: {"layer": layer, "keys": torch.cat(chunks[layer]).T.contiguous()}
+            for layer in missing
+        }
+
+    records = _load_or_compute_records(paths, payloads, compute)
+    return {layer: records[layer][0]["keys"].to(loaded.device) for layer in layers}
