@@ -1,0 +1,77 @@
+"""``editexp-stats``: compute (or load) and cache layer statistics C0, on the run config.
+
+    editexp-stats model=smollm2-135m layer=[0,1,2] stats.n_tokens=100000
+
+prints, per layer, the cache file, the token count, the trace and the condition number of C0,
+and whether it was computed now or read from the cache. Layers are checked against the model
+before anything is loaded or computed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from editexp.data.corpus import CorpusSource
+from editexp.models import ModelSpec, load_model
+from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
+
+# The repository's conf/ as an absolute path: Hydra resolves a relative "../conf" against the
+# calling *module* when started from a console script (pkg://conf, which does not exist), and
+# against this file only when the file is run directly.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def layer_list(value: Any) -> list[int]:
+    """``layer`` as a sorted list without repeats: an int, or a list of ints."""
+    values = list(value) if isinstance(value, list | tuple | ListConfig) else [value]
+    layers = []
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"layer={value!r}: expected an int or a list of ints")
+        layers.append(item)
+    if not layers:
+        raise ValueError("layer=[]: name at least one layer")
+    return sorted(set(layers))
+
+
+def condition_number(second_moment: torch.Tensor) -> float:
+    """largest / smallest eigenvalue of C0 (inf when it is singular)."""
+    eigenvalues = torch.linalg.eigvalsh(second_moment)
+    smallest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    return largest / smallest if smallest > 0 else math.inf
+
+
+def describe(stats: LayerStats) -> str:
+    origin = "loaded from cache" if stats.from_cache else "computed and cached"
+    return (
+        f"layer {stats.layer}: {origin}: {stats.path}\n"
+        f"    n_tokens={stats.n_tokens}  d_k={stats.second_moment.shape[0]}  "
+        f"trace={float(stats.second_moment.trace()):.6g}  "
+        f"cond={condition_number(stats.second_moment):.4g}"
+    )
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    layers = layer_list(cfg.layer)
+    ModelSpec.from_config(cfg.model).check_layers(layers)
+    StatsSettings.from_config(cfg.stats)
+    source = CorpusSource.from_config(cfg.stats, cfg.data)
+    print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
+    start = time.perf_counter()
+    loaded = load_model(cfg.model, cfg.device)
+    all_stats = load_or_compute_stats(loaded, layers, cfg.stats, cfg.data)
+    for layer in layers:
+        print(describe(all_stats[layer]))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
