@@ -1,0 +1,51 @@
+"""Shared fixtures: composed configs and models (tiny random ones, and the real SmolLM2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(PROJECT / "conf")
+DEFAULT_DATA_DIR = PROJECT.parent / "shared" / "data"
+
+# Tests read the shared data set unless the environment points elsewhere.
+os.environ.setdefault("EDITEXP_DATA_DIR", str(DEFAULT_DATA_DIR))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+_MODELS: dict[str, object] = {}
+
+
+def cached_model(name: str):
+    """Load a model once per test session (tests that edit weights must restore them)."""
+    from editexp.models import load_model
+
+    if name not in _MODELS:
+        _MODELS[name] = load_model(compose_config(f"model={name}").model, "cpu")
+    return _MODELS[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3():
+    return cached_model("tiny-llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return cached_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return cached_model("smollm2-135m")
