@@ -64,6 +64,8 @@ class LayerStats:
     n_tokens: int
     path: Path | None = field(default=None, compare=False)  # cache file, when cached
     from_cache: bool = field(default=False, compare=False)
+    # raw keys (d_k, N) from corpus text outside the C0 sample (see sample_keys), or None
+    held_out_keys: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 class _StopForward(Exception):
@@ -407,9 +409,11 @@ def load_or_compute_stats(
     stats_cfg: Any,
     data_cfg: Any,
     progress: bool = True,
+    held_out_keys: int = 256,
 ) -> dict[int, LayerStats]:
     """C0 and the mean key for each layer: from the cache, or computed (all missing layers in
-    one pass) and cached."""
+    one pass) and cached; with ``held_out_keys`` > 0 also that many held-out keys per layer
+    (``LayerStats.held_out_keys``, from :func:`sample_keys`, cached too)."""
     layers = sorted(set(int(layer) for layer in layers))
     loaded.spec.check_layers(layers)
     settings = StatsSettings.from_config(stats_cfg)
@@ -452,6 +456,9 @@ def load_or_compute_stats(
         }
 
     records = _load_or_compute_records(paths, payloads, compute)
+    keys: dict[int, torch.Tensor] = {}
+    if held_out_keys > 0:
+        keys = sample_keys(loaded, layers, held_out_keys, stats_cfg, data_cfg)
     device = loaded.device
     return {
         layer: LayerStats(
@@ -461,6 +468,7 @@ def load_or_compute_stats(
             n_tokens=int(records[layer][0]["n_tokens"]),
             path=paths[layer],
             from_cache=records[layer][1],
+            held_out_keys=keys.get(layer),
         )
         for layer in layers
     }

@@ -54,7 +54,8 @@ def describe(stats: LayerStats) -> str:
         f"layer {stats.layer}: {origin}: {stats.path}\n"
         f"    n_tokens={stats.n_tokens}  d_k={stats.second_moment.shape[0]}  "
         f"trace={float(stats.second_moment.trace()):.6g}  "
-        f"cond={condition_number(stats.second_moment):.4g}"
+        f"cond={condition_number(stats.second_moment):.4g}  "
+        f"held-out keys={0 if stats.held_out_keys is None else stats.held_out_keys.shape[1]}"
     )
 
 
@@ -67,7 +68,9 @@ def main(cfg: DictConfig) -> None:
     print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
     start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.device)
-    all_stats = load_or_compute_stats(loaded, layers, cfg.stats, cfg.data)
+    all_stats = load_or_compute_stats(
+        loaded, layers, cfg.stats, cfg.data, held_out_keys=int(cfg.eval.held_out_keys)
+    )
     for layer in layers:
         print(describe(all_stats[layer]))
     print(f"done in {time.perf_counter() - start:.1f} s")
