@@ -1,0 +1,203 @@
+"""Updates on real (tiny) models: constraints hold at the module, weights restore exactly,
+delta files round-trip, and bad updates never reach the weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from editexp.editing.editor import (
+    add_to_weight,
+    apply_edits,
+    edit_batch,
+    restore_weights,
+    save_deltas,
+    snapshot_weights,
+)
+from editexp.editing.keys_values import EditRequest, ValueHparams, read_at_subject
+from editexp.editing.linalg import CovarianceFactor, EditingError
+
+REQUESTS = [
+    EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest(2, "{}, which is located in", "Eiffel Tower", "Rome"),
+    EditRequest(3, "{} plays the", "Miles Davis", "guitar"),
+]
+PREFIXES = ["", "The weather was nice today. "]
+HPARAMS = ValueHparams(v_steps=4, early_stop_loss=0.0)
+
+
+@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
+def model64(request):
+    from conftest import cached_model
+
+    loaded = copy.copy(cached_model(request.param))
+    loaded.model = copy.deepcopy(loaded.model).double()
+    return loaded
+
+
+def covariances(loaded, layers):
+    """A random SPD C0 per layer (the closed forms only need SPD)."""
+    generator = torch.Generator().manual_seed(0)
+    result = {}
+    for layer in layers:
+        d_k = loaded.weight(layer).shape[1]
+        samples = torch.randn(4 * d_k, d_k, generator=generator, dtype=torch.float64)
+        result[layer] = CovarianceFactor(samples.T @ samples / samples.shape[0])
+    return result
+
+
+@pytest.mark.parametrize("algorithm,requests_", [("rome", REQUESTS[:1]), ("emmet", REQUESTS)])
+def test_equality_constrained_updates_make_the_module_output_its_values(
+    model64, algorithm, requests_
+):
+    """After ROME / EMMET(0), the edited module outputs v* = h + delta* at the subject (the mean
+    over prefixes, which is W' k* + b since the module is affine)."""
+    layer = 1
+    result = edit_batch(
+        model64,
+        requests_,
+        algorithm,
+        [layer],
+        covariances(model64, [layer]),
+        0.0,
+        HPARAMS,
+        PREFIXES,
+        progress=False,
+    )
+    after = read_at_subject(model64, requests_, PREFIXES, [layer], "output")[layer]
+    torch.testing.assert_close(after, result.values.targets, rtol=1e-4, atol=1e-5)
+    before_output = result.values.outputs
+    assert (after - before_output).norm() > 0.1 * result.values.deltas.norm()
+
+
+def test_memit_with_large_lambda_barely_moves_outputs(model64):
+    layer = 1
+    snapshot = snapshot_weights(model64, [layer])
+    result = edit_batch(
+        model64,
+        REQUESTS,
+        "memit",
+        [layer],
+        covariances(model64, [layer]),
+        1e8,
+        HPARAMS,
+        PREFIXES,
+        progress=False,
+    )
+    restore_weights(model64, snapshot)
+    assert result.deltas[layer].norm() < 1e-3 * snapshot[layer].norm()
+
+
+def test_multi_layer_update_reaches_the_residual_target(model64):
+    """MEMIT's spread: after editing layers [1, 2], the residual stream after layer 2 at the
+    subject moved towards z + delta* (exactly there only if keys don't move; check progress)."""
+    layers = [0, 1]
+    before = read_at_subject(model64, REQUESTS, PREFIXES, [1], "residual")[1]
+    result = edit_batch(
+        model64,
+        REQUESTS,
+        "memit",
+        layers,
+        covariances(model64, layers),
+        1e-3,
+        HPARAMS,
+        PREFIXES,
+        progress=False,
+    )
+    after = read_at_subject(model64, REQUESTS, PREFIXES, [1], "residual")[1]
+    target = before + result.values.deltas
+    assert set(result.deltas) == {0, 1}
+    assert result.values.deltas.norm() > 0
+    assert (after - target).norm() < 0.5 * (before - target).norm()
+
+
+def test_singular_restore_is_bit_exact(model64):
+    layer = 1
+    snapshot = snapshot_weights(model64, [layer])
+    original = model64.edit_module(layer).weight.detach().clone()
+    edit_batch(
+        model64,
+        REQUESTS[:1],
+        "rome",
+        [layer],
+        covariances(model64, [layer]),
+        None,
+        HPARAMS,
+        PREFIXES,
+        progress=False,
+    )
+    assert not torch.equal(model64.edit_module(layer).weight, original)
+    restore_weights(model64, snapshot)
+    assert torch.equal(model64.edit_module(layer).weight, original)
+
+
+def test_delta_file_round_trip(model64, tmp_path):
+    layer = 1
+    fresh = copy.deepcopy(model64.model)
+    result = edit_batch(
+        model64,
+        REQUESTS,
+        "memit",
+        [layer],
+        covariances(model64, [layer]),
+        10.0,
+        HPARAMS,
+        PREFIXES,
+        progress=False,
+    )
+    path = save_deltas(tmp_path / "deltas.pt", model64, result.deltas)
+    other = copy.copy(model64)
+    other.model = fresh
+    apply_edits(other, path)
+    torch.testing.assert_close(
+        other.edit_module(layer).weight, model64.edit_module(layer).weight, rtol=0, atol=1e-6
+    )
+    wrong = copy.copy(other)
+    wrong.identity = "some-other-model"
+    with pytest.raises(EditingError, match="holds edits of model"):
+        apply_edits(wrong, path)
+
+
+def test_emmet_exact_with_duplicate_facts_fails_before_touching_weights(model64):
+    layer = 1
+    original = model64.edit_module(layer).weight.detach().clone()
+    with pytest.raises(EditingError, match="lambda"):
+        edit_batch(
+            model64,
+            [REQUESTS[0], REQUESTS[0]],
+            "emmet",
+            [layer],
+            covariances(model64, [layer]),
+            0.0,
+            HPARAMS,
+            PREFIXES,
+            progress=False,
+        )
+    assert torch.equal(model64.edit_module(layer).weight, original)
+
+
+def test_non_finite_delta_is_refused(model64):
+    layer = 1
+    original = model64.edit_module(layer).weight.detach().clone()
+    delta = torch.zeros_like(model64.weight(layer))
+    delta[0, 0] = float("nan")
+    with pytest.raises(EditingError, match="NaN"):
+        add_to_weight(model64, layer, delta)
+    assert torch.equal(model64.edit_module(layer).weight, original)
+
+
+def test_rome_refuses_batches(model64):
+    with pytest.raises(EditingError, match="ROME edits one fact"):
+        edit_batch(
+            model64,
+            REQUESTS,
+            "rome",
+            [1],
+            covariances(model64, [1]),
+            None,
+            HPARAMS,
+            PREFIXES,
+            progress=False,
+        )
