@@ -59,8 +59,8 @@ def describe(stats: LayerStats) -> str:
     )
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict[int, LayerStats]:
+    """Check the layers and the corpus, then load or compute the statistics and print them."""
     layers = layer_list(cfg.layer)
     ModelSpec.from_config(cfg.model).check_layers(layers)
     StatsSettings.from_config(cfg.stats)
@@ -74,6 +74,12 @@ def main(cfg: DictConfig) -> None:
     for layer in layers:
         print(describe(all_stats[layer]))
     print(f"done in {time.perf_counter() - start:.1f} s")
+    return all_stats
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":
