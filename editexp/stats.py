@@ -257,7 +257,7 @@ class _MomentSums:
             bounds = [round(i * d_k / n_strips) for i in range(n_strips + 1)]
             self.strips = list(zip(bounds[:-1], bounds[1:]))
         keys = keys.to(self.product_dtype)
-        self.first += keys.sum(dim=0, dtype=torch.float64)
+        self.first += keys.sum(dim=0)  # per batch at product_dtype, like the products
         for start, stop in self.strips:
             self.second[start:stop, start:] += keys[:, start:stop].T @ keys[:, start:]
         self.count += keys.shape[0]
