@@ -1,0 +1,133 @@
+"""The runner on a tiny model: outputs, schedules, resume after a crash, skip, identities."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import compose_config
+
+from editexp.config import ConfigError
+from editexp.runner import SimulatedCrash, run
+
+FAST = [
+    "model=tiny-llama3",
+    "logger=none",
+    "stats.n_tokens=3000",
+    "stats.seq_len=64",
+    "eval.generation_facts=1",
+    "eval.generation_length=20",
+    "eval.held_out_keys=32",
+    "editing.prefixes.count=2",
+    "editing.prefixes.length=5",
+    "model.hparams.memit.v_steps=3",
+    "model.hparams.emmet.v_steps=3",
+    "model.hparams.rome.v_steps=3",
+]
+
+
+def run_config(tmp_path, name, *overrides):
+    cfg = compose_config(*FAST, *overrides)
+    return run(cfg, tmp_path / name)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sequential_run_writes_all_outputs(tmp_path):
+    summary = run_config(
+        tmp_path, "seq", "mode=sequential", "n_edits=4", "batch_size=2", "algorithm=memit"
+    )
+    run_dir = tmp_path / "seq"
+    for key in (
+        "algorithm",
+        "model",
+        "layer",
+        "mode",
+        "batch_size",
+        "n_edits",
+        "lambda",
+        "pre",
+        "post",
+        "timing",
+        "eval_schedule",
+    ):
+        assert key in summary
+    assert summary["layer"] == [1] and summary["batch_size"] == 2 and summary["edits_done"] == 4
+    for block in ("pre", "post"):
+        for metric in ("ES", "PS", "NS"):
+            assert set(summary[block][metric]) >= {"mean", "std"}
+        assert "S" in summary[block] and "GE" in summary[block]
+    assert set(summary["timing"]) >= {"statistics", "keys_values", "solve", "evaluation", "total"}
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    facts = read_jsonl(run_dir / "facts.jsonl")
+    assert len(facts) == 4 and {f["update"] for f in facts} == {0, 1}
+    assert all(f["pre"] is not None and "ES" in f["post"] for f in facts)
+    batches = read_jsonl(run_dir / "batches.jsonl")
+    assert [b["edits_done"] for b in batches] == [2, 4]
+    assert (run_dir / "deltas.pt").is_file()
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    args = ["mode=sequential", "n_edits=4", "batch_size=2", "algorithm=emmet", "lambda=0.01"]
+    with pytest.raises(SimulatedCrash):
+        run_config(tmp_path, "killed", *args, "+debug.stop_after_updates=1")
+    assert len(read_jsonl(tmp_path / "killed" / "batches.jsonl")) == 1
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = run_config(tmp_path, "killed", *args)
+    straight = run_config(tmp_path, "straight", *args)
+    for block in ("pre", "post"):
+        for metric in ("ES", "PS", "NS", "S"):
+            assert resumed[block][metric]["mean"] == pytest.approx(straight[block][metric]["mean"])
+    resumed_deltas = torch.load(tmp_path / "killed" / "deltas.pt")["deltas"]
+    straight_deltas = torch.load(tmp_path / "straight" / "deltas.pt")["deltas"]
+    torch.testing.assert_close(resumed_deltas[1], straight_deltas[1], rtol=1e-5, atol=1e-7)
+
+
+def test_sequential_with_one_batch_equals_batch_mode(tmp_path):
+    batch = run_config(tmp_path, "batch", "mode=batch", "n_edits=3")
+    sequential = run_config(tmp_path, "seq", "mode=sequential", "n_edits=3", "batch_size=3")
+    assert batch["post"]["ES"] == sequential["post"]["ES"]
+    torch.testing.assert_close(
+        torch.load(tmp_path / "batch" / "deltas.pt")["deltas"][1],
+        torch.load(tmp_path / "seq" / "deltas.pt")["deltas"][1],
+    )
+
+
+def test_singular_rome_evaluates_each_fact_and_keeps_no_deltas(tmp_path):
+    summary = run_config(tmp_path, "rome", "algorithm=rome", "mode=singular", "n_edits=2")
+    assert summary["batch_size"] == 1 and summary["lambda"] is None
+    assert len(read_jsonl(tmp_path / "rome" / "batches.jsonl")) == 2
+    assert not (tmp_path / "rome" / "deltas.pt").exists()
+
+
+def test_every_k_schedule_scores_all_edited_facts(tmp_path):
+    summary = run_config(
+        tmp_path,
+        "k",
+        "mode=sequential",
+        "n_edits=6",
+        "batch_size=2",
+        "eval.schedule=every_k",
+        "eval.every_k=2",
+    )
+    batches = read_jsonl(tmp_path / "k" / "batches.jsonl")
+    assert [b["evaluated_facts"] for b in batches] == [0, 4, 6]
+    assert summary["eval_schedule"] == "every_k" and summary["every_k"] == 2
+
+
+def test_finished_run_is_skipped_and_other_config_in_same_dir_refused(tmp_path, capsys):
+    first = run_config(tmp_path, "once", "mode=batch", "n_edits=2")
+    again = run_config(tmp_path, "once", "mode=batch", "n_edits=2")
+    assert again == first
+    assert "skipping" in capsys.readouterr().out
+    (tmp_path / "once" / "summary.json").unlink()
+    with pytest.raises(ConfigError, match="different config"):
+        run_config(tmp_path, "once", "mode=batch", "n_edits=2", "seed=5")
+
+
+def test_emmet_exact_with_more_facts_than_dk_fails_before_editing(tmp_path):
+    with pytest.raises(ConfigError, match="d_k=128"):
+        run_config(tmp_path, "big", "algorithm=emmet", "lambda=0", "mode=batch", "n_edits=130")
