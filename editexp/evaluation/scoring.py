@@ -15,7 +15,7 @@ How a batch of prompts is scored without wasted work (see :func:`score_continuat
    position embeddings such as GPT-2's are those of the unpadded sequence) and an attention
    mask that hides the prompt's padding. Single-token targets skip this step entirely.
 3. Only the hidden states that predict a target token go through the unembedding and a
-   log-softmax.
+   log-softmax, the prompt's last one once for all of its targets.
 
 :func:`score_continuation_unbatched` is the plain computation (one full forward per pair,
 logits everywhere) that tests and benchmarks compare against.
@@ -119,13 +119,16 @@ def _score_batch(
         torch.arange(len(items), device=device), prompt_lengths - 1
     ]
 
-    # One row per (prompt, target) from here on.
+    # Token 0 of every target is predicted by its prompt's last hidden state: unembedded once
+    # per prompt, however many targets share it. One row per (prompt, target) from here on.
+    first_log_probs = _log_softmax_logits(model, last_hidden)  # (B, vocab)
     row_prompt = torch.tensor(
         [i for i, item in enumerate(items) for _ in item.target_ids], device=device
     )
     row_targets = [ids for item in items for ids in item.target_ids]
-    targets = pad_sequences(row_targets, pad_id).to(device)
-    predicting = [last_hidden[row_prompt].unsqueeze(1)]  # (R, 1, d): predicts token 0
+    first_ids = torch.tensor([ids[0] for ids in row_targets], device=device)
+    nll_sums = -first_log_probs[row_prompt, first_ids]  # (R,)
+
     fed_tokens = [ids[:-1] for ids in row_targets]  # their outputs predict tokens 1..n-1
     if any(fed_tokens):
         cache.batch_select_indices(row_prompt)
@@ -137,18 +140,16 @@ def _score_batch(
             cache=cache,
             use_cache=True,
         )
-        predicting.append(fed_out.last_hidden_state)
-    hidden = torch.cat(predicting, dim=1)  # (R, max target length, d)
-    is_target = targets.attention_mask.bool()
-    log_probs = _log_softmax_logits(model, hidden[is_target])  # (tokens, vocab)
-    nll = -log_probs.gather(1, targets.input_ids[is_target].unsqueeze(1)).squeeze(1)
-
-    row_of_token = torch.arange(len(row_targets), device=device).repeat_interleave(
-        is_target.sum(dim=1)
-    )
-    sums = torch.zeros(len(row_targets), dtype=nll.dtype, device=device)
-    sums.index_add_(0, row_of_token, nll)
-    means = (sums / is_target.sum(dim=1)).tolist()
+        predicted = pad_sequences([ids[1:] for ids in row_targets], pad_id).input_ids.to(device)
+        is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
+        log_probs = _log_softmax_logits(model, fed_out.last_hidden_state[is_fed])
+        nll = -log_probs.gather(1, predicted[is_fed].unsqueeze(1)).squeeze(1)
+        row_of_token = torch.arange(len(row_targets), device=device).repeat_interleave(
+            is_fed.sum(dim=1)
+        )
+        nll_sums = nll_sums.index_add(0, row_of_token, nll)
+    target_lengths = torch.tensor([len(ids) for ids in row_targets], device=device)
+    means = (nll_sums / target_lengths).tolist()
     out, start = [], 0
     for item in items:
         out.append(means[start : start + len(item.target_ids)])
