@@ -1,0 +1,135 @@
+"""CounterFact evaluation speed: batched scoring versus one (prompt, target) pair at a time.
+
+    python benchmarks/evaluation.py [--model smollm2-135m] [--facts 32] [--generation-facts 2]
+
+Scores the rewrite, paraphrase and neighbourhood prompts of ``--facts`` CounterFact facts
+against (target_new, target_true) twice in the same run:
+
+- batched: :func:`evaluate_facts` (shared-prompt KV cache, logits only at target positions,
+  many facts per padded batch), no generation;
+- reference: one full forward per (prompt, target) with logits at every position, the way the
+  reference runner scores.
+
+It prints facts/second for both, the speedup and the largest score difference, then the
+seconds per fact of generation (GE: 10 prompts sampled to 100 tokens) on a few facts.
+The data come from ``$EDITEXP_DATA_DIR`` or ``../shared/data`` next to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from editexp.data.counterfact import load_counterfact, select_facts
+from editexp.evaluation.counterfact_eval import evaluate_facts, fact_prompts
+from editexp.evaluation.scoring import score_continuation_unbatched
+from editexp.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--facts", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per scoring batch")
+    parser.add_argument("--generation-facts", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    return parser.parse_args()
+
+
+def reference_scores(model, tokenizer, facts) -> list[list[tuple[float, float]]]:
+    """Per fact, (score_new, score_true) of every prompt, one forward per pair."""
+    out = []
+    for fact in facts:
+        pairs = []
+        for prompts in fact_prompts(fact).values():
+            for prompt in prompts:
+                new = score_continuation_unbatched(model, tokenizer, prompt, fact.target_new)
+                true = score_continuation_unbatched(model, tokenizer, prompt, fact.target_true)
+                pairs.append((new, true))
+        out.append(pairs)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"model={args.model}", f"data.dir={data_dir}", "~logger"]
+        )
+    lm = load_model(cfg.model, "cpu")
+    all_facts, _ = load_counterfact(cfg.data)
+    facts = select_facts(all_facts, args.facts, order="seeded", seed=args.seed)
+    n_prompts = sum(len(prompts) for fact in facts for prompts in fact_prompts(fact).values())
+    print(
+        f"model={args.model} facts={len(facts)} prompts={n_prompts} "
+        f"pairs={2 * n_prompts} torch_threads={torch.get_num_threads()} "
+        f"load_average={os.getloadavg()[0]:.2f}"
+    )
+
+    evaluate_facts(lm.model, lm.tokenizer, facts[:2], progress=False)  # warm-up
+
+    start = time.perf_counter()
+    batched = evaluate_facts(
+        lm.model, lm.tokenizer, facts, batch_size=args.batch_size, progress=False
+    )
+    batched_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    reference = reference_scores(lm.model, lm.tokenizer, facts)
+    reference_seconds = time.perf_counter() - start
+
+    batched_pairs = [
+        pair for result in batched for family in result.scores for pair in result.scores[family]
+    ]
+    reference_pairs = [pair for pairs in reference for pair in pairs]
+    difference = max(
+        abs(a - b) for x, y in zip(batched_pairs, reference_pairs) for a, b in zip(x, y)
+    )
+    print(
+        f"ES/PS/NS batched   : {len(facts) / batched_seconds:7.2f} facts/s "
+        f"({batched_seconds / len(facts):.3f} s/fact, batch_size={args.batch_size})"
+    )
+    print(
+        f"ES/PS/NS reference : {len(facts) / reference_seconds:7.2f} facts/s "
+        f"({reference_seconds / len(facts):.3f} s/fact, one forward per pair, full logits)"
+    )
+    print(f"speedup            : {reference_seconds / batched_seconds:.1f}x")
+    print(f"max |score difference| batched vs reference: {difference:.2e}")
+    print(f"load average (1 min) after scoring: {os.getloadavg()[0]:.2f} (other jobs skew timings)")
+
+    if args.generation_facts > 0:
+        generated = facts[: args.generation_facts]
+        start = time.perf_counter()
+        results = evaluate_facts(
+            lm.model,
+            lm.tokenizer,
+            generated,
+            batch_size=args.batch_size,
+            generation_facts=len(generated),
+            seed=args.seed,
+            progress=False,
+        )
+        seconds = time.perf_counter() - start
+        n_texts = sum(len(result.generation_texts or []) for result in results)
+        ge = [round(100 * result.GE, 1) for result in results if result.GE is not None]
+        print(
+            f"generation (GE)    : {seconds / len(generated):.2f} s/fact including scoring "
+            f"({n_texts} texts of 100 tokens; GE x100 per fact: {ge})"
+        )
+
+
+if __name__ == "__main__":
+    main()
