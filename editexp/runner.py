@@ -422,6 +422,8 @@ def run(
         runner.setup()
         runner.pre_rows = runner.pre_edit_rows()
         runner._resume()
+        for row in runner.state["batches"]:  # a resumed run's W&B curve starts at update 1
+            tracker.log_update({**row["metrics"], **row["update"]}, row["edits_done"])
         if runner.settings.mode == "singular":
             runner.run_singular(tracker)
         else:

@@ -64,7 +64,7 @@ def test_sweep_axes_are_addressable():
     assert (settings.batch_size, settings.n_edits, settings.n_updates) == (4, 8, 2)
     assert settings.lam == 0.001 and settings.mode == "sequential"
     assert run_settings(compose_config("model=tiny-llama3", "layer=3")).layers == (3,)
-    assert run_settings(compose_config("lambda=null")).lam == 15000.0
+    assert run_settings(compose_config("lambda=null")).lam == 1000.0
 
 
 def test_batch_and_singular_modes_set_the_update_size():

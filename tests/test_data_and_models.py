@@ -1,0 +1,163 @@
+"""Model loading, token encoding (BOS exactly once), and CounterFact loading and selection."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from editexp.cache import cache_root
+from editexp.data.counterfact import CounterFactError, load_counterfact, parse_records, select_facts
+from editexp.models import ModelConfigError, ModelSpec
+from editexp.tokens import encode_prompt, encode_target, pad_sequences, subject_last_index
+
+BOS = 128000
+
+
+def test_llama3_tokenizer_adds_bos_exactly_once(tiny_llama3):
+    tokenizer = tiny_llama3.tokenizer
+    ids = encode_prompt(tokenizer, "The Eiffel Tower is in")
+    assert ids[0] == BOS and ids.count(BOS) == 1
+    prefixed = encode_prompt(tokenizer, "Some context. The Eiffel Tower is in")
+    assert prefixed.count(BOS) == 1
+    target = encode_target(tokenizer, "The Eiffel Tower is in", "Paris")
+    assert BOS not in target and target == encode_target(
+        tokenizer, "The Eiffel Tower is in", " Paris"
+    )
+    assert tokenizer.decode(target) == " Paris"
+
+
+def test_gpt2_style_tokenizer_adds_no_bos(tiny_gpt2):
+    ids = encode_prompt(tiny_gpt2.tokenizer, "The Eiffel Tower is in")
+    assert BOS not in ids and tiny_gpt2.tokenizer.decode(ids) == "The Eiffel Tower is in"
+
+
+def test_subject_last_index(tiny_llama3):
+    tokenizer = tiny_llama3.tokenizer
+    text = "The mother tongue of Danielle Darrieux is"
+    ids = encode_prompt(tokenizer, text)
+    index = subject_last_index(tokenizer, text, "Danielle Darrieux")
+    assert tokenizer.decode(ids[: index + 1]).endswith("Darrieux")
+    assert not tokenizer.decode(ids[:index]).endswith("Darrieux")
+
+
+def test_pad_sequences_aligns_and_positions():
+    batch = pad_sequences([[1, 2, 3], [4, 5]], pad_id=0, left_lengths=[1, 2])
+    assert batch.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 1, 1]]
+    assert batch.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_model_spec_errors_name_the_value():
+    cfg = compose_config("model=tiny-llama3").model
+    for key, value, message in [
+        ("source", "onnx", "model.source='onnx'"),
+        ("dtype", "int8", "model.dtype='int8'"),
+    ]:
+        bad = copy.deepcopy(cfg)
+        bad[key] = value
+        with pytest.raises(ModelConfigError, match=message):
+            ModelSpec.from_config(bad)
+    bad = copy.deepcopy(cfg)
+    bad.modules.edit = "model.layers.mlp.down_proj"
+    with pytest.raises(ModelConfigError, match="slot for the layer"):
+        ModelSpec.from_config(bad)
+    with pytest.raises(ModelConfigError, match="outside model"):
+        ModelSpec.from_config(cfg).check_layers([0, 4])
+
+
+@pytest.mark.slow
+def test_smollm2_dequantized_copy_is_cached(smollm2):
+    cached = list((cache_root() / "models").glob("smollm2-135m-*-float32"))
+    assert cached and (cached[0] / "config.json").is_file()
+    assert smollm2.identity.startswith("gguf:")
+    assert smollm2.weight(1).shape == (576, 1536)
+
+
+# --------------------------------------------------------------------------- CounterFact
+
+
+def record(case_id=1, **rewrite):
+    base = {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": {"str": "English", "id": "Q1860"},
+        "target_true": {"str": "French", "id": "Q150"},
+        "relation_id": "P103",
+    }
+    base.update(rewrite)
+    return {
+        "case_id": case_id,
+        "requested_rewrite": base,
+        "paraphrase_prompts": ["Danielle Darrieux spoke"],
+        "neighborhood_prompts": ["Léon Blum's mother tongue is"],
+        "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+    }
+
+
+@pytest.mark.parametrize(
+    "broken,message",
+    [
+        ({"prompt": "The mother tongue of Danielle is"}, r"case_id=7.*no '\{\}' slot"),
+        ({"target_new": {"str": "  ", "id": "x"}}, r"case_id=7.*target_new.str"),
+        (
+            {"target_true": {"id": "x"}},
+            r"case_id=7: missing field 'requested_rewrite.target_true.str'",
+        ),
+        ({"subject": ""}, r"case_id=7.*subject"),
+    ],
+)
+def test_invalid_records_name_case_and_field(broken, message):
+    with pytest.raises(CounterFactError, match=message):
+        parse_records([record(7, **broken)])
+
+
+def test_missing_top_level_field_and_duplicates():
+    bad = record(3)
+    del bad["requested_rewrite"]
+    with pytest.raises(
+        CounterFactError, match="case_id=3: missing field 'requested_rewrite.prompt'"
+    ):
+        parse_records([bad])
+    with pytest.raises(CounterFactError, match="case_id=1 occurs twice"):
+        parse_records([record(1), record(1)])
+
+
+def test_shared_counterfact_loads_and_validates():
+    facts, digest = load_counterfact(compose_config().data)
+    assert len(facts) == 2758 and len(digest) == 64
+    assert all("{}" in fact.prompt for fact in facts)
+
+
+def test_selection_is_deterministic_and_reproducible(tmp_path):
+    facts, _ = load_counterfact(compose_config().data)
+    first = [f.case_id for f in select_facts(facts, 20, seed=0)]
+    assert first == [f.case_id for f in select_facts(facts, 20, seed=0)]
+    assert first != [f.case_id for f in select_facts(facts, 20, seed=1)]
+    assert [f.case_id for f in select_facts(facts, 3, order="file")] == [
+        f.case_id for f in facts[:3]
+    ]
+    wanted = [facts[10].case_id, facts[2].case_id]
+    assert [f.case_id for f in select_facts(facts, 2, order="case_ids", case_ids=wanted)] == wanted
+    id_file = tmp_path / "ids.txt"
+    id_file.write_text("\n".join(map(str, wanted)))
+    chosen = select_facts(facts, 2, order="case_ids", case_ids=str(id_file))
+    assert [f.case_id for f in chosen] == wanted
+    unique = select_facts(facts, 200, seed=0)
+    assert len({f.subject for f in unique}) == 200
+    with pytest.raises(CounterFactError, match="not in the data set"):
+        select_facts(facts, 1, order="case_ids", case_ids=[999999])
+    with pytest.raises(CounterFactError, match="only"):
+        select_facts(facts, 5000)
+
+
+def test_explicit_counterfact_file(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([record(5)]))
+    facts, _ = load_counterfact(OmegaConf.create({"counterfact": str(path), "dir": None}))
+    assert facts[0].case_id == 5 and facts[0].rewrite_prompt.endswith("Darrieux is")
+    with pytest.raises(CounterFactError, match="does not exist"):
+        load_counterfact(OmegaConf.create({"counterfact": str(tmp_path / "none.json")}))
