@@ -201,3 +201,35 @@ def test_rome_refuses_batches(model64):
             PREFIXES,
             progress=False,
         )
+
+
+def test_failed_solve_at_a_later_layer_restores_the_earlier_layers(model64, monkeypatch):
+    import editexp.editing.editor as editor
+
+    layers = [0, 1]
+    originals = {layer: model64.edit_module(layer).weight.detach().clone() for layer in layers}
+    solve = editor.closed_form_delta
+    calls = []
+
+    def fail_on_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise EditingError("simulated failure of the lambda solve at layer 1")
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "closed_form_delta", fail_on_second_layer)
+    with pytest.raises(EditingError, match="simulated"):
+        edit_batch(
+            model64,
+            REQUESTS,
+            "memit",
+            layers,
+            covariances(model64, layers),
+            1.0,
+            HPARAMS,
+            PREFIXES,
+            progress=False,
+        )
+    assert len(calls) == 2
+    for layer in layers:
+        assert torch.equal(model64.edit_module(layer).weight, originals[layer])

@@ -107,22 +107,28 @@ def edit_batch(
 
     deltas: dict[int, torch.Tensor] = {}
     all_keys: dict[int, torch.Tensor] = {}
-    for position, layer in enumerate(layers):
-        start = time.perf_counter()
-        keys = compute_keys(loaded, requests, prefixes, [layer], batch_size)[layer]
-        if len(layers) == 1:
-            residuals = values.deltas.T
-        else:
-            current = read_at_subject(loaded, requests, prefixes, [last], "residual", batch_size)
-            residuals = ((target - current[last]) / (len(layers) - position)).T
-        timing["keys_values"] += time.perf_counter() - start
-        start = time.perf_counter()
-        delta = closed_form_delta(algorithm, keys, residuals, covariances[layer], lam)
-        delta = delta.to(torch.float32)
-        add_to_weight(loaded, layer, delta)
-        timing["solve"] += time.perf_counter() - start
-        deltas[layer] = delta.cpu()
-        all_keys[layer] = keys
+    # A failed solve at a later layer must not leave the earlier layers of this update applied.
+    snapshot = snapshot_weights(loaded, layers[:-1])
+    try:
+        for position, layer in enumerate(layers):
+            start = time.perf_counter()
+            keys = compute_keys(loaded, requests, prefixes, [layer], batch_size)[layer]
+            if len(layers) == 1:
+                residuals = values.deltas.T
+            else:
+                now = read_at_subject(loaded, requests, prefixes, [last], "residual", batch_size)
+                residuals = ((target - now[last]) / (len(layers) - position)).T
+            timing["keys_values"] += time.perf_counter() - start
+            start = time.perf_counter()
+            delta = closed_form_delta(algorithm, keys, residuals, covariances[layer], lam)
+            delta = delta.to(torch.float32)
+            add_to_weight(loaded, layer, delta)
+            timing["solve"] += time.perf_counter() - start
+            deltas[layer] = delta.cpu()
+            all_keys[layer] = keys
+    except BaseException:
+        restore_weights(loaded, snapshot)
+        raise
     return UpdateResult(deltas=deltas, keys=all_keys, values=values, timing=timing)
 
 
