@@ -174,7 +174,7 @@ class Run:
             generation_facts=n_generate,
             generation_length=eval_cfg.generation_length,
             seed=self.settings.seed,
-            progress=False,
+            progress=len(facts) > 8,
         )
         self.timing["evaluation"] += time.perf_counter() - start
         rows = {row["case_id"]: row for row in map(fact_row, scores)}

@@ -233,3 +233,9 @@ def test_failed_solve_at_a_later_layer_restores_the_earlier_layers(model64, monk
     assert len(calls) == 2
     for layer in layers:
         assert torch.equal(model64.edit_module(layer).weight, originals[layer])
+
+
+def test_apply_edits_is_exported_at_the_top_level():
+    import editexp
+
+    assert editexp.apply_edits is apply_edits
