@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,11 @@ class Values:
     @property
     def targets(self) -> torch.Tensor:
         return self.outputs + self.deltas
+
+    @classmethod
+    def concat(cls, parts: Sequence[Values]) -> Values:
+        names = [field.name for field in fields(cls)]
+        return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in names))
 
 
 # --------------------------------------------------------------------------- context prefixes
@@ -275,12 +280,7 @@ def compute_values(
         parts.append(_optimise_chunk(loaded, chunk, prefixes, layer, hparams))
         bar.update(len(chunk))
     bar.close()
-    return Values(
-        *(
-            torch.cat([getattr(p, name) for p in parts])
-            for name in ("deltas", "outputs", "losses", "steps")
-        )
-    )
+    return Values.concat(parts)
 
 
 def _optimise_chunk(

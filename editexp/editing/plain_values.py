@@ -26,12 +26,7 @@ def plain_values(
     hparams: ValueHparams,
 ) -> Values:
     parts = [_plain_one(loaded, request, prefixes, layer, hparams) for request in requests]
-    return Values(
-        *(
-            torch.cat([getattr(p, n) for p in parts])
-            for n in ("deltas", "outputs", "losses", "steps")
-        )
-    )
+    return Values.concat(parts)
 
 
 def _plain_one(loaded, request, prefixes, layer, hparams) -> Values:
