@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Layer search (Yoon et al. 2024, Sec. 4.1, Fig. 1): singular edits with ROME and MEMIT at
+# every layer of the model, one SLURM job per (algorithm, layer): 2 x 32 jobs for Llama-3-8B.
+#
+#   launchers/layer_search.sh                                  # llama3-8b, 1000 facts
+#   PARTITION=gpu ACCOUNT=myproj launchers/layer_search.sh model=llama2-7b n_edits=100
+#
+# Arguments are editexp overrides, appended last (they win). Environment (defaults):
+#   MODEL (llama3-8b; a model=... argument wins)   PARTITION (the cluster's default)
+#   ACCOUNT (none)   TIME_MIN (720, per job)   GPUS (1)   CPUS (8)   MEM_GB (64)
+#   STATS: slurm (a job computes the statistics first) | local (here) | skip
+#   STATS_GROUP (8): layers per statistics job (each layer holds a d_k x d_k float64 sum)
+#   SWEEP_DIR (multirun/layer_search/<model>/<time>)
+#   DRY_RUN=1: print the commands only
+# editexp blocks until every job has finished (run it in tmux or screen); the jobs go on
+# if it is interrupted, and `editexp-report <sweep dir>` works on a partial sweep.
+set -euo pipefail
+
+MODEL=${MODEL:-llama3-8b}
+for arg in "$@"; do [[ $arg == model=* ]] && MODEL=${arg#model=}; done
+PARTITION=${PARTITION:-} ACCOUNT=${ACCOUNT:-} TIME_MIN=${TIME_MIN:-720}
+GPUS=${GPUS:-1} CPUS=${CPUS:-8} MEM_GB=${MEM_GB:-64} STATS=${STATS:-slurm}
+STATS_GROUP=${STATS_GROUP:-8}
+SWEEP_DIR=${SWEEP_DIR:-multirun/layer_search/$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
+SWEEP_DIR=$(realpath -m "$SWEEP_DIR")
+
+run() {
+    echo "+ $*"
+    [[ -n ${DRY_RUN:-} ]] || "$@"
+}
+
+# SLURM requests, as srun options (statistics) and as Hydra launcher overrides (grid points).
+srun_opts=(--job-name=editexp-stats --time="$TIME_MIN" --cpus-per-task="$CPUS" --mem="${MEM_GB}G")
+launcher=(hydra/launcher=slurm hydra.launcher.timeout_min="$TIME_MIN"
+    hydra.launcher.cpus_per_task="$CPUS" hydra.launcher.mem_gb="$MEM_GB")
+if [[ -n $PARTITION ]]; then
+    srun_opts+=(--partition="$PARTITION") && launcher+=(hydra.launcher.partition="$PARTITION")
+fi
+if [[ -n $ACCOUNT ]]; then
+    srun_opts+=(--account="$ACCOUNT") && launcher+=(hydra.launcher.account="$ACCOUNT")
+fi
+if [[ $GPUS -gt 0 ]]; then
+    srun_opts+=(--gpus-per-node="$GPUS") && launcher+=(hydra.launcher.gpus_per_node="$GPUS")
+else
+    launcher+=(hydra.launcher.gpus_per_node=null)
+fi
+
+# 1. Layer statistics C0 of every layer, computed once so that the grid points only read the
+# cache (without this, the jobs of a layer would all wait on the cache's file lock while the
+# first one computes). Overrides that change the statistics are passed on.
+stats_args=()
+for arg in "$@"; do
+    case $arg in model=* | model.* | stats.* | data.* | device=* | eval.held_out_keys=*)
+        stats_args+=("$arg") ;;
+    esac
+done
+n_layers=$(editexp model="$MODEL" "${stats_args[@]}" --cfg job -p model.n_layers)
+stats() {
+    case $STATS in
+    slurm) run srun "${srun_opts[@]}" editexp-stats model="$MODEL" "${stats_args[@]}" "$@" ;;
+    local) run editexp-stats model="$MODEL" "${stats_args[@]}" "$@" ;;
+    skip) ;;
+    *) echo "STATS=$STATS: expected slurm, local or skip" >&2 && return 1 ;;
+    esac
+}
+pids=()
+for ((first = 0; first < n_layers; first += STATS_GROUP)); do
+    last=$((first + STATS_GROUP < n_layers ? first + STATS_GROUP : n_layers))
+    if [[ $STATS == slurm ]]; then
+        stats "layer=[$(seq -s, "$first" $((last - 1)))]" &
+        pids+=($!)
+    else
+        stats "layer=[$(seq -s, "$first" $((last - 1)))]"
+    fi
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+# 2. The sweep: every (algorithm, layer) as a job of one SLURM array.
+echo "Sweep dir: $SWEEP_DIR"
+status=0
+run editexp -m +experiment=layer_search model="$MODEL" "${launcher[@]}" \
+    hydra.sweep.dir="$SWEEP_DIR" "$@" || status=$?
+echo "Tables and figures (also for a partial sweep): editexp-report $SWEEP_DIR"
+exit $status
