@@ -283,6 +283,44 @@ def compute_values(
     return Values.concat(parts)
 
 
+@dataclass
+class _TailGroup:
+    """Rows whose tails (subject's last token onwards) have the same length: one padded-free
+    forward and backward per Adam step."""
+
+    rows: torch.Tensor  # (G,) indices into the chunk's rows
+    columns: slice  # columns of the aligned batch: head cache + this group's tail
+    read_rows: torch.Tensor  # (R,) positions within the group where a loss is read
+    read_cols: torch.Tensor  # (R,) tail columns of those reads
+    read_tokens: torch.Tensor  # (R,) target token ids (-1 for KL reads)
+
+
+def _tail_groups(rows: list[_Row], head_width: int, device: torch.device) -> list[_TailGroup]:
+    by_length: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_length.setdefault(len(row.ids) - row.split, []).append(index)
+    groups = []
+    for length, members in sorted(by_length.items()):
+        read_rows, read_cols, read_tokens = [], [], []
+        for position, index in enumerate(members):
+            row = rows[index]
+            tokens = row.targets if not row.is_kl else [-1]
+            for offset, token in enumerate(tokens):
+                read_rows.append(position)
+                read_cols.append(row.read_from - row.split + offset)
+                read_tokens.append(token)
+        groups.append(
+            _TailGroup(
+                rows=torch.tensor(members, device=device),
+                columns=slice(head_width, head_width + length),
+                read_rows=torch.tensor(read_rows, device=device),
+                read_cols=torch.tensor(read_cols, device=device),
+                read_tokens=torch.tensor(read_tokens, device=device),
+            )
+        )
+    return groups
+
+
 def _optimise_chunk(
     loaded: LoadedModel,
     requests: Sequence[EditRequest],
@@ -290,15 +328,23 @@ def _optimise_chunk(
     layer: int,
     hparams: ValueHparams,
 ) -> Values:
+    """Optimise one delta per request, all at once.
+
+    The loss is a sum of per-row terms (NLL of a context row / number of contexts, or
+    kl_factor * KL of the fact's KL row) plus a per-fact weight decay, so rows can run in any
+    grouping: rows are grouped by tail length (no padding in the optimised positions) and each
+    group's backward accumulates into the deltas' gradients.
+    """
     model, device = loaded.model, loaded.device
     base = model.base_model
     unembedding = model.get_output_embeddings()
     rows = _value_rows(loaded, requests, prefixes)
-    n_facts = len(requests)
+    n_facts, n_rows = len(requests), len(rows)
     row_fact = torch.tensor([row.fact for row in rows], device=device)
     is_kl = torch.tensor([row.is_kl for row in rows], device=device)
 
-    # Line up every row's subject token at column `head_width`; cache the columns before it.
+    # Line up every row's subject token at column `head_width`; cache the columns before it
+    # (they do not depend on delta) once.
     batch = pad_sequences(
         [row.ids for row in rows], loaded.tokenizer.pad_token_id, [row.split for row in rows]
     ).to(device)
@@ -315,23 +361,7 @@ def _optimise_chunk(
                 use_cache=True,
             )
             head_cache = [(lay.keys, lay.values) for lay in cache.layers]
-    tail_ids = batch.input_ids[:, head_width:]
-    tail_positions = batch.position_ids[:, head_width:]
-
-    # Where each loss is read, as (row, tail column, target token).
-    read_rows, read_cols, read_tokens, read_row_index = [], [], [], []
-    for r, row in enumerate(rows):
-        first = row.read_from - row.split
-        tokens = row.targets if not row.is_kl else [-1]
-        for offset, token in enumerate(tokens):
-            read_rows.append(r)
-            read_cols.append(first + offset)
-            read_tokens.append(token)
-            read_row_index.append(r)
-    read_rows_t = torch.tensor(read_rows, device=device)
-    read_cols_t = torch.tensor(read_cols, device=device)
-    read_tokens_t = torch.tensor(read_tokens, device=device)
-    read_is_kl = is_kl[read_rows_t]
+    groups = _tail_groups(rows, head_width, device)
 
     d_v = loaded.weight(layer).shape[0]
     deltas = [torch.zeros(d_v, device=device, requires_grad=True) for _ in range(n_facts)]
@@ -339,90 +369,59 @@ def _optimise_chunk(
     active = torch.ones(n_facts, dtype=torch.bool, device=device)
     steps = torch.zeros(n_facts, dtype=torch.long)
     losses = torch.zeros(n_facts)
-    outputs: torch.Tensor | None = None  # h per row at the subject token
-    kl_reference: torch.Tensor | None = None
-    edit_module = loaded.edit_module(layer)
-    current: dict[str, torch.Tensor] = {}
+    row_outputs = torch.zeros(n_rows, d_v, device=device)  # h per row, captured at step 0
+    kl_reference: dict[int, torch.Tensor] = {}  # KL row -> log-probs of the unedited model
+    hook_state: dict[str, torch.Tensor] = {}
 
     def add_delta(module, args, output):
-        if current.get("capture") is not None:
-            current["capture"].append(output[:, 0].detach())
-        shifted = output[:, :1] + current["row_deltas"][:, None].to(output.dtype)
+        if "capture_rows" in hook_state:
+            row_outputs[hook_state["capture_rows"]] = output[:, 0].detach().float()
+        shifted = output[:, :1] + hook_state["row_deltas"][:, None].to(output.dtype)
         return torch.cat([shifted, output[:, 1:]], dim=1)
 
-    handle = edit_module.register_forward_hook(add_delta)
+    handle = loaded.edit_module(layer).register_forward_hook(add_delta)
     try:
         for step in range(hparams.v_steps):
-            row_active = active[row_fact]
-            active_rows = row_active.nonzero().squeeze(1)
+            optimizer.zero_grad(set_to_none=True)
+            fact_loss = torch.zeros(n_facts, device=device)
+            for group in groups:
+                fact_loss += _group_loss(
+                    group,
+                    active,
+                    row_fact,
+                    is_kl,
+                    deltas,
+                    hook_state,
+                    head_cache,
+                    batch,
+                    base,
+                    unembedding,
+                    kl_reference,
+                    hparams,
+                    len(prefixes),
+                    step == 0,
+                    model,
+                )
+            if step == 0:
+                h_norm = _fact_mean(row_outputs, row_fact, is_kl, n_facts, prefixes).norm(dim=1)
             stacked = torch.stack(deltas)
-            current["row_deltas"] = stacked[row_fact[active_rows]]
-            current["capture"] = [] if outputs is None else None
-            cache = DynamicCache(config=model.config)
-            for index, (keys, values) in enumerate(head_cache):
-                cache.update(keys[active_rows], values[active_rows], index)
-            hidden = base(
-                input_ids=tail_ids[active_rows],
-                attention_mask=batch.attention_mask[active_rows],
-                position_ids=tail_positions[active_rows],
-                past_key_values=cache if head_cache else None,
-                use_cache=bool(head_cache),
-            ).last_hidden_state
-            if outputs is None:
-                outputs = current["capture"][0].float()
-            # map full row indices -> positions among the active rows
-            position_in_active = torch.full((len(rows),), -1, dtype=torch.long, device=device)
-            position_in_active[active_rows] = torch.arange(len(active_rows), device=device)
-            read_mask = row_active[read_rows_t]
-            local_rows = position_in_active[read_rows_t[read_mask]]
-            log_probs = F.log_softmax(
-                unembedding(hidden[local_rows, read_cols_t[read_mask]]).float(), dim=-1
-            )
-            kl_mask = read_is_kl[read_mask]
-            token_mask = ~kl_mask
-            nll_token = (
-                -log_probs[token_mask]
-                .gather(1, read_tokens_t[read_mask][token_mask][:, None])
-                .squeeze(1)
-            )
-            token_rows = read_rows_t[read_mask][token_mask]
-            # mean over a row's target tokens, then over the fact's context rows
-            n_rows = len(rows)
-            row_sum = torch.zeros(n_rows, device=device).index_add(0, token_rows, nll_token)
-            row_count = torch.zeros(n_rows, device=device).index_add(
-                0, token_rows, torch.ones_like(nll_token)
-            )
-            row_nll = row_sum / row_count.clamp(min=1)
-            prompt_rows = (~is_kl) & row_active
-            fact_nll = torch.zeros(n_facts, device=device).index_add(
-                0, row_fact[prompt_rows], row_nll[prompt_rows]
-            ) / len(prefixes)
-            kl_log_probs = log_probs[kl_mask]
-            kl_facts = row_fact[read_rows_t[read_mask][kl_mask]]
-            if kl_reference is None:
-                kl_reference = kl_log_probs.detach()
-            reference = kl_reference[active[row_fact[is_kl]].nonzero().squeeze(1)]
-            kl_per = (reference.exp() * (reference - kl_log_probs)).sum(dim=1)
-            fact_kl = torch.zeros(n_facts, device=device).index_add(0, kl_facts, kl_per)
-            h_norm_sq = _fact_mean(outputs, row_fact, is_kl, n_facts, prefixes).norm(dim=1) ** 2
-            decay = stacked.norm(dim=1) ** 2 / h_norm_sq
-            fact_loss = fact_nll + hparams.kl_factor * fact_kl + hparams.v_weight_decay * decay
+            decay = hparams.v_weight_decay * stacked.norm(dim=1) ** 2 / h_norm**2
+            fact_loss = fact_loss + decay.detach()
             with torch.no_grad():
-                losses[active.cpu()] = fact_loss[active].detach().cpu()
+                losses[active.cpu()] = fact_loss[active].cpu()
                 finished = active & (fact_loss < hparams.early_stop_loss)
                 if step == hparams.v_steps - 1:
                     finished = active.clone()
             still = active & ~finished
             if not still.any():
                 break
-            optimizer.zero_grad(set_to_none=True)
-            fact_loss[still].sum().backward()
+            decay[still].sum().backward()
             for index in (~still).nonzero().squeeze(1).tolist():
                 deltas[index].grad = None  # Adam skips parameters without a gradient
             optimizer.step()
             steps[still.cpu()] += 1
             with torch.no_grad():
-                max_norms = hparams.clamp_norm_factor * h_norm_sq.sqrt()
+                max_norms = hparams.clamp_norm_factor * h_norm
                 for index in still.nonzero().squeeze(1).tolist():
                     norm = deltas[index].norm()
                     if norm > max_norms[index]:
@@ -430,13 +429,84 @@ def _optimise_chunk(
             active = still
     finally:
         handle.remove()
-    h = _fact_mean(outputs, row_fact, is_kl, n_facts, prefixes)
+    h = _fact_mean(row_outputs, row_fact, is_kl, n_facts, prefixes)
     return Values(
         deltas=torch.stack([d.detach() for d in deltas]).float().cpu(),
         outputs=h.detach().float().cpu(),
         losses=losses,
         steps=steps,
     )
+
+
+def _group_loss(
+    group,
+    active,
+    row_fact,
+    is_kl,
+    deltas,
+    hook_state,
+    head_cache,
+    batch,
+    base,
+    unembedding,
+    kl_reference,
+    hparams,
+    n_prefixes,
+    first_step,
+    model,
+) -> torch.Tensor:
+    """Forward and backward of one tail group's active rows; returns their loss per fact
+    (detached). Facts that stopped early are left out."""
+    n_facts = active.shape[0]
+    keep = active[row_fact[group.rows]]
+    if not keep.any():
+        return torch.zeros(n_facts, device=active.device)
+    rows = group.rows[keep]
+    local = torch.full((len(group.rows),), -1, dtype=torch.long, device=active.device)
+    local[keep] = torch.arange(len(rows), device=active.device)
+    hook_state["row_deltas"] = torch.stack(deltas)[row_fact[rows]]
+    if first_step:
+        hook_state["capture_rows"] = rows
+    else:
+        hook_state.pop("capture_rows", None)
+    cache = None
+    if head_cache:
+        cache = DynamicCache(config=model.config)
+        for index, (keys, values) in enumerate(head_cache):
+            cache.update(keys[rows], values[rows], index)
+    hidden = base(
+        input_ids=batch.input_ids[rows, group.columns],
+        attention_mask=batch.attention_mask[rows, : group.columns.stop],
+        position_ids=batch.position_ids[rows, group.columns],
+        past_key_values=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
+    read_keep = keep[group.read_rows]
+    read_local = local[group.read_rows[read_keep]]
+    log_probs = F.log_softmax(
+        unembedding(hidden[read_local, group.read_cols[read_keep]]).float(), dim=-1
+    )
+    read_rows = rows[read_local]  # chunk row of every read
+    tokens = group.read_tokens[read_keep]
+    read_is_kl = is_kl[read_rows]
+    row_loss = torch.zeros(len(row_fact), device=active.device)
+    # NLL: mean over a row's target tokens, divided by the number of contexts of its fact.
+    token_reads = ~read_is_kl
+    if token_reads.any():
+        nll = -log_probs[token_reads].gather(1, tokens[token_reads][:, None]).squeeze(1)
+        target_rows = read_rows[token_reads]
+        counts = torch.zeros_like(row_loss).index_add(0, target_rows, torch.ones_like(nll))
+        row_loss = row_loss.index_add(0, target_rows, nll / counts[target_rows] / n_prefixes)
+    if read_is_kl.any():
+        kl_rows = read_rows[read_is_kl]
+        kl_log_probs = log_probs[read_is_kl]
+        for position, row in enumerate(kl_rows.tolist()):
+            kl_reference.setdefault(row, kl_log_probs[position].detach())
+        reference = torch.stack([kl_reference[row] for row in kl_rows.tolist()])
+        kl = (reference.exp() * (reference - kl_log_probs)).sum(dim=1)
+        row_loss = row_loss.index_add(0, kl_rows, hparams.kl_factor * kl)
+    row_loss.sum().backward()
+    return torch.zeros(n_facts, device=active.device).index_add(0, row_fact, row_loss.detach())
 
 
 def _fact_mean(outputs, row_fact, is_kl, n_facts, prefixes) -> torch.Tensor:
