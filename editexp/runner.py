@@ -445,6 +445,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_dir)
     except ConfigError as error:
+        if sweep_dir is not None:
+            raise  # an Exception: Hydra records the failed grid point and runs the others
         raise SystemExit(f"editexp: {error}") from None
 
 
