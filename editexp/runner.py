@@ -37,6 +37,7 @@ from editexp.cache import (
     atomic_write_json,
     atomic_write_text,
     cache_root,
+    file_lock,
     stable_hash,
 )
 from editexp.config import ConfigError, RunSettings, run_settings
@@ -194,11 +195,12 @@ class Run:
             ]
         )
         path = cache_root() / "pre_edit" / f"{self.settings.model_name}-{key}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
-        rows = {row["case_id"]: row for row in self.evaluate(self.facts)}
-        atomic_torch_save(path, rows)
-        return rows
+        with file_lock(path):  # grid points of a sweep share these: compute them once
+            if path.is_file():
+                return torch.load(path, weights_only=False)
+            rows = {row["case_id"]: row for row in self.evaluate(self.facts)}
+            atomic_torch_save(path, rows)
+            return rows
 
     # ------------------------------------------------------------------ editing
 
