@@ -153,9 +153,14 @@ def collect(root: Path) -> Sweep:
             continue
         if not any(d == job_dir or job_dir in d.parents for d in summary_dirs):
             sweep.incomplete.append((job_dir, read_overrides(job_dir)))
-    multirun_yaml = root / "multirun.yaml"
-    if multirun_yaml.is_file():
-        sweep.grid, sweep.grid_note = expected_grid(multirun_yaml)
+    # One multirun.yaml per Hydra multirun below the root (e.g. lambda_search runs one per
+    # algorithm into sibling directories): the expected grid is their union.
+    for multirun_yaml in sorted(root.rglob("multirun.yaml")):
+        grid, note = expected_grid(multirun_yaml)
+        if grid is None:
+            sweep.grid, sweep.grid_note = None, note
+            break
+        sweep.grid = (sweep.grid or []) + grid
     return sweep
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lambda search (Sec. 4.2, Tables 3-4): one batch of 1024 edits over each algorithm's lambda
-# grid (conf/algorithm/<name>.yaml), MEMIT then EMMET into the same sweep directory (the job
+# grid (conf/algorithm/<name>.yaml), MEMIT then EMMET into SWEEP_DIR/memit and SWEEP_DIR/emmet (the job
 # directories are <algorithm>-<n>), one SLURM job per (algorithm, lambda).
 #
 #   launchers/lambda_search.sh                                  # llama3-8b
@@ -61,12 +61,13 @@ skip) ;;
 *) echo "STATS=$STATS: expected slurm, local or skip" >&2 && exit 2 ;;
 esac
 
-# 2. One sweep per algorithm (each derives its lambda grid from its own config), same dir.
+# 2. One sweep per algorithm (each derives its lambda grid from its own config), each in its
+#    own directory below SWEEP_DIR; editexp-report SWEEP_DIR reads both (and both grids).
 echo "Sweep dir: $SWEEP_DIR"
 status=0
 for algorithm in ${ALGORITHMS:-memit emmet}; do
     run editexp -m +experiment=lambda_search algorithm="$algorithm" model="$MODEL" \
-        "${launcher[@]}" hydra.sweep.dir="$SWEEP_DIR" "$@" || status=$?
+        "${launcher[@]}" hydra.sweep.dir="$SWEEP_DIR/$algorithm" "$@" || status=$?
 done
 echo "Tables and figures (also for a partial sweep): editexp-report $SWEEP_DIR"
 exit $status

@@ -274,3 +274,19 @@ def test_module_entry_point_exit_code(tmp_path: Path):
     )
     assert empty.returncode == 1
     assert "no summary.json found" in empty.stderr
+
+
+def test_sibling_sweeps_grids_are_combined(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """lambda_search runs one multirun per algorithm below one directory: both grids count."""
+    root = tmp_path / "lambda_search"
+    for algorithm, lambdas in (("memit", ("10", "1000")), ("emmet", ("0", "0.01", "0.1"))):
+        sweep = root / algorithm
+        sweep.mkdir(parents=True)
+        _multirun_yaml(sweep, {"lambda": ",".join(lambdas)}, [f"algorithm={algorithm}"])
+        for num, lam in enumerate(lambdas[:2]):
+            summary = _summary(algorithm, lam=float(lam), batch_size=1024, n_edits=1024)
+            _job(sweep, num, [f"lambda={lam}", f"algorithm={algorithm}"], summary)
+    assert main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 5 grid points complete" in out
+    assert "algorithm=emmet" in out and "lambda=0.1" in out

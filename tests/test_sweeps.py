@@ -416,15 +416,18 @@ def test_launcher_script_commands(tmp_path, experiment):
         (command,) = stats
         assert command.endswith("layer=[0,1,2,3]")
     assert len(sweeps) == (2 if experiment == "lambda_search" else 1)
-    for command in sweeps:
+    for index, command in enumerate(sweeps):
         words = command.split()
+        sweep_dir = tmp_path / "sw"
+        if experiment == "lambda_search":  # one directory per algorithm below SWEEP_DIR
+            sweep_dir = sweep_dir / ["memit", "emmet"][index]
         assert f"+experiment={experiment}" in words and "hydra/launcher=slurm" in words
         for setting in (
             "hydra.launcher.partition=gpu",
             "hydra.launcher.account=proj",
             "hydra.launcher.timeout_min=90",
             "hydra.launcher.gpus_per_node=1",
-            f"hydra.sweep.dir={tmp_path / 'sw'}",
+            f"hydra.sweep.dir={sweep_dir}",
         ):
             assert setting in words
         assert words[-2:] == ["model=tiny-llama3", "n_edits=8"]  # arguments come last
