@@ -6,12 +6,14 @@ Scores the rewrite, paraphrase and neighbourhood prompts of ``--facts`` CounterF
 against (target_new, target_true) twice in the same run:
 
 - batched: :func:`evaluate_facts` (shared-prompt KV cache, logits only at target positions,
-  many facts per padded batch), no generation;
+  many facts per padded batch), no generation, on ``--chunk-facts`` facts per call;
 - reference: one full forward per (prompt, target) with logits at every position, the way the
   reference runner scores.
 
-It prints facts/second for both, the speedup and the largest score difference, then the
-seconds per fact of generation (GE: 10 prompts sampled to 100 tokens) on a few facts.
+The two alternate chunk by chunk, so that other jobs on a shared machine slow both alike.
+It prints facts/second (wall clock) and CPU seconds per fact for both, the speedup and the
+largest score difference, then the seconds per fact of generation (GE: 10 prompts sampled to
+100 tokens, plus that fact's scoring) on a few facts.
 The data come from ``$EDITEXP_DATA_DIR`` or ``../shared/data`` next to the repository.
 """
 
@@ -20,7 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -31,12 +36,16 @@ from editexp.evaluation.scoring import score_continuation_unbatched
 from editexp.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--facts", type=int, default=32)
+    parser.add_argument(
+        "--chunk-facts", type=int, default=16, help="facts per alternation of the two methods"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per scoring batch")
     parser.add_argument("--generation-facts", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -44,6 +53,28 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     return parser.parse_args()
+
+
+@dataclass
+class Timing:
+    wall: float  # seconds
+    cpu: float  # CPU seconds of this process (all its threads)
+
+    def __add__(self, other: Timing) -> Timing:
+        return Timing(self.wall + other.wall, self.cpu + other.cpu)
+
+
+def timed(run: Callable[[], T]) -> tuple[T, Timing]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def rate_line(label: str, timing: Timing, n_facts: int, note: str) -> str:
+    return (
+        f"{label}: {n_facts / timing.wall:6.2f} facts/s wall ({timing.wall / n_facts:.3f} s/fact), "
+        f"{timing.cpu / n_facts:.3f} CPU s/fact; {note}"
+    )
 
 
 def reference_scores(model, tokenizer, facts) -> list[list[tuple[float, float]]]:
@@ -81,15 +112,22 @@ def main() -> None:
 
     evaluate_facts(lm.model, lm.tokenizer, facts[:2], progress=False)  # warm-up
 
-    start = time.perf_counter()
-    batched = evaluate_facts(
-        lm.model, lm.tokenizer, facts, batch_size=args.batch_size, progress=False
-    )
-    batched_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    reference = reference_scores(lm.model, lm.tokenizer, facts)
-    reference_seconds = time.perf_counter() - start
+    # Alternate the two methods chunk by chunk, so that load from other jobs on this shared
+    # machine falls on both alike.
+    batched, reference = [], []
+    batched_time, reference_time = Timing(0.0, 0.0), Timing(0.0, 0.0)
+    for start in range(0, len(facts), args.chunk_facts):
+        chunk = facts[start : start + args.chunk_facts]
+        results, timing = timed(
+            lambda chunk=chunk: evaluate_facts(
+                lm.model, lm.tokenizer, chunk, batch_size=args.batch_size, progress=False
+            )
+        )
+        batched.extend(results)
+        batched_time = batched_time + timing
+        results, timing = timed(lambda chunk=chunk: reference_scores(lm.model, lm.tokenizer, chunk))
+        reference.extend(results)
+        reference_time = reference_time + timing
 
     batched_pairs = [
         pair for result in batched for family in result.scores for pair in result.scores[family]
@@ -98,31 +136,30 @@ def main() -> None:
     difference = max(
         abs(a - b) for x, y in zip(batched_pairs, reference_pairs) for a, b in zip(x, y)
     )
+    n = len(facts)
+    print(rate_line("ES/PS/NS batched  ", batched_time, n, f"batch_size={args.batch_size}"))
+    print(rate_line("ES/PS/NS reference", reference_time, n, "one forward per pair, full logits"))
     print(
-        f"ES/PS/NS batched   : {len(facts) / batched_seconds:7.2f} facts/s "
-        f"({batched_seconds / len(facts):.3f} s/fact, batch_size={args.batch_size})"
+        f"speedup            : {reference_time.wall / batched_time.wall:.1f}x wall, "
+        f"{reference_time.cpu / batched_time.cpu:.1f}x CPU time"
     )
-    print(
-        f"ES/PS/NS reference : {len(facts) / reference_seconds:7.2f} facts/s "
-        f"({reference_seconds / len(facts):.3f} s/fact, one forward per pair, full logits)"
-    )
-    print(f"speedup            : {reference_seconds / batched_seconds:.1f}x")
     print(f"max |score difference| batched vs reference: {difference:.2e}")
     print(f"load average (1 min) after scoring: {os.getloadavg()[0]:.2f} (other jobs skew timings)")
 
     if args.generation_facts > 0:
         generated = facts[: args.generation_facts]
-        start = time.perf_counter()
-        results = evaluate_facts(
-            lm.model,
-            lm.tokenizer,
-            generated,
-            batch_size=args.batch_size,
-            generation_facts=len(generated),
-            seed=args.seed,
-            progress=False,
+        results, generation_time = timed(
+            lambda: evaluate_facts(
+                lm.model,
+                lm.tokenizer,
+                generated,
+                batch_size=args.batch_size,
+                generation_facts=len(generated),
+                seed=args.seed,
+                progress=False,
+            )
         )
-        seconds = time.perf_counter() - start
+        seconds = generation_time.wall
         n_texts = sum(len(result.generation_texts or []) for result in results)
         ge = [round(100 * result.GE, 1) for result in results if result.GE is not None]
         print(
