@@ -10,10 +10,11 @@ How a batch of prompts is scored without wasted work (see :func:`score_continuat
 1. The prompts, right-padded, run once through the base model (no LM head) with a KV cache.
    The hidden state at each prompt's last real token predicts the first token of *all* of its
    targets.
-2. The cache is copied once per (prompt, target) row, and each target's tokens except its last
-   run on top of it, right-padded, with explicit positions (``prompt length + j``, so absolute
-   position embeddings such as GPT-2's are those of the unpadded sequence) and an attention
-   mask that hides the prompt's padding. Single-token targets skip this step entirely.
+2. For each (prompt, target) with more than one target token, the prompt's cache is copied and
+   the target's tokens except its last run on top of it, right-padded, with explicit positions
+   (``prompt length + j``, so absolute position embeddings such as GPT-2's are those of the
+   unpadded sequence) and an attention mask that hides the prompt's padding. Single-token
+   targets (most of CounterFact's) skip this step.
 3. Only the hidden states that predict a target token go through the unembedding and a
    log-softmax, the prompt's last one once for all of its targets.
 
@@ -129,24 +130,27 @@ def _score_batch(
     first_ids = torch.tensor([ids[0] for ids in row_targets], device=device)
     nll_sums = -first_log_probs[row_prompt, first_ids]  # (R,)
 
-    fed_tokens = [ids[:-1] for ids in row_targets]  # their outputs predict tokens 1..n-1
-    if any(fed_tokens):
-        cache.batch_select_indices(row_prompt)
-        fed = pad_sequences(fed_tokens, pad_id).to(device)
+    # Rows with more than one target token feed all but their last token on the cache; the
+    # others (most CounterFact targets are one token) are done and skip this pass.
+    multi_token = [row for row, ids in enumerate(row_targets) if len(ids) > 1]
+    if multi_token:
+        fed_rows = torch.tensor(multi_token, device=device)
+        fed_prompt = row_prompt[fed_rows]
+        cache.batch_select_indices(fed_prompt)
+        fed = pad_sequences([row_targets[row][:-1] for row in multi_token], pad_id).to(device)
         fed_out = base(
             input_ids=fed.input_ids,
-            attention_mask=torch.cat([prompts.attention_mask[row_prompt], fed.attention_mask], 1),
-            position_ids=fed.position_ids + prompt_lengths[row_prompt].unsqueeze(1),
+            attention_mask=torch.cat([prompts.attention_mask[fed_prompt], fed.attention_mask], 1),
+            position_ids=fed.position_ids + prompt_lengths[fed_prompt].unsqueeze(1),
             cache=cache,
             use_cache=True,
         )
-        predicted = pad_sequences([ids[1:] for ids in row_targets], pad_id).input_ids.to(device)
+        predicted = pad_sequences([row_targets[row][1:] for row in multi_token], pad_id)
         is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
         log_probs = _log_softmax_logits(model, fed_out.last_hidden_state[is_fed])
-        nll = -log_probs.gather(1, predicted[is_fed].unsqueeze(1)).squeeze(1)
-        row_of_token = torch.arange(len(row_targets), device=device).repeat_interleave(
-            is_fed.sum(dim=1)
-        )
+        labels = predicted.input_ids.to(device)[is_fed]
+        nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+        row_of_token = fed_rows.repeat_interleave(is_fed.sum(dim=1))
         nll_sums = nll_sums.index_add(0, row_of_token, nll)
     target_lengths = torch.tensor([len(ids) for ids in row_targets], device=device)
     means = (nll_sums / target_lengths).tolist()
