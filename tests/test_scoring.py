@@ -27,6 +27,7 @@ from editexp.evaluation.generation import generate_texts, sample_continuation_id
 from editexp.evaluation.metrics import FAMILIES, aggregate
 from editexp.evaluation.scoring import (
     encode_continuations,
+    length_batches,
     score_continuation_unbatched,
     score_continuations,
 )
@@ -156,6 +157,19 @@ def test_leading_space_in_target_does_not_matter(tiny):
     bare = score_continuations(tiny.model, tiny.tokenizer, prompts, [["Paris", "Spain"]] * 3)
     spaced = score_continuations(tiny.model, tiny.tokenizer, prompts, [[" Paris", " Spain"]] * 3)
     assert bare == spaced
+
+
+def test_length_batches_partition_prompts_shortest_first():
+    lengths = [30, 5, 6, 5, 41, 7, 29, 6, 5] * 40
+    batches = length_batches(lengths, batch_size=64)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(1 <= len(batch) <= 64 for batch in batches)
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths)
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+    fixed = [sorted(lengths)[start : start + 64] for start in range(0, len(lengths), 64)]
+    assert padded < sum(len(batch) * max(batch) for batch in fixed)
+    assert length_batches([], 8) == []
 
 
 def test_prompt_without_targets_and_mismatched_lengths(tiny):
