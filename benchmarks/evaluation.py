@@ -6,11 +6,13 @@ Scores the rewrite, paraphrase and neighbourhood prompts of ``--facts`` CounterF
 against (target_new, target_true) twice in the same run:
 
 - batched: :func:`evaluate_facts` (shared-prompt KV cache, logits only at target positions,
-  many facts per padded batch), no generation, on ``--chunk-facts`` facts per call;
+  many facts per padded batch), no generation, on all facts in one call (or
+  ``--chunk-facts`` per call);
 - reference: one full forward per (prompt, target) with logits at every position, the way the
   reference runner scores.
 
-The two alternate chunk by chunk, so that other jobs on a shared machine slow both alike.
+With ``--chunk-facts`` the two alternate chunk by chunk, so that other jobs on a shared
+machine slow both alike.
 It prints facts/second (wall clock) and CPU seconds per fact for both, the speedup and the
 largest score difference, then the seconds per fact of generation (GE: 10 prompts sampled to
 100 tokens, plus that fact's scoring) on a few facts.
@@ -44,7 +46,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--facts", type=int, default=32)
     parser.add_argument(
-        "--chunk-facts", type=int, default=16, help="facts per alternation of the two methods"
+        "--chunk-facts",
+        type=int,
+        default=None,
+        help="alternate the two methods every this many facts (default: all facts at once)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per scoring batch")
     parser.add_argument("--generation-facts", type=int, default=2)
@@ -112,12 +117,13 @@ def main() -> None:
 
     evaluate_facts(lm.model, lm.tokenizer, facts[:2], progress=False)  # warm-up
 
-    # Alternate the two methods chunk by chunk, so that load from other jobs on this shared
-    # machine falls on both alike.
+    # Optionally alternate the two methods chunk by chunk, so that load from other jobs on a
+    # shared machine falls on both alike.
     batched, reference = [], []
     batched_time, reference_time = Timing(0.0, 0.0), Timing(0.0, 0.0)
-    for start in range(0, len(facts), args.chunk_facts):
-        chunk = facts[start : start + args.chunk_facts]
+    chunk_facts = args.chunk_facts or len(facts)
+    for start in range(0, len(facts), chunk_facts):
+        chunk = facts[start : start + chunk_facts]
         results, timing = timed(
             lambda chunk=chunk: evaluate_facts(
                 lm.model, lm.tokenizer, chunk, batch_size=args.batch_size, progress=False
