@@ -1,4 +1,4 @@
-"""One update of a batch of facts, for any of the three algorithms, on one or more layers.
+"""One update of a batch of facts, for any of the algorithms, on one or more layers.
 
 For layers l_1 < ... < l_L (usually one), as MEMIT does:
 
@@ -11,6 +11,10 @@ For layers l_1 < ... < l_L (usually one), as MEMIT does:
 With one layer, step 3 uses R = delta* directly: the module's own output is where delta* was
 optimised, which is exact for every architecture (Gemma-3 has a norm after its MLP, so the
 residual stream there is not the module output).
+
+A sequential run that keeps earlier edits passes its ``PastKeys`` per layer (the running sum
+K_past K_past^T of earlier updates' keys): MEMIT and EMMET then preserve those keys too, and
+AlphaEdit always uses them. The caller owns them and adds each update's ``keys`` afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from editexp.cache import atomic_torch_save
+from editexp.editing.alphaedit import alphaedit_delta
 from editexp.editing.emmet import emmet_delta
 from editexp.editing.keys_values import (
     EditRequest,
@@ -32,12 +37,12 @@ from editexp.editing.keys_values import (
     compute_values,
     read_at_subject,
 )
-from editexp.editing.linalg import CovarianceFactor, EditingError, check_finite
+from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys, check_finite
 from editexp.editing.memit import memit_delta
 from editexp.editing.rome import rome_delta
 from editexp.models import LoadedModel
 
-ALGORITHMS = ("rome", "memit", "emmet")
+ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
 
 
 def closed_form_delta(
@@ -46,16 +51,28 @@ def closed_form_delta(
     residuals: torch.Tensor,
     covariance: CovarianceFactor,
     lam: float | None,
+    past: PastKeys | None = None,
+    nullspace_threshold: float | None = None,
 ) -> torch.Tensor:
-    """Delta (d_v, d_k) float64 from keys (d_k, E) and residuals (d_v, E)."""
+    """Delta (d_v, d_k) float64 from keys (d_k, E) and residuals (d_v, E); ``past`` holds
+    the earlier updates' keys (MEMIT / EMMET keep_edits, AlphaEdit)."""
     if algorithm == "rome":
+        if past is not None:
+            raise EditingError("ROME cannot keep earlier edits' keys; use MEMIT or EMMET")
         return rome_delta(keys, residuals, covariance)
     if lam is None:
         raise EditingError(f"{algorithm} needs lambda (got null); set lambda=<float>")
     if algorithm == "memit":
-        return memit_delta(keys, residuals, covariance, lam)
+        return memit_delta(keys, residuals, covariance, lam, past)
     if algorithm == "emmet":
-        return emmet_delta(keys, residuals, covariance, lam)
+        return emmet_delta(keys, residuals, covariance, lam, past)
+    if algorithm == "alphaedit":
+        if nullspace_threshold is None:
+            raise EditingError(
+                "AlphaEdit needs nullspace_threshold (got null); set "
+                "model.hparams.alphaedit.nullspace_threshold=<float>"
+            )
+        return alphaedit_delta(keys, residuals, covariance, lam, nullspace_threshold, past)
     raise EditingError(f"algorithm={algorithm!r}; expected one of {ALGORITHMS}")
 
 
@@ -88,8 +105,12 @@ def edit_batch(
     prefixes: Sequence[str],
     batch_size: int = 64,
     progress: bool = True,
+    past_keys: dict[int, PastKeys] | None = None,
+    nullspace_threshold: float | None = None,
 ) -> UpdateResult:
-    """Write ``requests`` into the model with one update; returns the deltas it added."""
+    """Write ``requests`` into the model with one update; returns the deltas it added.
+
+    ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept)."""
     layers = sorted(layers)
     if algorithm == "rome" and (len(requests) != 1 or len(layers) != 1):
         raise EditingError(
@@ -120,7 +141,15 @@ def edit_batch(
                 residuals = ((target - now[last]) / (len(layers) - position)).T
             timing["keys_values"] += time.perf_counter() - start
             start = time.perf_counter()
-            delta = closed_form_delta(algorithm, keys, residuals, covariances[layer], lam)
+            delta = closed_form_delta(
+                algorithm,
+                keys,
+                residuals,
+                covariances[layer],
+                lam,
+                past=None if past_keys is None else past_keys.get(layer),
+                nullspace_threshold=nullspace_threshold,
+            )
             delta = delta.to(torch.float32)
             add_to_weight(loaded, layer, delta)
             timing["solve"] += time.perf_counter() - start

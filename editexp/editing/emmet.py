@@ -9,6 +9,20 @@ For epsilon > 0 this is the exact minimiser of  epsilon tr(Delta C0 Delta^T) + |
 i.e. MEMIT with lambda = epsilon (Woodbury identity). The E x E system is Cholesky-factored;
 C0 is solved with the per-layer ``CovarianceFactor``. With epsilon = 0 the Gram matrix
 K^T C0^{-1} K must be invertible: at most d_k facts, no duplicate or dependent keys.
+
+With ``keep_edits`` in a sequential run, the earlier updates' keys join the equality
+constraints: Delta K_past = 0, so W keeps mapping them to what it outputs for them now. Only
+K_past K_past^T = B B^T is kept (``PastKeys``), and Delta K_past = 0 <=> Delta B = 0 with
+B = U diag(sqrt(eigenvalues)) (d_k x r, r = its rank <= d_k), so the constraint keys are
+[K, B] with residuals [R, 0]:
+
+    Delta = [R, 0] (G + epsilon I)^{-1} [K, B]^T C0^{-1},    G = [K, B]^T C0^{-1} [K, B],
+
+which for epsilon > 0 equals MEMIT with keep_edits at lambda = epsilon (Woodbury again).
+Past d_k (E + r > d_k, when epsilon = 0 the constraints can no longer all hold) the earlier
+keys move into the preservation term instead, each weighing as much as the whole corpus mean:
+
+    Delta = R (K^T C^{-1} K)^{-1} K^T C^{-1},    C = C0 + K_past K_past^T.
 """
 
 from __future__ import annotations
@@ -19,11 +33,14 @@ from editexp.editing.linalg import (
     MAX_EXACT_SOLVE_CONDITION,
     CovarianceFactor,
     EditingError,
+    PastKeys,
     check_finite,
     check_lambda,
+    check_past,
     cholesky_lower,
     condition_lower_bound,
     duplicate_columns,
+    has_past,
     prepare_batch,
 )
 
@@ -47,13 +64,38 @@ def _check_exact_constraints_possible(keys: torch.Tensor, dim: int) -> None:
 
 
 def emmet_delta(
-    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, lam: float
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    covariance: CovarianceFactor,
+    lam: float,
+    past: PastKeys | None = None,
 ) -> torch.Tensor:
-    """EMMET's update Delta (d_v, d_k), float64; ``lam`` is epsilon, 0 = exact constraints."""
+    """EMMET's update Delta (d_v, d_k), float64; ``lam`` is epsilon, 0 = exact constraints;
+    ``past`` adds the earlier updates' keys as constraints Delta K_past = 0."""
     lam = check_lambda(lam, "EMMET")
     keys, residuals = prepare_batch(keys, residuals, covariance, "EMMET")
+    check_past(past, covariance, "EMMET")
     if lam == 0.0:
         _check_exact_constraints_possible(keys, covariance.dim)
+    if not has_past(past):
+        return _constrained_delta(keys, residuals, covariance, lam, n_past=0)
+    basis = past.factor()  # B (d_k, r), B B^T = K_past K_past^T
+    if lam == 0.0 and keys.shape[1] + basis.shape[1] > covariance.dim:
+        preserved = CovarianceFactor(covariance.matrix + past.gram)  # C0 + K_past K_past^T
+        return _constrained_delta(keys, residuals, preserved, 0.0, n_past=0)
+    constraint_keys = torch.cat([keys, basis.to(keys.device)], dim=1)  # [K, B], (d_k, E + r)
+    targets = torch.cat([residuals, residuals.new_zeros(residuals.shape[0], basis.shape[1])], 1)
+    return _constrained_delta(constraint_keys, targets, covariance, lam, n_past=basis.shape[1])
+
+
+def _constrained_delta(
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    covariance: CovarianceFactor,
+    lam: float,
+    n_past: int,
+) -> torch.Tensor:
+    """R (K^T C^{-1} K + lam I)^{-1} K^T C^{-1}; the last ``n_past`` columns are earlier keys."""
     whitened_keys = covariance.solve(keys)  # C0^{-1} K, (d_k, E)
     gram = keys.T @ whitened_keys  # K^T C0^{-1} K, (E, E)
     gram = 0.5 * (gram + gram.T)
@@ -62,10 +104,11 @@ def emmet_delta(
     if lam == 0.0:
         condition = float("inf") if factor is None else condition_lower_bound(system, factor)
         if condition > MAX_EXACT_SOLVE_CONDITION:
+            also = " or lie in the span of earlier edits' keys" if n_past else ""
             raise EditingError(
                 "EMMET with lambda=0: the Gram matrix K^T C0^-1 K is numerically singular "
                 f"(condition number >= {condition:.3g}): some keys are (nearly) linearly "
-                "dependent, e.g. the same subject twice; use lambda > 0, e.g. 1e-4"
+                f"dependent{also}, e.g. the same subject twice; use lambda > 0, e.g. 1e-4"
             )
     elif factor is None:
         raise EditingError(

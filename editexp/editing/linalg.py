@@ -1,4 +1,5 @@
-"""Shared linear algebra for the closed-form edits: the factored key covariance and checks.
+"""Shared linear algebra for the closed-form edits: the factored key covariance, the running
+sum of earlier edits' keys, and checks.
 
 Notation (shared by ROME, MEMIT and EMMET): W (d_v x d_k) is the edited linear map, the keys
 K = [k_1 .. k_E] (d_k x E) are its inputs, the values V (d_v x E) its desired outputs, the
@@ -9,11 +10,16 @@ of ordinary text at the edited layer. Every update needs solves with C0,
 
 so C0 is factored once per layer (``CovarianceFactor``) and the factor is reused for every
 batch of a sequential run. No explicit inverse is ever formed; all solves run in float64.
+
+Sequential editing that keeps earlier edits (MEMIT / EMMET with ``keep_edits``, AlphaEdit)
+needs the keys of every earlier update only through K_past K_past^T, a d_k x d_k running sum
+(``PastKeys``), so memory does not grow with the number of edits.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +31,8 @@ MAX_COVARIANCE_CONDITION = 1e14
 # (EMMET's Gram matrix K^T C0^{-1} K, MEMIT's K K^T) is treated as numerically singular.
 MAX_EXACT_SOLVE_CONDITION = 1e12
 _INVERSE_ITERATION_STEPS = 8
+# Eigenvalues of K_past K_past^T below this fraction of the largest count as zero (its rank).
+PAST_KEYS_RANK_TOLERANCE = 1e-10
 
 
 class EditingError(ValueError):
@@ -125,6 +133,7 @@ class CovarianceFactor:
         self.dim: int = matrix.shape[0]
         self.matrix: torch.Tensor = matrix
         self._cholesky_lower = factor
+        self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None  # computed on first use
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """C0^{-1} rhs in float64 for rhs of shape (d_k,) or (d_k, n), reusing the factor."""
@@ -137,6 +146,80 @@ class CovarianceFactor:
         if rhs.ndim == 1:
             return torch.cholesky_solve(columns.unsqueeze(1), self._cholesky_lower).squeeze(1)
         return torch.cholesky_solve(columns, self._cholesky_lower)
+
+    def null_space(self, threshold: float) -> torch.Tensor:
+        """Orthonormal basis U (d_k, r) of the eigenvectors of C0 with eigenvalue < threshold.
+
+        P = U U^T projects onto the directions that ordinary text barely uses (AlphaEdit's
+        null space of the preserved keys). C0 is eigendecomposed once and reused.
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise EditingError(f"nullspace_threshold must be a number, got {threshold!r}")
+        if not math.isfinite(threshold) or threshold <= 0:
+            raise EditingError(f"nullspace_threshold must be finite and > 0, got {threshold!r}")
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh(self.matrix)  # ascending eigenvalues
+        eigenvalues, eigenvectors = self._eigen
+        return eigenvectors[:, eigenvalues < threshold]
+
+    def eigenvalues(self) -> torch.Tensor:
+        """The eigenvalues of C0, ascending (to choose a null-space threshold)."""
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh(self.matrix)
+        return self._eigen[0]
+
+
+@dataclass
+class PastKeys:
+    """The keys of every earlier update at one layer, kept as the running sum K_past K_past^T.
+
+    Owned by whoever applies sequential updates: after each update at this layer it adds that
+    update's keys (``add``); MEMIT / EMMET with ``keep_edits`` and AlphaEdit read it.
+    """
+
+    gram: torch.Tensor  # (d_k, d_k) float64: sum over earlier keys k of k k^T
+    count: int = 0  # keys added so far
+
+    @classmethod
+    def empty(cls, dim: int, device: torch.device | str = "cpu") -> PastKeys:
+        return cls(torch.zeros(dim, dim, dtype=torch.float64, device=device))
+
+    def add(self, keys: torch.Tensor) -> None:
+        """K_past K_past^T += K K^T for keys (d_k, E)."""
+        keys = keys.unsqueeze(1) if keys.ndim == 1 else keys
+        if keys.ndim != 2 or keys.shape[0] != self.gram.shape[0]:
+            raise EditingError(
+                f"past keys are ({self.gram.shape[0]}, E) columns, got shape {tuple(keys.shape)}"
+            )
+        columns = keys.detach().to(dtype=torch.float64, device=self.gram.device)
+        check_finite(columns, "keys added to the past keys")
+        self.gram.addmm_(columns, columns.T)
+        self.count += columns.shape[1]
+
+    def factor(self) -> torch.Tensor:
+        """B (d_k, r) with B B^T = K_past K_past^T and r its numerical rank (r <= d_k).
+
+        B stands in for the earlier keys wherever only their span and Gram matter (EMMET's
+        equality constraints Delta K_past = 0 <=> Delta B = 0).
+        """
+        if self.count == 0:
+            return self.gram.new_zeros(self.gram.shape[0], 0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (self.gram + self.gram.T))
+        keep = eigenvalues > PAST_KEYS_RANK_TOLERANCE * float(eigenvalues[-1])
+        return eigenvectors[:, keep] * eigenvalues[keep].sqrt()
+
+
+def has_past(past: PastKeys | None) -> bool:
+    """True when ``past`` holds at least one earlier key."""
+    return past is not None and past.count > 0
+
+
+def check_past(past: PastKeys | None, covariance: CovarianceFactor, algorithm: str) -> None:
+    if past is not None and tuple(past.gram.shape) != (covariance.dim, covariance.dim):
+        raise EditingError(
+            f"{algorithm}: past keys' K K^T is {tuple(past.gram.shape)} but C0 is "
+            f"{covariance.dim} x {covariance.dim}; they belong to another layer"
+        )
 
 
 def prepare_batch(
