@@ -35,6 +35,8 @@ class RunSettings:
     schedule: str
     every_k: int
     seed: int
+    keep_edits: bool = False  # sequential: earlier updates' keys join each solve
+    nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of C0 below it span P
 
     @property
     def n_updates(self) -> int:
@@ -121,7 +123,30 @@ def run_settings(cfg: DictConfig) -> RunSettings:
             raise ConfigError(f"lambda={lam!r}; expected a float >= 0 or null") from None
         if not lam >= 0 or lam == float("inf"):
             raise ConfigError(f"lambda={lam}; expected a finite float >= 0")
-    values = {k: v for k, v in OmegaConf.to_container(hparams_cfg).items() if k != "lambda"}
+    keep_edits = cfg.sequential.keep_edits
+    if not isinstance(keep_edits, bool):
+        raise ConfigError(f"sequential.keep_edits={keep_edits!r}; expected true or false")
+    keep_edits = keep_edits and mode == "sequential"
+    if keep_edits and algorithm == "rome":
+        raise ConfigError(
+            "sequential.keep_edits=true needs algorithm=memit, emmet or alphaedit; ROME edits "
+            "one fact with an equality constraint (EMMET with batch_size=1 keeps earlier edits)"
+        )
+    threshold = None
+    if algorithm == "alphaedit":
+        threshold = hparams_cfg.get("nullspace_threshold")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0 < threshold < float("inf")
+        ):
+            raise ConfigError(
+                f"model.hparams.alphaedit.nullspace_threshold={threshold!r}; expected a float > 0"
+            )
+        threshold = float(threshold)
+    hparams_dict = OmegaConf.to_container(hparams_cfg)
+    not_values = ("lambda", "nullspace_threshold")
+    values = {k: v for k, v in hparams_dict.items() if k not in not_values}
     try:
         hparams = ValueHparams(**values)
     except TypeError as error:
@@ -139,4 +164,6 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         schedule="each_batch" if mode != "sequential" else schedule,
         every_k=every_k,
         seed=int(cfg.seed),
+        keep_edits=keep_edits,
+        nullspace_threshold=threshold,
     )

@@ -51,6 +51,7 @@ GRID_FIELDS = (
     "batch_size",
     "n_edits",
     "lambda",
+    "keep_edits",
     "eval_schedule",
 )
 HEADERS = {
@@ -61,6 +62,7 @@ HEADERS = {
     "batch_size": "Batch size",
     "n_edits": "Edits",
     "lambda": "λ",
+    "keep_edits": "Keep edits",
     "eval_schedule": "Eval",
 }
 

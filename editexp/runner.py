@@ -50,7 +50,7 @@ from editexp.editing.editor import (
     snapshot_weights,
 )
 from editexp.editing.keys_values import EditRequest, context_prefixes
-from editexp.editing.linalg import CovarianceFactor
+from editexp.editing.linalg import CovarianceFactor, PastKeys
 from editexp.evaluation.counterfact_eval import evaluate_facts, fact_row
 from editexp.evaluation.metrics import aggregate
 from editexp.models import LoadedModel, load_model
@@ -89,6 +89,7 @@ class Run:
             "batches": [],  # rows of batches.jsonl
             "post": {},  # case_id -> fact row of the scoring that counts
             "update_stats": [],  # per update: delta norm, preservation error
+            "past_keys": {},  # layer -> PastKeys of the updates so far (sequential.keep_edits)
             "timing": dict(self.timing),
         }
 
@@ -204,7 +205,9 @@ class Run:
 
     # ------------------------------------------------------------------ editing
 
-    def _update(self, facts: list[Fact]) -> dict[str, Any]:
+    def _update(
+        self, facts: list[Fact], past_keys: dict[int, PastKeys] | None = None
+    ) -> dict[str, Any]:
         settings = self.settings
         result = edit_batch(
             self.loaded,
@@ -217,11 +220,14 @@ class Run:
             self.prefixes,
             batch_size=self.cfg.editing.batch_size,
             progress=len(facts) > 1,
+            past_keys=past_keys,
+            nullspace_threshold=settings.nullspace_threshold,
         )
         self.timing["keys_values"] += result.timing["keys_values"]
         self.timing["solve"] += result.timing["solve"]
         return {
             "deltas": result.deltas,
+            "keys": result.keys,
             "delta_norm": sum(float(d.norm()) for d in result.deltas.values()),
             "preservation_error": self._preservation_error(result.deltas),
             "value_steps": float(result.values.steps.float().mean()),
@@ -255,7 +261,11 @@ class Run:
         size, n_updates = settings.batch_size, settings.n_updates
         for index in range(self.state["updates_done"], n_updates):
             batch = self.facts[index * size : (index + 1) * size]
-            update = self._update(batch)
+            past_keys = self._past_keys()
+            update = self._update(batch, past_keys)
+            if past_keys is not None:  # this update's keys are preserved by the next ones
+                for layer, keys in update["keys"].items():
+                    past_keys[layer].add(keys)
             done = (index + 1) * size
             last = index == n_updates - 1
             rows: list[dict] = []
@@ -270,6 +280,18 @@ class Run:
             stop_after = self.cfg.get("debug", {}).get("stop_after_updates")
             if stop_after is not None and self.state["updates_done"] >= stop_after and not last:
                 raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
+
+    def _past_keys(self) -> dict[int, PastKeys] | None:
+        """K_past K_past^T per layer of the updates so far, if this run keeps earlier edits
+        (saved in checkpoint.pt with the deltas, so a resumed run continues the same sum)."""
+        if not self.settings.keep_edits:
+            return None
+        past_keys = self.state.setdefault("past_keys", {})
+        for layer in self.settings.layers:
+            if layer not in past_keys:
+                device = self.covariances[layer].matrix.device
+                past_keys[layer] = PastKeys.empty(self.covariances[layer].dim, device)
+        return past_keys
 
     def _record(self, index, facts, rows, update, tracker, keep_deltas: bool) -> None:
         for fact, row in zip(facts, rows):
@@ -331,6 +353,9 @@ class Run:
             "batch_size": settings.batch_size,
             "n_edits": settings.n_edits,
             "lambda": settings.lam,
+            "keep_edits": settings.keep_edits,
+            "nullspace_threshold": settings.nullspace_threshold,
+            "null_space_dim": self._null_space_dims(),
             "eval_schedule": settings.schedule,
             "every_k": settings.every_k if settings.schedule == "every_k" else None,
             "edits_done": self.state["updates_done"] * settings.batch_size,
@@ -346,6 +371,14 @@ class Run:
             "timing": {**self.timing, "total": self.elapsed()},
             "run_dir": str(self.run_dir),
         }
+
+    def _null_space_dims(self) -> list[int] | None:
+        """AlphaEdit: the dimension r of the null space at each edited layer."""
+        threshold = self.settings.nullspace_threshold
+        if threshold is None:
+            return None
+        layers = self.settings.layers
+        return [int(self.covariances[layer].null_space(threshold).shape[1]) for layer in layers]
 
 
 def fact_metric_values_row(row: dict) -> dict[str, float]:
@@ -392,7 +425,9 @@ def format_table(summary: dict) -> str:
     title = (
         f"{summary['algorithm'].upper()} on {summary['model']}, layer {summary['layer']}, "
         f"mode={summary['mode']}, {summary['edits_done']} edits in batches of "
-        f"{summary['batch_size']}" + (f", lambda={lam:g}" if lam is not None else "")
+        f"{summary['batch_size']}"
+        + (f", lambda={lam:g}" if lam is not None else "")
+        + (", keeping earlier edits' keys" if summary.get("keep_edits") else "")
     )
     lines = [title, f"{'metric':<8}{'pre':>18}{'post':>18}"]
     for key in HEADLINE:

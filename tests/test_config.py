@@ -14,7 +14,7 @@ from editexp.config import ConfigError, run_settings
 from editexp.models import ModelSpec
 
 MODELS = sorted(path.stem for path in (PROJECT / "conf" / "model").glob("*.yaml"))
-ALGORITHMS = ["rome", "memit", "emmet"]
+ALGORITHMS = ["rome", "memit", "emmet", "alphaedit"]
 
 
 def test_all_documented_models_exist():

@@ -10,15 +10,23 @@ the runner, resume included.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import compose_config
 
+from editexp.config import ConfigError, run_settings
 from editexp.editing.alphaedit import alphaedit_delta
+from editexp.editing.editor import edit_batch, restore_weights, snapshot_weights
 from editexp.editing.emmet import emmet_delta
+from editexp.editing.keys_values import EditRequest, ValueHparams
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys
 from editexp.editing.memit import memit_delta
+from editexp.models import load_model
+from editexp.runner import SimulatedCrash, format_table, run
+from editexp.stats import load_or_compute_stats
 
 THRESHOLD = 1e-2  # the test C0's eigenvalues: half in [1, 10], half in [1e-4, 1e-3]
 
@@ -453,3 +461,168 @@ def test_alphaedit_exact_with_enough_keys_in_the_null_space() -> None:
     objective = torch.sum((projected @ keys - residuals) ** 2) + torch.sum((projected @ first) ** 2)
     (gradient,) = torch.autograd.grad(objective, free)
     assert float(torch.linalg.norm(gradient)) < 1e-8 * float(torch.linalg.norm(residuals @ keys.T))
+
+
+# ---------------------------------------------------------------- on real (tiny) models
+
+REQUESTS = [
+    EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest(2, "{}, which is located in", "Eiffel Tower", "Rome"),
+    EditRequest(3, "{} plays the", "Miles Davis", "guitar"),
+    EditRequest(4, "{} is a citizen of", "Angela Merkel", "Brazil"),
+]
+PREFIXES = ["", "The weather was nice today. "]
+HPARAMS = ValueHparams(v_steps=4, early_stop_loss=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_double():
+    from conftest import cached_model
+
+    loaded = copy.copy(cached_model("tiny-llama3"))
+    loaded.model = copy.deepcopy(loaded.model).double()
+    return loaded
+
+
+def random_covariance(d_k: int) -> CovarianceFactor:
+    samples = torch.randn(4 * d_k, d_k, generator=torch.Generator().manual_seed(0))
+    return CovarianceFactor(samples.double().T @ samples.double() / samples.shape[0])
+
+
+# the tiny model's keys have |k|^2 ~ 1e-2: alpha must be far below that to fit both batches
+@pytest.mark.parametrize("algorithm,lam", [("memit", 1e-4), ("emmet", 0.0), ("alphaedit", 1e-8)])
+def test_edit_batch_with_past_keys_keeps_the_first_batch_at_the_module(
+    tiny_double, algorithm: str, lam: float
+) -> None:
+    """Two sequential updates through ``edit_batch``: with the first update's keys kept, the
+    second leaves the edited module's outputs at those keys (almost) where the first put them."""
+    layer, loaded = 1, tiny_double
+    covariance = random_covariance(loaded.weight(layer).shape[1])
+    threshold = float(covariance.eigenvalues()[64])  # a 64-dimensional null space
+    snapshot = snapshot_weights(loaded, [layer])
+    drifts = {}
+    try:
+        for keep in (True, False):
+            past = {layer: PastKeys.empty(covariance.dim)}
+            outputs = []
+            for requests in (REQUESTS[:2], REQUESTS[2:]):
+                result = edit_batch(
+                    loaded,
+                    requests,
+                    algorithm,
+                    [layer],
+                    {layer: covariance},
+                    lam,
+                    HPARAMS,
+                    PREFIXES,
+                    progress=False,
+                    past_keys=past if keep else None,
+                    nullspace_threshold=threshold,
+                )
+                past[layer].add(result.keys[layer])
+                if not outputs:
+                    first_keys = result.keys[layer].double()
+                outputs.append(loaded.weight(layer).detach().double() @ first_keys)
+            change = torch.linalg.norm(outputs[1] - outputs[0])
+            drifts[keep] = float(change / torch.linalg.norm(result.deltas[layer].double()))
+            assert past[layer].count == 4
+            restore_weights(loaded, snapshot)
+    finally:
+        restore_weights(loaded, snapshot)
+    assert drifts[True] < 1e-2 * drifts[False]
+
+
+RUN_FAST = [
+    "model=tiny-llama3",
+    "logger=none",
+    "stats.n_tokens=3000",
+    "stats.seq_len=64",
+    "eval.generation_facts=0",
+    "eval.held_out_keys=32",
+    "editing.prefixes.count=2",
+    "editing.prefixes.length=5",
+    "model.hparams.memit.v_steps=3",
+    "model.hparams.emmet.v_steps=3",
+    "model.hparams.alphaedit.v_steps=3",
+    "mode=sequential",
+    "n_edits=6",
+    "batch_size=2",
+]
+
+
+def run_config(tmp_path, name, *overrides):
+    return run(compose_config(*RUN_FAST, *overrides), tmp_path / name)
+
+
+def saved_delta(tmp_path, name) -> torch.Tensor:
+    return torch.load(tmp_path / name / "deltas.pt")["deltas"][1]
+
+
+def test_killed_run_keeping_edits_resumes_with_its_past_keys(tmp_path) -> None:
+    args = ["algorithm=memit", "lambda=1e-4", "sequential.keep_edits=true"]
+    with pytest.raises(SimulatedCrash):
+        run_config(tmp_path, "killed", *args, "+debug.stop_after_updates=2")
+    resumed = run_config(tmp_path, "killed", *args)
+    straight = run_config(tmp_path, "straight", *args)
+    assert resumed["keep_edits"] is True and straight["keep_edits"] is True
+    assert "keeping earlier edits' keys" in format_table(straight)
+    torch.testing.assert_close(
+        saved_delta(tmp_path, "killed"), saved_delta(tmp_path, "straight"), rtol=1e-5, atol=1e-7
+    )
+    # control: without the earlier keys the same run ends with other weights
+    dropped = run_config(tmp_path, "dropped", *args[:-1])
+    assert dropped["keep_edits"] is False
+    difference = saved_delta(tmp_path, "dropped") - saved_delta(tmp_path, "straight")
+    assert float(difference.norm()) > 1e-3 * float(saved_delta(tmp_path, "straight").norm())
+
+
+def test_alphaedit_run_writes_only_into_the_null_space(tmp_path) -> None:
+    summary = run_config(tmp_path, "alpha", "algorithm=alphaedit")
+    assert summary["algorithm"] == "alphaedit" and summary["lambda"] == 1e-4
+    assert summary["keep_edits"] is True and summary["nullspace_threshold"] == 1e-4
+    assert summary["null_space_dim"] == [58]
+    cfg = compose_config(*RUN_FAST)
+    loaded = load_model(cfg.model, "cpu")
+    stats = load_or_compute_stats(loaded, [1], cfg.stats, cfg.data, progress=False)
+    basis = CovarianceFactor(stats[1].second_moment).null_space(1e-4)
+    delta = saved_delta(tmp_path, "alpha").double()
+    outside = delta - delta @ basis @ basis.T  # Delta P_perp, summed over the 3 updates
+    assert float(outside.norm()) < 1e-5 * float(delta.norm())  # float32 deltas
+    # control: MEMIT's deltas are not confined to the null space
+    run_config(tmp_path, "memit", "algorithm=memit")
+    memit = saved_delta(tmp_path, "memit").double()
+    assert float((memit - memit @ basis @ basis.T).norm()) > 1e-2 * float(memit.norm())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm=rome", "batch_size=1", "sequential.keep_edits=true"], "keep_edits=true needs"),
+        (["sequential.keep_edits=maybe"], "keep_edits='maybe'; expected true or false"),
+        (
+            ["algorithm=alphaedit", "model.hparams.alphaedit.nullspace_threshold=null"],
+            "nullspace_threshold=None; expected a float > 0",
+        ),
+        (
+            ["algorithm=alphaedit", "model.hparams.alphaedit.nullspace_threshold=-1"],
+            "nullspace_threshold=-1; expected a float > 0",
+        ),
+    ],
+)
+def test_bad_remedy_settings_fail_with_one_clear_line(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_settings(compose_config(*RUN_FAST, *overrides))
+
+
+def test_keep_edits_defaults_per_algorithm_and_applies_to_sequential_runs_only() -> None:
+    def settings(*overrides):
+        return run_settings(compose_config(*RUN_FAST, *overrides))
+
+    assert settings("algorithm=memit").keep_edits is False
+    assert settings("algorithm=emmet", "sequential.keep_edits=true").keep_edits is True
+    assert settings("algorithm=alphaedit").keep_edits is True
+    assert settings("algorithm=alphaedit").nullspace_threshold == 1e-4
+    assert settings("algorithm=alphaedit", "mode=singular").keep_edits is False
+    assert (
+        settings("algorithm=memit", "mode=batch", "sequential.keep_edits=true").keep_edits is False
+    )
