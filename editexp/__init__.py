@@ -1,7 +1,12 @@
 """editexp: locate-and-edit model editing experiments (ROME, MEMIT, EMMET).
 
-``editexp.apply_edits(loaded_model, "outputs/.../deltas.pt")`` applies the edits of a finished
-run to a freshly loaded model (``editexp.models.load_model``).
+From Python (see the README's "From Python")::
+
+    from editexp import Editor, Evaluator
+    editor = Editor.from_pretrained("smollm2-135m", algorithm="memit", layer=1)
+    update = editor.edit({"prompt": "{} is located in", "subject": "Wembley", "target_new": "Rome"})
+    Evaluator(editor.model).compare("Wembley is located in", "Rome", "London")
+    update.revert()
 """
 
 from typing import Any
@@ -9,19 +14,33 @@ from typing import Any
 from editexp.resolvers import register as _register_resolvers
 
 __version__ = "0.1.0"
-__all__ = ["apply_edits", "load_model"]
+__all__ = [
+    "Editor",
+    "Evaluator",
+    "RunRecord",
+    "apply_edits",
+    "compose",
+    "load_model",
+    "wrap_model",
+]
 
 _register_resolvers()
 
+# Lazy, so that composing a config does not import torch and transformers.
+_EXPORTS = {
+    "Editor": "editexp.editing.editor",
+    "apply_edits": "editexp.editing.editor",
+    "Evaluator": "editexp.evaluation.evaluator",
+    "RunRecord": "editexp.record",
+    "compose": "editexp.config",
+    "load_model": "editexp.models",
+    "wrap_model": "editexp.models",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that composing a config does not import torch and transformers.
-    if name == "apply_edits":
-        from editexp.editing.editor import apply_edits
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'editexp' has no attribute {name!r}")
+    import importlib
 
-        return apply_edits
-    if name == "load_model":
-        from editexp.models import load_model
-
-        return load_model
-    raise AttributeError(f"module 'editexp' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

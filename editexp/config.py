@@ -1,25 +1,85 @@
-"""The typed, validated view of a composed run config.
+"""The run config: composing it (with or without Hydra) and its typed, validated view.
 
 Everything that can be checked without loading a model is checked here, before any expensive
-work, with an error that names the bad value and what would be accepted.
+work, with an error that names the bad value and what would be accepted. Nothing here imports
+torch, so a bad config fails in a fraction of a second.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from editexp.editing.editor import ALGORITHMS
-from editexp.editing.keys_values import ValueHparams
+# The repository's conf/ as an absolute path: Hydra resolves a relative "../conf" against the
+# calling *module* when started from a console script (pkg://conf, which does not exist), and
+# against this file only when the file is run directly.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
 MODES = ("singular", "batch", "sequential")
 SCHEDULES = ("each_batch", "final", "every_k")
 
 
 class ConfigError(ValueError):
     """A run config that cannot work, naming the bad value and what would be accepted."""
+
+
+@dataclass(frozen=True)
+class ValueHparams:
+    """How v* is optimised (``model.hparams.<algorithm>`` without its lambda)."""
+
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 1e-3
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+
+
+def model_names() -> list[str]:
+    """The models with a config in ``conf/model``."""
+    return sorted(path.stem for path in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
+
+
+def compose(
+    model: str | Mapping[str, Any] = "smollm2-135m", algorithm: str = "memit", **overrides: Any
+) -> DictConfig:
+    """The run config of ``conf/`` without a Hydra app: ``model`` (a name in ``conf/model``,
+    or a whole model config), ``algorithm``, then ``overrides`` by config key.
+
+    Keys with dots go in as ``**{"editing.prefixes.count": 2}``; ``lam`` stands for
+    ``lambda`` (a Python keyword). ``logger`` is ``none``: a library user tracks nothing.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    name = model if isinstance(model, str) else "smollm2-135m"
+    if name not in model_names():
+        raise ConfigError(f"model={name!r}; expected one of {', '.join(model_names())}")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm={algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    groups = [f"model={name}", f"algorithm={algorithm}", "logger=none"]
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose from its tree
+        cfg = hydra_compose("config", overrides=groups)
+    else:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = hydra_compose("config", overrides=groups)
+    if not isinstance(model, str):
+        cfg.model = OmegaConf.create(dict(model))
+    for key, value in overrides.items():
+        key = "lambda" if key == "lam" else key
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"{key}={value!r}: the config has no key {key!r}")
+        OmegaConf.update(cfg, key, value, merge=isinstance(value, Mapping))
+    return cfg
+
+
+_ABSENT = object()
 
 
 @dataclass(frozen=True)
@@ -41,6 +101,14 @@ class RunSettings:
     @property
     def n_updates(self) -> int:
         return self.n_edits // self.batch_size
+
+    def check_model(self, d_k: int) -> None:
+        """The checks that need the loaded model's key dimension d_k."""
+        if self.algorithm == "emmet" and self.lam == 0 and self.batch_size > d_k:
+            raise ConfigError(
+                f"EMMET with lambda=0 needs at most d_k={d_k} facts per update, got "
+                f"batch_size={self.batch_size}; use lambda > 0 (e.g. lambda=1e-4)"
+            )
 
 
 def parse_layers(value: Any) -> tuple[int, ...]:

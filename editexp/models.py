@@ -12,7 +12,10 @@ Three sources, chosen by ``model.source``:
   config) with a seeded init, on a real tokenizer (``model.tokenizer``); the fast test models.
 
 Everything model-specific (module path templates, layer count, hyperparameters) lives in the
-model config; :class:`ModelSpec` is its typed view.
+model config; :class:`ModelSpec` is its typed view. :func:`load_model` takes a model name
+(``conf/model/<name>.yaml``), a model config, or a Hugging Face id; :func:`wrap_model` takes a
+model the user has already loaded. A Hugging Face model gets the module paths and
+hyperparameters of the known config with the same module layout.
 """
 
 from __future__ import annotations
@@ -63,8 +66,6 @@ class ModelSpec:
     n_layers: int
     layers_module: str  # e.g. "model.layers"
     edit_module: str  # template with {} for the layer, e.g. "model.layers.{}.mlp.down_proj"
-    final_norm: str
-    unembedding: str
     conv1d: bool  # GPT-2 style Conv1D: weight stored as (d_in, d_out)
     dtype: str
     path: str | None = None
@@ -85,8 +86,6 @@ class ModelSpec:
             n_layers=int(get("n_layers")),
             layers_module=str(modules["layers"]),
             edit_module=str(modules["edit"]),
-            final_norm=str(modules["final_norm"]),
-            unembedding=str(modules["unembedding"]),
             conv1d=bool(modules.get("conv1d", False)),
             dtype=str(get("dtype", "float32")),
             path=get("path"),
@@ -136,12 +135,14 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer, its spec, and a string that identifies its weights exactly."""
+    """A model, its tokenizer, its spec, a string that identifies its weights exactly, and the
+    model config it was loaded from (plain, with its hyperparameters)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
     identity: str
+    config: dict[str, Any]
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +167,16 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model_cfg: Any, device: str | None = "auto") -> LoadedModel:
+def load_model(source: Any, device: str | None = "auto") -> LoadedModel:
+    """Load a model from a name in ``conf/model`` ("tiny-llama3"), a model config (the
+    ``model`` node of a run config, or a dict), or a Hugging Face id or directory."""
+    model_cfg = source
+    if isinstance(source, str):
+        from editexp.config import compose, model_names
+
+        if source not in model_names():
+            return _load_hf_id(source, device)
+        model_cfg = compose(source).model
     spec = ModelSpec.from_config(model_cfg)
     dtype = DTYPES[spec.dtype]
     if spec.source == "hf":
@@ -185,7 +195,71 @@ def load_model(model_cfg: Any, device: str | None = "auto") -> LoadedModel:
         raise ModelConfigError(
             f"model.n_layers={spec.n_layers} but {spec.name!r} has {actual_layers} layers"
         )
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, identity=identity)
+    return LoadedModel(model, tokenizer, spec, identity, config=_plain(model_cfg))
+
+
+def _load_hf_id(name: str, device: str | None) -> LoadedModel:
+    model = AutoModelForCausalLM.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model.to(resolve_device(device))
+    return wrap_model(model, tokenizer)
+
+
+def wrap_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """A model the user has loaded, ready to edit.
+
+    ``modules`` (``{"layers": "model.layers", "edit": "model.layers.{}.mlp.down_proj",
+    "conv1d": False}``) says which matrix to edit; without it, the first config in
+    ``conf/model`` whose module paths exist in ``model`` gives them (preferring one with the
+    same number of layers), and its hyperparameters and default layer come along.
+    """
+    from editexp.config import compose, model_names
+
+    known = [compose(name).model for name in model_names()]
+    fitting = [cfg for cfg in known if _has_modules(model, cfg.modules)]
+    if modules is None and not fitting:
+        raise ModelConfigError(
+            f"no config in conf/model fits {type(model).__name__}; pass modules={{'layers': ..., "
+            "'edit': '...{}...', 'conv1d': False}"
+        )
+    n_layers = len(model.get_submodule((modules or fitting[0].modules)["layers"]))
+    fitting.sort(key=lambda cfg: (cfg.n_layers != n_layers, cfg.source == "random", cfg.name))
+    base = _plain(fitting[0]) if fitting else _plain(known[0])
+    name = getattr(model, "name_or_path", "") or type(model).__name__
+    dtype = next(name for name, dtype in DTYPES.items() if dtype == model.dtype)
+    config = {
+        **base,
+        "name": name,
+        "source": "hf",
+        "path": name,
+        "revision": None,
+        "dtype": dtype,
+        "n_layers": n_layers,
+        "default_layer": min(int(base["default_layer"]), n_layers - 1),
+        "modules": {**base["modules"], **(modules or {})},
+    }
+    for key in ("gguf_package", "gguf_file", "architecture", "tokenizer", "init_seed"):
+        config.pop(key, None)
+    spec = ModelSpec.from_config(config)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    commit = getattr(model.config, "_commit_hash", None) or "local"
+    return LoadedModel(model, tokenizer, spec, f"hf:{name}@{commit}:{dtype}", config)
+
+
+def _has_modules(model: nn.Module, modules: Any) -> bool:
+    try:
+        model.get_submodule(str(modules["edit"]).format(0))
+        model.get_submodule(str(modules["layers"]))
+    except AttributeError:
+        return False
+    return True
 
 
 def _load_hf(spec: ModelSpec, dtype: torch.dtype):

@@ -2,7 +2,8 @@
 
 Usage: ``editexp-report <multirun dir> [--out DIR]`` (default ``<multirun dir>/report/``).
 
-Every ``summary.json`` below the multirun directory (recursively) is one row. Written:
+Every ``summary.json`` below the multirun directory (recursively) is one row, read as a
+:class:`~editexp.record.RunRecord` (the type the runner writes). Written:
 
 - ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE, and the
   directory holding the summary (relative to the multirun directory);
@@ -41,6 +42,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from omegaconf import OmegaConf
 
 from editexp.cache import atomic_write, atomic_write_text
+from editexp.record import BatchRecord, RunRecord
 
 METRICS = ("ES", "PS", "NS", "S", "GE")
 GRID_FIELDS = (
@@ -71,20 +73,20 @@ HEADERS = {
 
 
 @dataclass
-class Run:
+class FinishedRun:
+    """A job directory's run record, where it lies, and the overrides that made it."""
+
     directory: Path  # the directory holding summary.json
-    summary: dict[str, Any]
+    record: RunRecord
     overrides: list[str] | None  # from the job's .hydra/overrides.yaml
 
     def field(self, name: str) -> Any:
-        value = self.summary.get(name)
-        return tuple(value) if isinstance(value, list) else value
+        return self.record.field(name)
 
     def metric(self, stage: str, metric: str, stat: str = "mean") -> float | None:
-        value = (self.summary.get(stage) or {}).get(metric, {}).get(stat)
-        return None if value is None else float(value)
+        return self.record.metric(stage, metric, stat)
 
-    def batches(self) -> list[dict[str, Any]]:
+    def batches(self) -> list[BatchRecord]:
         """Rows of ``batches.jsonl`` beside the summary (unreadable lines skipped)."""
         path = self.directory / "batches.jsonl"
         if not path.is_file():
@@ -92,8 +94,8 @@ class Run:
         rows = []
         for line in path.read_text().splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                rows.append(BatchRecord.from_json(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue
         return rows
 
@@ -101,7 +103,7 @@ class Run:
 @dataclass
 class Sweep:
     root: Path
-    runs: list[Run] = field(default_factory=list)
+    runs: list[FinishedRun] = field(default_factory=list)
     incomplete: list[tuple[Path, list[str] | None]] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     grid: list[list[str]] | None = None  # expected points, each a list of "key=value"
@@ -141,13 +143,16 @@ def collect(root: Path) -> Sweep:
     summary_dirs: set[Path] = set()
     for path in sorted(root.rglob("summary.json")):
         try:
-            summary = json.loads(path.read_text())
+            record = RunRecord.read(path)
         except (OSError, json.JSONDecodeError) as error:
             sweep.unreadable.append((path, str(error)))
             continue
+        except (KeyError, TypeError) as error:
+            sweep.unreadable.append((path, f"not a run record ({type(error).__name__}: {error})"))
+            continue
         job_dir = _job_dir_of(path.parent, root)
         overrides = read_overrides(job_dir) if job_dir is not None else None
-        sweep.runs.append(Run(path.parent, summary, overrides))
+        sweep.runs.append(FinishedRun(path.parent, record, overrides))
         summary_dirs.add(path.parent)
     for hydra_dir in sorted(root.rglob(".hydra"), key=_natural_key):
         job_dir = hydra_dir.parent
@@ -247,7 +252,7 @@ def format_cell(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ({std:.2f})"
 
 
-def _sort_key(run: Run) -> tuple:
+def _sort_key(run: FinishedRun) -> tuple:
     def order(value: Any) -> tuple:
         return (0, 0) if value is None else (1, value)
 
@@ -264,7 +269,7 @@ def _sort_key(run: Run) -> tuple:
     )
 
 
-def sorted_runs(runs: Sequence[Run]) -> list[Run]:
+def sorted_runs(runs: Sequence[FinishedRun]) -> list[FinishedRun]:
     return sorted(runs, key=_sort_key)
 
 
@@ -301,7 +306,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metric_cells(run: Run, stage: str) -> list[str]:
+def _metric_cells(run: FinishedRun, stage: str) -> list[str]:
     return [
         format_cell(run.metric(stage, metric), run.metric(stage, metric, "std"))
         for metric in METRICS
@@ -326,15 +331,15 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
     return "\n".join(parts)
 
 
-def _varying(runs: Sequence[Run], names: Iterable[str]) -> list[str]:
+def _varying(runs: Sequence[FinishedRun], names: Iterable[str]) -> list[str]:
     return [name for name in names if len({run.field(name) for run in runs}) > 1]
 
 
-def _varying_within_algorithm(runs: Sequence[Run], names: Iterable[str]) -> list[str]:
+def _varying_within_algorithm(runs: Sequence[FinishedRun], names: Iterable[str]) -> list[str]:
     """Fields that vary among the runs of at least one algorithm (so a lambda that only
     differs between algorithms, e.g. each one's default, does not label the lines)."""
     names = list(names)
-    by_algorithm: dict[str, list[Run]] = {}
+    by_algorithm: dict[str, list[FinishedRun]] = {}
     for run in runs:
         by_algorithm.setdefault(str(run.field("algorithm")), []).append(run)
     varying = {name for group in by_algorithm.values() for name in _varying(group, names)}
@@ -367,7 +372,7 @@ def lambda_tables(sweep: Sweep) -> dict[str, str]:
 Point = tuple[float, float]
 
 
-def _line_label(run: Run, names: Sequence[str], lead: str | None = "algorithm") -> str:
+def _line_label(run: FinishedRun, names: Sequence[str], lead: str | None = "algorithm") -> str:
     parts = [str(run.field(lead))] if lead else []
     parts += [f"{name}={format_value(name, run.field(name)) or 'none'}" for name in names]
     return ", ".join(parts)
@@ -424,7 +429,9 @@ def _draw(
     return figure
 
 
-def _summary_panels(runs: Sequence[Run], x_of: Callable[[Run], float], exclude: Sequence[str]):
+def _summary_panels(
+    runs: Sequence[FinishedRun], x_of: Callable[[FinishedRun], float], exclude: Sequence[str]
+):
     """Post-edit metric lines: one per algorithm (+ varying context), single panel."""
     names = [n for n in GRID_FIELDS if n not in ("algorithm", *exclude)]
     context = _varying_within_algorithm(runs, names)
@@ -438,7 +445,7 @@ def _summary_panels(runs: Sequence[Run], x_of: Callable[[Run], float], exclude: 
     return {"": by_metric}
 
 
-def layer_figure(runs: Sequence[Run]) -> Figure | None:
+def layer_figure(runs: Sequence[FinishedRun]) -> Figure | None:
     """Fig. 1: post metrics vs the edited layer (mode=singular, single-layer runs)."""
     runs = [r for r in runs if r.field("mode") == "singular" and len(r.field("layer") or ()) == 1]
     if len({run.field("layer") for run in runs}) < 2:
@@ -447,7 +454,7 @@ def layer_figure(runs: Sequence[Run]) -> Figure | None:
     return _draw(panels, "layer", integer_x=True)
 
 
-def batch_size_figure(runs: Sequence[Run]) -> Figure | None:
+def batch_size_figure(runs: Sequence[FinishedRun]) -> Figure | None:
     """Figs. 2-3: post metrics vs batch size (mode=batch), log2 x axis.
 
     A batch-mode run makes one update with all its edits, so if ``batch_size`` is constant
@@ -467,7 +474,7 @@ def batch_size_figure(runs: Sequence[Run]) -> Figure | None:
     return _draw(panels, label, log2_x=True)
 
 
-def sequential_figure(runs: Sequence[Run]) -> Figure | None:
+def sequential_figure(runs: Sequence[FinishedRun]) -> Figure | None:
     """Figs. 4-5: metrics vs edits done (mode=sequential), one line per batch size, one row
     of subplots per algorithm."""
     runs = [r for r in runs if r.field("mode") == "sequential"]
@@ -478,13 +485,10 @@ def sequential_figure(runs: Sequence[Run]) -> Figure | None:
         label = _line_label(run, context, lead=None)
         by_metric = panels.setdefault(str(run.field("algorithm")), {})
         for row in run.batches():
-            metrics = row.get("metrics") or {}
-            if row.get("edits_done") is None:
-                continue
             for metric in METRICS:
-                if metrics.get(metric) is not None:
+                if row.metrics.get(metric) is not None:
                     line = by_metric.setdefault(metric, {}).setdefault(label, [])
-                    line.append((float(row["edits_done"]), float(metrics[metric])))
+                    line.append((float(row.edits_done), float(row.metrics[metric])))
     panels = {name: by_metric for name, by_metric in panels.items() if by_metric}
     return _draw(panels, "edits done") if panels else None
 

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from editexp.config import CONFIG_DIR
 from editexp.data.corpus import CorpusSource
 from editexp.models import ModelSpec, load_model
 from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
-
-# The repository's conf/ as an absolute path: Hydra resolves a relative "../conf" against the
-# calling *module* when started from a console script (pkg://conf, which does not exist), and
-# against this file only when the file is run directly.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def layer_list(value: Any) -> list[int]:

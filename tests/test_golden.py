@@ -79,7 +79,7 @@ def assert_same(actual, expected, where: str = "") -> None:
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_run_matches_golden(tmp_path, name):
-    summary = run(compose_config(*FAST, *RUNS[name]), tmp_path / name)
+    summary = run(compose_config(*FAST, *RUNS[name]), tmp_path / name).to_json()
     actual = outcome(tmp_path / name, summary)
     path = GOLDEN_DIR / f"{name}.json"
     if os.environ.get("EDITEXP_REGEN_GOLDEN"):

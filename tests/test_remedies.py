@@ -25,7 +25,8 @@ from editexp.editing.keys_values import EditRequest, ValueHparams
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys
 from editexp.editing.memit import memit_delta
 from editexp.models import load_model
-from editexp.runner import SimulatedCrash, format_table, run
+from editexp.record import RunRecord
+from editexp.runner import SimulatedCrash, run
 from editexp.stats import load_or_compute_stats
 
 THRESHOLD = 1e-2  # the test C0's eigenvalues: half in [1, 10], half in [1e-4, 1e-3]
@@ -551,7 +552,7 @@ RUN_FAST = [
 
 
 def run_config(tmp_path, name, *overrides):
-    return run(compose_config(*RUN_FAST, *overrides), tmp_path / name)
+    return run(compose_config(*RUN_FAST, *overrides), tmp_path / name).to_json()
 
 
 def saved_delta(tmp_path, name) -> torch.Tensor:
@@ -565,7 +566,7 @@ def test_killed_run_keeping_edits_resumes_with_its_past_keys(tmp_path) -> None:
     resumed = run_config(tmp_path, "killed", *args)
     straight = run_config(tmp_path, "straight", *args)
     assert resumed["keep_edits"] is True and straight["keep_edits"] is True
-    assert "keeping earlier edits' keys" in format_table(straight)
+    assert "keeping earlier edits' keys" in RunRecord.from_json(straight).table()
     torch.testing.assert_close(
         saved_delta(tmp_path, "killed"), saved_delta(tmp_path, "straight"), rtol=1e-5, atol=1e-7
     )

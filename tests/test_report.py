@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from editexp.evaluation.metrics import harmonic_mean
+from editexp.record import BatchRecord, RunRecord, UpdateStats
 from editexp.report import expected_grid, main
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -39,23 +40,29 @@ def _summary(
             out[f"{key}_magnitude"] = _stats(0.1)
         return out
 
-    return {
-        "algorithm": algorithm,
-        "model": "smollm2-135m",
-        "layer": layer if layer is not None else [1],
-        "mode": mode,
-        "batch_size": batch_size,
-        "n_edits": n_edits,
-        "lambda": lam,
-        "eval_schedule": "each_batch",
-        "edits_done": n_edits,
-        "seed": 0,
-        "pre": stage(10.0, 12.0, 88.0, 615.0),
-        "post": stage(*post, ge),
-        "update": {"delta_norm": 1.3, "preservation_error": 0.02},
-        "timing": {"total": 45.0},
-        "run_dir": "/elsewhere/not/used",
-    }
+    record = RunRecord(
+        algorithm=algorithm,
+        model="smollm2-135m",
+        layer=layer if layer is not None else [1],
+        mode=mode,
+        batch_size=batch_size,
+        n_edits=n_edits,
+        lam=lam,
+        keep_edits=False,
+        nullspace_threshold=None,
+        null_space_dim=None,
+        eval_schedule="each_batch",
+        every_k=None,
+        edits_done=n_edits,
+        seed=0,
+        hparams={},
+        pre=stage(10.0, 12.0, 88.0, 615.0),
+        post=stage(*post, ge),
+        update_mean=UpdateStats(delta_norm=1.3, preservation_error=0.02, value_steps=10.0),
+        timing={"total": 45.0},
+        run_dir="/elsewhere/not/used",
+    )
+    return record.to_json()
 
 
 def _job(
@@ -237,12 +244,14 @@ def test_sequential_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     for algorithm in ("memit", "emmet"):
         for bs in (16, 32):
             batches = [
-                {
-                    "batch": b,
-                    "edits_done": bs * (b + 1),
-                    "metrics": {"ES": 95.0 - b, "PS": 80.0, "NS": 70.0, "S": 80.4},
-                    "timing": {"solve": 0.1},
-                }
+                BatchRecord(
+                    batch=b,
+                    edits_done=bs * (b + 1),
+                    evaluated_facts=bs,
+                    metrics={"ES": 95.0 - b, "PS": 80.0, "NS": 70.0, "S": 80.4},
+                    update=UpdateStats(delta_norm=1.0, preservation_error=0.01, value_steps=3.0),
+                    timing={"solve": 0.1},
+                ).to_json()
                 for b in range(64 // bs)
             ]
             summary = _summary(algorithm, mode="sequential", batch_size=bs, n_edits=64)

@@ -29,7 +29,7 @@ FAST = [
 
 def run_config(tmp_path, name, *overrides):
     cfg = compose_config(*FAST, *overrides)
-    return run(cfg, tmp_path / name)
+    return run(cfg, tmp_path / name).to_json()
 
 
 def read_jsonl(path):
@@ -63,7 +63,7 @@ def test_sequential_run_writes_all_outputs(tmp_path):
     assert set(summary["timing"]) >= {"statistics", "keys_values", "solve", "evaluation", "total"}
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     facts = read_jsonl(run_dir / "facts.jsonl")
-    assert len(facts) == 4 and {f["update"] for f in facts} == {0, 1}
+    assert len(facts) == 4 and {f["batch"] for f in facts} == {0, 1}
     assert all(f["pre"] is not None and "ES" in f["post"] for f in facts)
     batches = read_jsonl(run_dir / "batches.jsonl")
     assert [b["edits_done"] for b in batches] == [2, 4]

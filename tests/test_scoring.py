@@ -14,14 +14,14 @@ import os
 
 import pytest
 import torch
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.evaluation.counterfact_eval import (
+    FactScores,
     evaluate_facts,
-    fact_metric_values,
     fact_prompts,
-    fact_row,
 )
 from editexp.evaluation.generation import generate_texts, sample_continuation_ids
 from editexp.evaluation.metrics import FAMILIES, aggregate
@@ -34,7 +34,6 @@ from editexp.evaluation.scoring import (
 from editexp.models import LoadedModel, load_model
 from editexp.tokens import encode_prompt
 
-CONFIG_DIR = "/work/main/conf"
 LLAMA3_BOS = 128000
 TINY_MODELS = ["tiny-llama3", "tiny-gpt2"]
 
@@ -55,7 +54,7 @@ TARGETS = [
 
 
 def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[*overrides, "~logger"])
 
 
@@ -73,7 +72,7 @@ def tiny(request, tiny_models) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def counterfact_facts():
-    data_dir = os.environ.get("EDITEXP_DATA_DIR", "/work/shared/data")
+    data_dir = os.environ["EDITEXP_DATA_DIR"]  # conftest defaults it to ../shared/data
     if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
         pytest.skip(f"no CounterFact file under {data_dir}")
     cfg = compose_config([f"data.dir={data_dir}"])
@@ -271,12 +270,13 @@ def test_evaluation_equals_scoring_each_fact_alone(tiny_models, evaluated, count
 
 
 def test_fact_rows_are_json_and_metrics_aggregate(evaluated):
-    rows = [json.loads(json.dumps(fact_row(result))) for result in evaluated]
+    rows = [json.loads(json.dumps(result.to_json())) for result in evaluated]
     for row, result in zip(rows, evaluated):
         assert row["case_id"] == result.case_id
         assert {"ES", "PS", "NS", "ES_magnitude", "PS_magnitude", "NS_magnitude"} <= set(row)
         assert row["scores"]["rewrite"] == [list(result.scores["rewrite"][0])]
         assert ("GE" in row) == (result.GE is not None)
-    summary = aggregate([fact_metric_values(result) for result in evaluated])
+    summary = aggregate([result.metrics() for result in evaluated])
+    assert [FactScores.from_json(row) for row in rows] == evaluated
     assert summary["ES"]["n"] == len(evaluated) and summary["GE"]["n"] == 1
     assert "S" in summary

@@ -74,19 +74,23 @@ def check_edit_worked(summary, min_es=80.0, max_ns_drop=15.0):
 
 
 def test_memit_batch_of_16_reaches_high_efficacy(tmp_path):
-    summary = run(compose_config(*RUN, "algorithm=memit", "mode=batch", "n_edits=16"), tmp_path)
+    summary = run(
+        compose_config(*RUN, "algorithm=memit", "mode=batch", "n_edits=16"), tmp_path
+    ).to_json()
     check_edit_worked(summary, min_es=85.0)
 
 
 def test_emmet_batch(tmp_path):
     summary = run(
         compose_config(*RUN, "algorithm=emmet", "mode=batch", "n_edits=8", "lambda=0"), tmp_path
-    )
+    ).to_json()
     check_edit_worked(summary)
 
 
 def test_rome_singular(tmp_path):
-    summary = run(compose_config(*RUN, "algorithm=rome", "mode=singular", "n_edits=3"), tmp_path)
+    summary = run(
+        compose_config(*RUN, "algorithm=rome", "mode=singular", "n_edits=3"), tmp_path
+    ).to_json()
     check_edit_worked(summary)
 
 
@@ -103,6 +107,6 @@ def test_memit_sequential_with_generation(tmp_path):
             "eval.generation_length=40",
         ),
         tmp_path,
-    )
+    ).to_json()
     check_edit_worked(summary)
     assert summary["post"]["GE"]["mean"] > 100

@@ -275,17 +275,15 @@ def test_forward_pass_stops_at_the_deepest_layer(tiny):
     """Nothing after the deepest requested edited module runs: not the layer's own output,
     not later layers, not the final norm or the unembedding."""
     calls: list[str] = []
-    names = [
-        tiny.spec.edit_module.format(1),  # its forward: the hook stops the pass before it
-        f"{tiny.spec.layers_module}.2",
-        tiny.spec.final_norm,
-        tiny.spec.unembedding,
-    ]
+    modules = {
+        "edit": tiny.edit_module(1),  # its forward: the hook stops the pass before it
+        "next layer": tiny.layer_module(2),
+        "final norm": getattr(tiny.model.base_model, "norm", None) or tiny.model.base_model.ln_f,
+        "unembedding": tiny.model.get_output_embeddings(),
+    }
     handles = [
-        tiny.model.get_submodule(name).register_forward_hook(
-            lambda *_, name=name: calls.append(name)
-        )
-        for name in names
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
+        for name, module in modules.items()
     ]
     try:
         stats = collect_layer_stats(

@@ -191,7 +191,9 @@ def check_tracked_grid_point(job_dir: Path, sweep_dir: Path, layer: int, swept: 
         for metric in ("ES", "PS", "NS", "S"):
             expected = summary[block][metric]["mean"]
             assert run["summary"][f"{block}/{metric}/mean"] == pytest.approx(expected)
-    assert run["summary"]["update/delta_norm"] == pytest.approx(summary["update"]["delta_norm"])
+    assert run["summary"]["update_mean/delta_norm"] == pytest.approx(
+        summary["update_mean"]["delta_norm"]
+    )
 
     assert [row["edits_done"] for row in run["history"]] == [1, 2]
     for row, batch in zip(run["history"], batches, strict=True):

@@ -1,4 +1,13 @@
-"""One update of a batch of facts, for any of the algorithms, on one or more layers.
+"""The :class:`Editor`: writes facts into a model, one :class:`Update` per call.
+
+    editor = Editor.from_pretrained("smollm2-135m", algorithm="memit", layer=1)
+    update = editor.edit({"prompt": "{} is in", "subject": "Wembley", "target_new": "Rome"})
+    update.revert()
+
+The Editor owns what every update of a run shares: the layer statistics C0 (factored once per
+layer), the held-out corpus keys, the context prefixes, and, when a sequential run keeps
+earlier edits, their keys. :func:`edit_batch` is one update of a batch of facts, for any of
+the algorithms, on one or more layers.
 
 For layers l_1 < ... < l_L (usually one), as MEMIT does:
 
@@ -20,29 +29,33 @@ AlphaEdit always uses them. The caller owns them and adds each update's ``keys``
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.cache import atomic_torch_save
+from editexp.config import ValueHparams, compose, run_settings
+from editexp.data.counterfact import Fact
 from editexp.editing.alphaedit import alphaedit_delta
 from editexp.editing.emmet import emmet_delta
 from editexp.editing.keys_values import (
     EditRequest,
-    ValueHparams,
     Values,
     compute_keys,
     compute_values,
+    context_prefixes,
     read_at_subject,
 )
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys, check_finite
 from editexp.editing.memit import memit_delta
 from editexp.editing.rome import rome_delta
-from editexp.models import LoadedModel
-
-ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
+from editexp.models import LoadedModel, load_model, wrap_model
+from editexp.stats import load_or_compute_stats
 
 
 def closed_form_delta(
@@ -55,33 +68,27 @@ def closed_form_delta(
     nullspace_threshold: float | None = None,
 ) -> torch.Tensor:
     """Delta (d_v, d_k) float64 from keys (d_k, E) and residuals (d_v, E); ``past`` holds
-    the earlier updates' keys (MEMIT / EMMET keep_edits, AlphaEdit)."""
+    the earlier updates' keys (MEMIT / EMMET keep_edits, AlphaEdit). ``algorithm``, ``lam``
+    and ``nullspace_threshold`` were validated with the config."""
     if algorithm == "rome":
         if past is not None:
             raise EditingError("ROME cannot keep earlier edits' keys; use MEMIT or EMMET")
         return rome_delta(keys, residuals, covariance)
-    if lam is None:
-        raise EditingError(f"{algorithm} needs lambda (got null); set lambda=<float>")
     if algorithm == "memit":
         return memit_delta(keys, residuals, covariance, lam, past)
     if algorithm == "emmet":
         return emmet_delta(keys, residuals, covariance, lam, past)
-    if algorithm == "alphaedit":
-        if nullspace_threshold is None:
-            raise EditingError(
-                "AlphaEdit needs nullspace_threshold (got null); set "
-                "model.hparams.alphaedit.nullspace_threshold=<float>"
-            )
-        return alphaedit_delta(keys, residuals, covariance, lam, nullspace_threshold, past)
-    raise EditingError(f"algorithm={algorithm!r}; expected one of {ALGORITHMS}")
+    return alphaedit_delta(keys, residuals, covariance, lam, nullspace_threshold, past)
 
 
 @dataclass
-class UpdateResult:
+class BatchEdit:
+    """What :func:`edit_batch` added to the model."""
+
     deltas: dict[int, torch.Tensor]  # layer -> Delta (d_v, d_k), float32, as added to W
-    keys: dict[int, torch.Tensor]  # layer -> K (d_k, E) the keys the update was solved for
+    keys: dict[int, torch.Tensor]  # layer -> K (d_k, E), the keys it was solved for
     values: Values
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # keys_values, solve (seconds)
 
 
 def add_to_weight(loaded: LoadedModel, layer: int, delta: torch.Tensor) -> None:
@@ -107,15 +114,15 @@ def edit_batch(
     progress: bool = True,
     past_keys: dict[int, PastKeys] | None = None,
     nullspace_threshold: float | None = None,
-) -> UpdateResult:
+) -> BatchEdit:
     """Write ``requests`` into the model with one update; returns the deltas it added.
 
     ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept)."""
     layers = sorted(layers)
-    if algorithm == "rome" and (len(requests) != 1 or len(layers) != 1):
+    if algorithm == "rome" and len(requests) != 1:
         raise EditingError(
-            f"ROME edits one fact at one layer per update; got {len(requests)} facts and "
-            f"layers {layers}. Use batch_size=1 and a single layer, or MEMIT / EMMET."
+            f"ROME edits one fact per update; got {len(requests)}. Edit them one at a time, "
+            "or use MEMIT / EMMET."
         )
     timing = {"keys_values": 0.0, "solve": 0.0}
     start = time.perf_counter()
@@ -158,15 +165,21 @@ def edit_batch(
     except BaseException:
         restore_weights(loaded, snapshot)
         raise
-    return UpdateResult(deltas=deltas, keys=all_keys, values=values, timing=timing)
+    return BatchEdit(deltas=deltas, keys=all_keys, values=values, timing=timing)
 
 
 # --------------------------------------------------------------------------- weights and deltas
 
 
-def snapshot_weights(loaded: LoadedModel, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Copies of the edited matrices, to restore them bit for bit."""
-    return {layer: loaded.edit_module(layer).weight.detach().clone() for layer in layers}
+def snapshot_weights(
+    loaded: LoadedModel, layers: Sequence[int], device: str | None = None
+) -> dict[int, torch.Tensor]:
+    """Copies of the edited matrices (on ``device``, default theirs), to restore them bit for
+    bit."""
+    return {
+        layer: loaded.edit_module(layer).weight.detach().to(device=device, copy=True)
+        for layer in layers
+    }
 
 
 def restore_weights(loaded: LoadedModel, snapshot: dict[int, torch.Tensor]) -> None:
@@ -206,3 +219,201 @@ def apply_edits(
     for layer, delta in deltas.items():
         add_to_weight(loaded, layer, delta)
     return deltas
+
+
+# --------------------------------------------------------------------------- the Editor
+
+
+@dataclass
+class Update:
+    """One update that an :class:`Editor` applied to its model."""
+
+    case_ids: list[int]  # the facts it wrote, in order
+    deltas: dict[int, torch.Tensor]  # layer -> Delta (d_v, d_k), float32, as added to W
+    values: Values  # v* of every fact (deltas, module outputs, losses, Adam steps)
+    preservation_error: float  # ||Delta K0|| / ||W' K0|| on held-out corpus keys, over layers
+    timing: dict[str, float]  # seconds: keys_values, solve
+    editor: Editor = field(repr=False)
+    previous: dict[int, torch.Tensor] | None = field(default=None, repr=False)  # W before
+    kept_keys: dict[int, torch.Tensor] | None = field(default=None, repr=False)  # added to
+    # the editor's past keys (sequential keep_edits, AlphaEdit)
+
+    @property
+    def delta_norms(self) -> dict[int, float]:
+        return {layer: float(delta.norm()) for layer, delta in self.deltas.items()}
+
+    @property
+    def delta_norm(self) -> float:
+        """The Frobenius norms of the deltas, summed over layers."""
+        return sum(self.delta_norms.values())
+
+    @property
+    def value_steps(self) -> float:
+        """Adam steps per fact of the value optimisation, on average."""
+        return float(self.values.steps.float().mean())
+
+    def revert(self) -> None:
+        """Put back the edited matrices as they were before this update, bit for bit (revert
+        the updates of an editor in the reverse order they were made)."""
+        if self.previous is None:
+            raise EditingError("this update was made with revertible=False; it cannot revert")
+        restore_weights(self.editor.model, self.previous)
+        for layer, keys in (self.kept_keys or {}).items():
+            self.editor.past_keys[layer].remove(keys)
+
+    def save(self, path: str | Path) -> Path:
+        """The deltas and the model's identity, for :meth:`Editor.apply` on a fresh model."""
+        return save_deltas(path, self.editor.model, self.deltas)
+
+
+EditInput = Fact | EditRequest | Mapping[str, Any]
+
+
+def as_request(item: EditInput, index: int = 0) -> EditRequest:
+    """A CounterFact fact, an :class:`EditRequest`, or a dict with ``prompt`` (holding "{}"
+    for the subject), ``subject``, ``target_new`` and optionally ``case_id``."""
+    if isinstance(item, EditRequest):
+        return item
+    if isinstance(item, Fact):
+        return EditRequest(item.case_id, item.prompt, item.subject, item.target_new)
+    missing = [key for key in ("prompt", "subject", "target_new") if key not in item]
+    if missing or "{}" not in str(item["prompt"]):
+        raise EditingError(
+            f"edit request {dict(item)!r}: needs 'prompt' with a '{{}}' slot for the subject, "
+            f"'subject' and 'target_new' (missing: {missing or 'the {} slot'})"
+        )
+    return EditRequest(
+        int(item.get("case_id", index)), item["prompt"], item["subject"], item["target_new"]
+    )
+
+
+class Editor:
+    """Edits one model with one algorithm at fixed layers; built once, used for every update.
+
+    ``Editor(loaded_model, cfg)`` takes a composed run config (Hydra's, or
+    :func:`editexp.config.compose`'s); :meth:`from_pretrained` builds both from a model
+    name, a Hugging Face id or a model already in memory, and keyword overrides.
+    """
+
+    def __init__(self, model: LoadedModel, cfg: DictConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.settings = run_settings(cfg)
+        model.spec.check_layers(list(self.settings.layers))
+        start = time.perf_counter()
+        stats = load_or_compute_stats(
+            model,
+            list(self.settings.layers),
+            cfg.stats,
+            cfg.data,
+            held_out_keys=cfg.eval.held_out_keys,
+        )
+        self.covariances = {
+            layer: CovarianceFactor(layer_stats.second_moment)
+            for layer, layer_stats in stats.items()
+        }
+        self.held_out_keys = {
+            layer: layer_stats.held_out_keys for layer, layer_stats in stats.items()
+        }
+        self.statistics_seconds = time.perf_counter() - start
+        prefixes = cfg.editing.prefixes
+        self.prefixes = context_prefixes(model, prefixes.count, prefixes.length, prefixes.seed)
+        # K_past K_past^T per layer of the updates so far, when they are kept (sequential
+        # keep_edits; AlphaEdit); checkpoint.pt saves it with the deltas.
+        self.past_keys: dict[int, PastKeys] | None = None
+        if self.settings.keep_edits:
+            self.past_keys = {
+                layer: PastKeys.empty(factor.dim, factor.matrix.device)
+                for layer, factor in self.covariances.items()
+            }
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | LoadedModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        algorithm: str = "memit",
+        device: str = "auto",
+        modules: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Editor:
+        """An Editor for ``model``: a name in ``conf/model``, a Hugging Face id, a loaded
+        :class:`LoadedModel`, or a ``transformers`` causal LM with its ``tokenizer`` (and
+        ``modules`` for an architecture that ``conf/model`` does not know). ``overrides`` are
+        run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``, ``**{"stats.n_tokens": 10**6}``."""
+        if isinstance(model, PreTrainedModel):
+            if tokenizer is None:
+                raise EditingError("Editor.from_pretrained(model, tokenizer): pass the tokenizer")
+            model = wrap_model(model, tokenizer, modules)
+        elif not isinstance(model, LoadedModel):
+            model = load_model(model, device)
+        return cls(model, compose(model.config, algorithm, **overrides))
+
+    @property
+    def hparams(self) -> ValueHparams:
+        return self.settings.hparams
+
+    def edit(self, facts: EditInput | Sequence[EditInput], revertible: bool = True) -> Update:
+        """Write ``facts`` (one, or several for MEMIT / EMMET) into the model with one update.
+
+        ``revertible`` keeps a copy of the edited matrices (on the CPU) for
+        :meth:`Update.revert`.
+        """
+        items = [facts] if isinstance(facts, Fact | EditRequest | Mapping) else list(facts)
+        requests = [as_request(item, index) for index, item in enumerate(items)]
+        previous = snapshot_weights(self.model, self.settings.layers, "cpu") if revertible else None
+        settings = self.settings
+        result = edit_batch(
+            self.model,
+            requests,
+            settings.algorithm,
+            settings.layers,
+            self.covariances,
+            settings.lam,
+            settings.hparams,
+            self.prefixes,
+            batch_size=self.cfg.editing.batch_size,
+            progress=len(requests) > 1,
+            past_keys=self.past_keys,
+            nullspace_threshold=settings.nullspace_threshold,
+        )
+        if self.past_keys is not None:  # this update's keys are preserved by the next ones
+            for layer, keys in result.keys.items():
+                self.past_keys[layer].add(keys)
+        return Update(
+            case_ids=[request.case_id for request in requests],
+            deltas=result.deltas,
+            values=result.values,
+            preservation_error=self.preservation_error(result.deltas),
+            timing=result.timing,
+            editor=self,
+            previous=previous,
+            kept_keys=result.keys if self.past_keys is not None else None,
+        )
+
+    def null_space_dims(self) -> list[int] | None:
+        """AlphaEdit: the dimension r of the null space at each edited layer."""
+        threshold = self.settings.nullspace_threshold
+        if threshold is None:
+            return None
+        return [
+            int(self.covariances[layer].null_space(threshold).shape[1])
+            for layer in self.settings.layers
+        ]
+
+    def preservation_error(self, deltas: dict[int, torch.Tensor]) -> float:
+        """||Delta K0|| / ||W K0|| over held-out corpus keys, summed over edited layers."""
+        total = 0.0
+        for layer, delta in deltas.items():
+            keys = self.held_out_keys.get(layer)
+            if keys is None or keys.numel() == 0:
+                continue
+            weight = self.model.weight(layer).detach().float().cpu()
+            held = keys.float().cpu()
+            total += float((delta @ held).norm() / (weight @ held).norm())
+        return total
+
+    def apply(self, path: str | Path, strict: bool = True) -> dict[int, torch.Tensor]:
+        """Add the deltas of :meth:`Update.save` (or a run's ``deltas.pt``) to the model."""
+        return apply_edits(self.model, path, strict)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from editexp.cache import atomic_write_json, cache_root, stable_hash
+from editexp.config import ValueHparams
 from editexp.models import LoadedModel
 from editexp.tokens import encode_prompt, encode_target, pad_sequences, subject_last_index
 
@@ -51,16 +52,6 @@ class EditRequest:
     prompt: str
     subject: str
     target_new: str
-
-
-@dataclass(frozen=True)
-class ValueHparams:
-    v_lr: float = 0.5
-    v_steps: int = 25
-    v_weight_decay: float = 1e-3
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
 
 
 @dataclass

@@ -196,6 +196,13 @@ class PastKeys:
         self.gram.addmm_(columns, columns.T)
         self.count += columns.shape[1]
 
+    def remove(self, keys: torch.Tensor) -> None:
+        """Undo :meth:`add` of the same keys (an update that was reverted)."""
+        columns = keys.detach().to(dtype=torch.float64, device=self.gram.device)
+        columns = columns.unsqueeze(1) if columns.ndim == 1 else columns
+        self.gram.addmm_(columns, columns.T, alpha=-1)
+        self.count -= columns.shape[1]
+
     def factor(self) -> torch.Tensor:
         """B (d_k, r) with B B^T = K_past K_past^T and r its numerical rank (r <= d_k).
 

@@ -23,11 +23,44 @@ from editexp.evaluation.scoring import score_continuations
 
 @dataclass
 class FactScores:
+    """A fact's evaluation on the model as it was then: the typed per-fact result."""
+
     case_id: int
     # family ("rewrite", "paraphrase", "neighborhood") -> (score_new, score_true) per prompt
     scores: dict[str, list[tuple[float, float]]]
     generation_texts: list[str] | None = None
     GE: float | None = None  # mean generation_entropy of generation_texts, in bits
+
+    def metrics(self) -> dict[str, float]:
+        """ES/PS/NS, their magnitudes (see :func:`fact_metrics`) and GE when it was measured.
+
+        Only numbers, so a list of these goes straight into :func:`metrics.aggregate`.
+        """
+        values = fact_metrics(self.scores)
+        if self.GE is not None:
+            values["GE"] = self.GE
+        return values
+
+    def to_json(self) -> dict[str, Any]:
+        """``case_id``, the :meth:`metrics` at the top level, the raw ``scores`` (lists of
+        ``[score_new, score_true]``) and, for facts with generation, ``generation_texts``."""
+        row: dict[str, Any] = {"case_id": self.case_id}
+        row.update(self.metrics())
+        row["scores"] = {
+            family: [[float(new), float(true)] for new, true in pairs]
+            for family, pairs in self.scores.items()
+        }
+        if self.generation_texts is not None:
+            row["generation_texts"] = list(self.generation_texts)
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> FactScores:
+        scores = {
+            family: [(float(new), float(true)) for new, true in pairs]
+            for family, pairs in row["scores"].items()
+        }
+        return cls(row["case_id"], scores, row.get("generation_texts"), row.get("GE"))
 
 
 def fact_prompts(fact: Fact) -> dict[str, list[str]]:
@@ -81,33 +114,3 @@ def evaluate_facts(
         results[index].generation_texts = fact_texts
         results[index].GE = float(np.mean([generation_entropy(text) for text in fact_texts]))
     return results
-
-
-def fact_metric_values(fact_scores: FactScores) -> dict[str, float]:
-    """ES/PS/NS, their magnitudes (see :func:`fact_metrics`) and GE when it was measured.
-
-    Only numbers, so a list of these goes straight into :func:`metrics.aggregate`.
-    """
-    values = fact_metrics(fact_scores.scores)
-    if fact_scores.GE is not None:
-        values["GE"] = fact_scores.GE
-    return values
-
-
-def fact_row(fact_scores: FactScores) -> dict[str, Any]:
-    """One JSON-serialisable line of ``facts.jsonl``.
-
-    ``case_id``, the metric values of :func:`fact_metric_values` at the top level, the raw
-    ``scores`` (lists of ``[score_new, score_true]``) and, for facts with generation, the
-    ``generation_texts``. Aggregate with :func:`fact_metric_values`, not with these rows
-    (``case_id`` is not a metric).
-    """
-    row: dict[str, Any] = {"case_id": fact_scores.case_id}
-    row.update(fact_metric_values(fact_scores))
-    row["scores"] = {
-        family: [[float(new), float(true)] for new, true in pairs]
-        for family, pairs in fact_scores.scores.items()
-    }
-    if fact_scores.generation_texts is not None:
-        row["generation_texts"] = list(fact_scores.generation_texts)
-    return row
