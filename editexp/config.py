@@ -53,7 +53,10 @@ def compose(
 
     Keys with dots go in as ``**{"editing.prefixes.count": 2}``; ``lam`` stands for
     ``lambda`` (a Python keyword). ``logger`` is ``none``: a library user tracks nothing.
+    ROME edits one fact per update, so its ``mode`` defaults to ``singular``.
     """
+    if algorithm == "rome":
+        overrides.setdefault("mode", "singular")
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
