@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editexp.cache import file_sha256
+from editexp.tokens import pad_sequences
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +228,12 @@ def padded_batches(
     for window in windows:
         batch.append(window)
         if len(batch) == batch_size:
-            yield _pad_right(batch, pad_id)
+            padded = pad_sequences(batch, pad_id)
+            yield padded.input_ids, padded.attention_mask
             batch = []
     if batch:
-        yield _pad_right(batch, pad_id)
-
-
-def _pad_right(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(window) for window in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, window in enumerate(windows):
-        input_ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
-        attention_mask[row, : len(window)] = 1
-    return input_ids, attention_mask
+        padded = pad_sequences(batch, pad_id)
+        yield padded.input_ids, padded.attention_mask
 
 
 def corpus_batches(

@@ -299,7 +299,6 @@ class Editor:
         self.model = model
         self.cfg = cfg
         self.settings = run_settings(cfg)
-        model.spec.check_layers(list(self.settings.layers))
         start = time.perf_counter()
         stats = load_or_compute_stats(
             model,
