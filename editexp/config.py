@@ -115,19 +115,17 @@ class RunSettings:
 
 
 def parse_layers(value: Any) -> tuple[int, ...]:
-    if isinstance(value, ListConfig | list | tuple):
-        items = list(value)
-    else:
-        items = [value]
-    try:
-        layers = tuple(int(item) for item in items)
-    except (TypeError, ValueError):
-        raise ConfigError(f"layer={value!r}; expected an int or a list of ints") from None
-    if not layers:
+    """``layer`` (an int or a list of ints, no repeats) as a sorted tuple; ``editexp`` and
+    ``editexp-stats`` both check it here."""
+    items = list(value) if isinstance(value, ListConfig | list | tuple) else [value]
+    if any(isinstance(item, bool) or not isinstance(item, int) for item in items):
+        shown = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        raise ConfigError(f"layer={shown!r}; expected an int or a list of ints")
+    if not items:
         raise ConfigError("layer=[] is empty; expected an int or a non-empty list of ints")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"layer={list(layers)} repeats a layer")
-    return tuple(sorted(layers))
+    if len(set(items)) != len(items):
+        raise ConfigError(f"layer={items} repeats a layer")
+    return tuple(sorted(items))
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:

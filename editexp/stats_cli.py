@@ -11,29 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from editexp.config import CONFIG_DIR
+from editexp.config import CONFIG_DIR, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.models import ModelSpec, load_model
 from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
-
-
-def layer_list(value: Any) -> list[int]:
-    """``layer`` as a sorted list without repeats: an int, or a list of ints."""
-    values = list(value) if isinstance(value, list | tuple | ListConfig) else [value]
-    layers = []
-    for item in values:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"layer={value!r}: expected an int or a list of ints")
-        layers.append(item)
-    if not layers:
-        raise ValueError("layer=[]: name at least one layer")
-    return sorted(set(layers))
 
 
 def condition_number(second_moment: torch.Tensor) -> float:
@@ -56,7 +42,7 @@ def describe(stats: LayerStats) -> str:
 
 def run(cfg: DictConfig) -> dict[int, LayerStats]:
     """Check the layers and the corpus, then load or compute the statistics and print them."""
-    layers = layer_list(cfg.layer)
+    layers = list(parse_layers(cfg.layer))
     ModelSpec.from_config(cfg.model).check_layers(layers)
     StatsSettings.from_config(cfg.stats)
     source = CorpusSource.from_config(cfg.stats, cfg.data)

@@ -87,6 +87,9 @@ def test_batch_and_singular_modes_set_the_update_size():
         (["lambda=-1"], "lambda=-1"),
         (["n_edits=0"], "n_edits=0"),
         (["layer=[]"], "empty"),
+        (["layer=1.5"], "layer=1.5; expected an int"),
+        (["layer=true"], "layer=True; expected an int"),
+        (["layer=[1,1]"], "repeats a layer"),
     ],
 )
 def test_invalid_runs_fail_at_config_time(overrides, message):
