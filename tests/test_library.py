@@ -191,3 +191,20 @@ def test_example_edits_one_fact_and_reverts():
     before, after, reverted = result["before"], result["after"], result["reverted"]
     assert after["comparison"].score_a < before["comparison"].score_a  # Lisbon became likelier
     assert reverted == before
+
+
+def test_editor_keeps_earlier_keys_and_revert_takes_them_back():
+    loaded = fresh("tiny-llama3")
+    keep = {"mode": "sequential", "batch_size": 1, "n_edits": 2, "sequential.keep_edits": True}
+    editor = Editor.from_pretrained(loaded, algorithm="memit", **keep, **FAST)
+    past = editor.past_keys[1]
+    first = editor.edit(FACTS[0])
+    gram = past.gram.clone()
+    assert past.count == 1 and float(gram.norm()) > 0
+    second = editor.edit(FACTS[1])
+    assert past.count == 2
+    second.revert()
+    assert past.count == 1
+    torch.testing.assert_close(past.gram, gram, rtol=1e-12, atol=1e-12 * float(gram.norm()))
+    first.revert()
+    assert past.count == 0 and float(past.gram.abs().max()) <= 1e-12 * float(gram.norm())
