@@ -3,7 +3,14 @@
 Every rewrite, paraphrase and neighbourhood prompt of every fact is scored in one
 :func:`~editexp.evaluation.scoring.score_continuations` call (so batches mix facts and stay
 full), each prompt against ``(target_new, target_true)``. Generation (GE) is optional and
-limited to the first ``generation_facts`` facts, since it is by far the slowest part.
+limited to the first ``generation_facts`` facts, since it is by far the slowest part; each
+generation prompt has its own seed (run seed, case id, prompt index), so a fact's texts do not
+depend on which facts generate with it.
+
+Singular edits: with ``edits`` (one rank-one update per fact, in the order of ``facts``) every
+fact's prompts, scored and sampled, carry only their own fact's update, so E singularly edited
+facts are evaluated in one batched call, with no weight written. ``start_states`` /
+``record_states`` are the scoring shortcuts of :mod:`editexp.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.data.counterfact import Fact
-from editexp.evaluation.generation import generate_texts
+from editexp.editing.rank_one import RowEdits
+from editexp.evaluation.generation import generate_texts, generation_seed
 from editexp.evaluation.metrics import fact_metrics, generation_entropy
-from editexp.evaluation.scoring import score_continuations
+from editexp.evaluation.scoring import LayerStates, score_continuations
 
 
 @dataclass
@@ -82,8 +90,17 @@ def evaluate_facts(
     generation_length: int = 100,
     seed: int = 0,
     progress: bool = True,
+    *,
+    edits: RowEdits | None = None,
+    start_states: LayerStates | None = None,
+    record_states: LayerStates | None = None,
 ) -> list[FactScores]:
-    """Scores of every fact's prompts, and generated texts and GE for the first few facts."""
+    """Scores of every fact's prompts, and generated texts and GE for the first few facts.
+
+    ``edits``: fact i is evaluated with edit i only (``len(edits) == len(facts)``).
+    """
+    if edits is not None and edits.n_edits != len(facts):
+        raise ValueError(f"{edits.n_edits} edits for {len(facts)} facts; expected one per fact")
     prompts: list[str] = []
     targets: list[list[str]] = []
     slots: list[tuple[int, str]] = []  # (fact index, family) of each prompt
@@ -92,7 +109,18 @@ def evaluate_facts(
             prompts.extend(family_prompts)
             targets.extend([[fact.target_new, fact.target_true]] * len(family_prompts))
             slots.extend([(index, family)] * len(family_prompts))
-    scores = score_continuations(model, tokenizer, prompts, targets, batch_size, progress)
+    scores = score_continuations(
+        model,
+        tokenizer,
+        prompts,
+        targets,
+        batch_size,
+        progress,
+        edits=edits,
+        prompt_edits=None if edits is None else [index for index, _ in slots],
+        start_states=start_states,
+        record_states=record_states,
+    )
 
     results = [FactScores(case_id=fact.case_id, scores={}) for fact in facts]
     for (index, family), (score_new, score_true) in zip(slots, scores):
@@ -103,9 +131,23 @@ def evaluate_facts(
         for index, fact in enumerate(facts[:generation_facts])
         if fact.generation_prompts
     ]
-    generation_prompts = [prompt for _, fact in generated for prompt in fact.generation_prompts]
+    if not generated:
+        return results
+    generation_prompts, seeds, prompt_edits = [], [], []
+    for index, fact in generated:
+        for position, prompt in enumerate(fact.generation_prompts):
+            generation_prompts.append(prompt)
+            seeds.append(generation_seed(seed, fact.case_id, position))
+            prompt_edits.append(index)
     texts = generate_texts(
-        model, tokenizer, generation_prompts, generation_length, seed=seed, batch_size=batch_size
+        model,
+        tokenizer,
+        generation_prompts,
+        generation_length,
+        seed=seeds,
+        batch_size=batch_size,
+        edits=edits,
+        prompt_edits=None if edits is None else prompt_edits,
     )
     start = 0
     for index, fact in generated:

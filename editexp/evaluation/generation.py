@@ -3,23 +3,44 @@
 Each prompt is sampled until its sequence (prompt ids included, BOS too when the tokenizer adds
 one) is ``length`` tokens long, as the reference does: end-of-sequence tokens do not stop the
 sampling (the reference loop has no stop condition) and special tokens are dropped from the
-decoded text. Prompts are batched with left padding; ``model.generate`` derives the position
-ids from the attention mask. Only the continuation is returned, decoded from its own ids.
+decoded text. Only the continuation is returned, decoded from its own ids.
 
-Sampling uses the global torch RNG inside :func:`torch.random.fork_rng`, seeded with ``seed``,
-so the caller's RNG state is untouched and the same seed, prompts and ``batch_size`` give the
-same texts (a different batching draws the random numbers in a different order).
+Every prompt has its own seed (:func:`generation_seed` of the run seed, the fact's case id and
+the prompt's index), which fixes all its random numbers in advance: draw j of a prompt is
+``u_j``, the j-th number of ``torch.Generator().manual_seed(seed).rand``. Token j is then the
+inverse-CDF pick of ``u_j`` among the ``top_k`` most likely tokens, renormalised (the same
+distribution as top-k sampling with temperature 1). So a prompt gives the same text alone, in
+any batch, with any batch size, and no global RNG state is read or changed.
+
+The sampling loop is written out (no ``model.generate``): the prompts of a batch are left-padded
+so that they end at the same column, run once with a KV cache, then one token per step with
+positions continuing each prompt's own; logits are computed only for the last position; rows
+that have all their tokens leave the batch. Singular edits: ``edits`` with ``prompt_edits``
+(see :class:`~editexp.editing.rank_one.RowEdits`) give each prompt its own fact's update, so
+many singularly edited facts generate in one batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import hashlib
+from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from editexp.editing.rank_one import RowEdits
 from editexp.tokens import encode_prompt, pad_sequences
+
+# Part of every cache key of sampled text (pre-edit GE, context prefixes): bump it when the
+# sampler's draws change.
+SAMPLER_VERSION = "per-prompt-inverse-cdf-1"
+
+
+def generation_seed(seed: int, case_id: int, index: int) -> int:
+    """The seed of prompt ``index`` of fact ``case_id`` in a run seeded with ``seed``."""
+    digest = hashlib.sha256(f"{seed}:{case_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def generate_texts(
@@ -28,12 +49,18 @@ def generate_texts(
     prompts: Sequence[str],
     length: int = 100,
     top_k: int = 5,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     batch_size: int = 32,
+    edits: RowEdits | None = None,
+    prompt_edits: Sequence[int] | None = None,
 ) -> list[str]:
-    """The sampled continuation of each prompt as text (prompt not included)."""
+    """The sampled continuation of each prompt as text (prompt not included).
+
+    ``seed``: one seed per prompt, or an int ``s`` that gives prompt i the seed
+    ``generation_seed(s, -1, i)``.
+    """
     continuations = sample_continuation_ids(
-        model, tokenizer, prompts, length, top_k, seed, batch_size
+        model, tokenizer, prompts, length, top_k, seed, batch_size, edits, prompt_edits
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]
 
@@ -44,72 +71,116 @@ def sample_continuation_ids(
     prompts: Sequence[str],
     length: int = 100,
     top_k: int = 5,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     batch_size: int = 32,
+    edits: RowEdits | None = None,
+    prompt_edits: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The sampled continuation ids of each prompt: ``length - len(prompt ids)`` of them."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected a positive number of prompts")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}; expected a positive number of tokens")
+    if isinstance(seed, int):
+        seeds = [generation_seed(seed, -1, i) for i in range(len(prompts))]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    if (edits is None) != (prompt_edits is None):
+        raise ValueError("edits and prompt_edits go together: one edit index per prompt")
+    if prompt_edits is not None and len(prompt_edits) != len(prompts):
+        raise ValueError(f"{len(prompt_edits)} prompt_edits for {len(prompts)} prompts")
+
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    wanted = [max(length - len(ids), 0) for ids in prompt_ids]
+    order = sorted(
+        (i for i in range(len(prompts)) if wanted[i] > 0), key=lambda i: len(prompt_ids[i])
+    )
     continuations: list[list[int]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.inference_mode():
-        torch.manual_seed(seed)
+    hook = edits.installed() if edits is not None else nullcontext()
+    with torch.inference_mode(), hook:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            sampled = _sample_batch(model, pad_id, [prompt_ids[i] for i in batch], length, top_k)
+            draws = [
+                torch.rand(wanted[i], generator=torch.Generator().manual_seed(seeds[i]))
+                for i in batch
+            ]
+            rows = [prompt_edits[i] for i in batch] if prompt_edits is not None else None
+            sampled = _sample_batch(
+                model, pad_id, [prompt_ids[i] for i in batch], draws, top_k, edits, rows
+            )
             for i, ids in zip(batch, sampled):
                 continuations[i] = ids
     return continuations
+
+
+def top_k_pick(logits: torch.Tensor, draws: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Token ids (B,) from logits (B, vocab) and uniform draws (B,) in [0, 1): the inverse CDF
+    of the softmax over the ``top_k`` largest logits, in descending order."""
+    values, indices = torch.topk(logits.float(), min(top_k, logits.shape[-1]), dim=-1)
+    cumulative = torch.softmax(values, dim=-1).cumsum(dim=-1)  # (B, k)
+    threshold = draws.to(cumulative.device).unsqueeze(1) * cumulative[:, -1:]
+    picked = (cumulative <= threshold).sum(dim=1).clamp(max=values.shape[1] - 1)
+    return indices.gather(1, picked.unsqueeze(1)).squeeze(1)
 
 
 def _sample_batch(
     model: PreTrainedModel,
     pad_id: int,
     prompt_ids: list[list[int]],
-    length: int,
+    draws: list[torch.Tensor],
     top_k: int,
+    edits: RowEdits | None,
+    edit_rows: list[int] | None,
 ) -> list[list[int]]:
-    """New token ids per prompt, ``length - len(prompt)`` of them (none for a long prompt)."""
-    wanted = [max(length - len(ids), 0) for ids in prompt_ids]
-    if max(wanted) == 0:
-        return [[] for _ in prompt_ids]
-    batch = pad_sequences(prompt_ids, pad_id, left_lengths=[len(ids) for ids in prompt_ids])
-    config = GenerationConfig(
-        do_sample=True,
-        top_k=top_k,
-        top_p=1.0,
-        temperature=1.0,
-        max_new_tokens=max(wanted),
-        pad_token_id=pad_id,
-    )
-    with _sampling_defaults(model, config):
-        output = model.generate(
-            input_ids=batch.input_ids.to(model.device),
-            attention_mask=batch.attention_mask.to(model.device),
-            generation_config=config,
-        )
-    new_tokens = output[:, batch.input_ids.shape[1] :].tolist()
-    return [row[:count] for row, count in zip(new_tokens, wanted)]
-
-
-@contextmanager
-def _sampling_defaults(model: PreTrainedModel, config: GenerationConfig) -> Iterator[None]:
-    """Make ``config`` the model's generation defaults for one call.
-
-    ``generate`` fills every unset field from ``model.generation_config``; that would bring
-    back the model's ``eos_token_id`` (stopping at end-of-sequence) and any sampling settings
-    of the checkpoint (temperature, repetition penalty, ...).
-    """
-    saved = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-def _cuda_devices(model: PreTrainedModel) -> list[int]:
+    """``len(draws[b])`` new token ids for each prompt b of one batch."""
     device = model.device
-    return [device.index or 0] if device.type == "cuda" else []
+    base = model.base_model
+    counts = torch.tensor([len(d) for d in draws])
+    steps = int(counts.max())
+    draw_table = torch.zeros(len(draws), steps)
+    for row, row_draws in enumerate(draws):
+        draw_table[row, : len(row_draws)] = row_draws
+    batch = pad_sequences(prompt_ids, pad_id, left_lengths=[len(ids) for ids in prompt_ids])
+    input_ids = batch.input_ids.to(device)
+    attention_mask = batch.attention_mask.to(device)
+    position_ids = batch.position_ids.to(device)
+    cache = DynamicCache(config=model.config)
+    active = torch.arange(len(prompt_ids))  # batch rows still sampling
+    tokens = torch.zeros(len(prompt_ids), steps, dtype=torch.long)
+    for step in range(steps):
+        if edits is not None:
+            edits.select([edit_rows[row] for row in active.tolist()])
+        hidden = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        picked = top_k_pick(_logits(model, hidden), draw_table[active, step], top_k)
+        tokens[active, step] = picked.cpu()
+        # Rows that now have all their tokens leave the batch (and the cache).
+        keep = counts[active] > step + 1
+        if not keep.any():
+            break
+        if not keep.all():
+            kept = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(kept.to(device))
+            active, picked = active[kept], picked[kept.to(device)]
+            attention_mask, position_ids = attention_mask[kept], position_ids[kept]
+        input_ids = picked.unsqueeze(1)
+        position_ids = position_ids[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
+    return [tokens[row, :count].tolist() for row, count in enumerate(counts.tolist())]
+
+
+def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits from final hidden states (B, d), as the causal-LM head computes them."""
+    logits = model.get_output_embeddings()(hidden)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

@@ -18,6 +18,16 @@ How a batch of prompts is scored without wasted work (see :func:`score_continuat
 3. Only the hidden states that predict a target token go through the unembedding and a
    log-softmax, the prompt's last one once for all of its targets.
 
+Two shortcuts serve post-edit scoring (each optional, each tested against the plain path):
+
+- ``edits`` (:class:`~editexp.editing.rank_one.RowEdits`) with ``prompt_edits``: every prompt's
+  rows carry their own fact's rank-one update at the edited layer, so the prompts of many
+  singular edits are scored in one batched pass without writing weights;
+- ``start_states`` (:class:`LayerStates`): the passes start at layer L's input from hidden
+  states recorded on the unedited model (``record_states`` during a full pass, or
+  :func:`record_layer_states`, which runs only the layers below L), skipping layers 0..L-1.
+  Valid while no layer below L has been edited.
+
 :func:`score_continuation_unbatched` is the plain computation (one full forward per pair,
 logits everywhere) that tests and benchmarks compare against.
 """
@@ -25,12 +35,16 @@ logits everywhere) that tests and benchmarks compare against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from editexp.editing.rank_one import RowEdits
+from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
 from editexp.tokens import encode_prompt, encode_target, pad_sequences
 
 
@@ -60,6 +74,57 @@ def encode_continuations(
     return encoded
 
 
+@dataclass
+class LayerStates:
+    """Hidden states entering ``layers[layer]`` for scored text, keyed by token ids.
+
+    ``prompts[prompt ids]`` is (prompt length, d); ``continuations[(prompt ids, fed ids)]`` is
+    (len(fed ids), d) for the target tokens fed after a prompt (all but a target's last).
+    Recorded on the unedited model; valid for any model that differs from it only at layers
+    >= ``layer``.
+    """
+
+    layers: nn.ModuleList
+    layer: int
+    device: torch.device | str = "cpu"  # where the states are kept
+    prompts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    continuations: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(
+        default_factory=dict
+    )
+
+    @classmethod
+    def for_model(cls, loaded, layer: int, device: torch.device | str | None = None):
+        """Empty states for ``loaded`` (a LoadedModel), kept on ``device`` (default: the
+        model's device)."""
+        layers = loaded.model.get_submodule(loaded.spec.layers_module)
+        return cls(layers, layer, loaded.device if device is None else device)
+
+    def covers(self, encoded: Sequence[EncodedPrompt]) -> bool:
+        """Whether every sequence of ``encoded`` has stored states."""
+        for item in encoded:
+            key = tuple(item.prompt_ids)
+            if item.target_ids and key not in self.prompts:
+                return False
+            for ids in item.target_ids:
+                if len(ids) > 1 and (key, tuple(ids[:-1])) not in self.continuations:
+                    return False
+        return True
+
+    def nbytes(self) -> int:
+        tensors = [*self.prompts.values(), *self.continuations.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class _Shortcuts:
+    """What the passes of one scoring call do besides the plain forward."""
+
+    edits: RowEdits | None = None  # per-row rank-one updates (rows selected per pass)
+    start: LayerStates | None = None  # start at start.layer from stored states
+    record: LayerStates | None = None  # record the states entering record.layer
+    stop: bool = False  # with record: stop at the layer (no scores)
+
+
 def score_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,25 +132,67 @@ def score_continuations(
     targets: Sequence[Sequence[str]],
     batch_size: int = 64,
     progress: bool = False,
+    *,
+    edits: RowEdits | None = None,
+    prompt_edits: Sequence[int] | None = None,
+    start_states: LayerStates | None = None,
+    record_states: LayerStates | None = None,
 ) -> list[list[float]]:
     """Mean NLL of each target of each prompt, ``result[i][j]`` for ``targets[i][j]``.
 
     ``batch_size`` counts prompts (each with all its targets); see :func:`length_batches` for
-    how prompts are grouped. Results come back in the input order.
+    how prompts are grouped. Results come back in the input order. ``edits`` with
+    ``prompt_edits`` (the edit index of each prompt, -1 for none) and ``start_states`` /
+    ``record_states`` are the shortcuts of the module docstring.
     """
+    if (edits is None) != (prompt_edits is None):
+        raise ValueError("edits and prompt_edits go together: one edit index per prompt")
+    if prompt_edits is not None and len(prompt_edits) != len(prompts):
+        raise ValueError(f"{len(prompt_edits)} prompt_edits for {len(prompts)} prompts")
+    if start_states is not None and record_states is not None:
+        raise ValueError("start_states and record_states exclude each other")
+    if start_states is not None and edits is not None and edits.layer < start_states.layer:
+        raise ValueError(
+            f"states entering layer {start_states.layer} skip the edit at layer {edits.layer}"
+        )
+    shortcuts = _Shortcuts(edits=edits, start=start_states, record=record_states)
+    return _score_all(
+        model, tokenizer, prompts, targets, batch_size, progress, shortcuts, prompt_edits
+    )
+
+
+def record_layer_states(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[Sequence[str]],
+    states: LayerStates,
+    batch_size: int = 64,
+) -> None:
+    """Fill ``states`` for these prompts and targets with passes that run only the layers
+    below ``states.layer`` (no scores)."""
+    shortcuts = _Shortcuts(record=states, stop=True)
+    _score_all(model, tokenizer, prompts, targets, batch_size, False, shortcuts, None)
+
+
+def _score_all(model, tokenizer, prompts, targets, batch_size, progress, shortcuts, prompt_edits):
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected a positive number of prompts")
     encoded = encode_continuations(tokenizer, prompts, targets)
     batches = length_batches([len(item.prompt_ids) for item in encoded], batch_size)
     scores: list[list[float]] = [[] for _ in encoded]
     pad_id = _pad_id(tokenizer)
-    with torch.inference_mode():
+    hook = shortcuts.edits.installed() if shortcuts.edits is not None else nullcontext()
+    with torch.inference_mode(), hook:
         for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-            batch_items = [encoded[i] for i in batch if encoded[i].target_ids]
-            batch_scores = iter(_score_batch(model, pad_id, batch_items))
-            for i in batch:
-                if encoded[i].target_ids:
-                    scores[i] = next(batch_scores)
+            kept = [i for i in batch if encoded[i].target_ids]
+            edit_rows = [prompt_edits[i] for i in kept] if prompt_edits is not None else None
+            batch_scores = _score_batch(
+                model, pad_id, [encoded[i] for i in kept], edit_rows, shortcuts
+            )
+            if batch_scores is not None:
+                for i, item_scores in zip(kept, batch_scores):
+                    scores[i] = item_scores
     return scores
 
 
@@ -121,59 +228,80 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def _score_batch(
-    model: PreTrainedModel, pad_id: int, items: list[EncodedPrompt]
-) -> list[list[float]]:
-    """Scores of one batch of prompts (see the module docstring for the three steps)."""
+    model: PreTrainedModel,
+    pad_id: int,
+    items: list[EncodedPrompt],
+    edit_rows: list[int] | None,
+    shortcuts: _Shortcuts,
+) -> list[list[float]] | None:
+    """Scores of one batch of prompts (see the module docstring for the three steps); None
+    when the passes only record states."""
     if not items:
         return []
     device = model.device
-    base = model.base_model
     prompts = pad_sequences([item.prompt_ids for item in items], pad_id).to(device)
-    cache = DynamicCache(config=model.config)
-    prompt_out = base(
-        input_ids=prompts.input_ids,
-        attention_mask=prompts.attention_mask,
-        position_ids=prompts.position_ids,
-        cache=cache,
-        use_cache=True,
-    )
+    prompt_keys = [tuple(item.prompt_ids) for item in items]
     prompt_lengths = prompts.attention_mask.sum(dim=1)
-    last_hidden = prompt_out.last_hidden_state[
-        torch.arange(len(items), device=device), prompt_lengths - 1
-    ]
-
-    # Token 0 of every target is predicted by its prompt's last hidden state: unembedded once
-    # per prompt, however many targets share it. One row per (prompt, target) from here on.
-    first_log_probs = _log_softmax_logits(model, last_hidden)  # (B, vocab)
+    cache = DynamicCache(config=model.config)
+    prompt_hidden = _forward(
+        model,
+        shortcuts,
+        prompts.input_ids,
+        prompts.attention_mask,
+        prompts.position_ids,
+        cache,
+        rows=edit_rows,
+        keys=prompt_keys,
+        lengths=prompt_lengths.tolist(),
+        stored=None if shortcuts.start is None else shortcuts.start.prompts,
+        recorded=None if shortcuts.record is None else shortcuts.record.prompts,
+    )
     row_prompt = torch.tensor(
         [i for i, item in enumerate(items) for _ in item.target_ids], device=device
     )
     row_targets = [ids for item in items for ids in item.target_ids]
-    first_ids = torch.tensor([ids[0] for ids in row_targets], device=device)
-    nll_sums = -first_log_probs[row_prompt, first_ids]  # (R,)
+    multi_token = [row for row, ids in enumerate(row_targets) if len(ids) > 1]
+
+    if prompt_hidden is not None:
+        last_hidden = prompt_hidden[torch.arange(len(items), device=device), prompt_lengths - 1]
+        # Token 0 of every target is predicted by its prompt's last hidden state: unembedded
+        # once per prompt, however many targets share it. One row per (prompt, target) now.
+        first_log_probs = _log_softmax_logits(model, last_hidden)  # (B, vocab)
+        first_ids = torch.tensor([ids[0] for ids in row_targets], device=device)
+        nll_sums = -first_log_probs[row_prompt, first_ids]  # (R,)
 
     # Rows with more than one target token feed all but their last token on the cache; the
     # others (most CounterFact targets are one token) are done and skip this pass.
-    multi_token = [row for row, ids in enumerate(row_targets) if len(ids) > 1]
     if multi_token:
         fed_rows = torch.tensor(multi_token, device=device)
         fed_prompt = row_prompt[fed_rows]
         cache.batch_select_indices(fed_prompt)
-        fed = pad_sequences([row_targets[row][:-1] for row in multi_token], pad_id).to(device)
-        fed_out = base(
-            input_ids=fed.input_ids,
-            attention_mask=torch.cat([prompts.attention_mask[fed_prompt], fed.attention_mask], 1),
-            position_ids=fed.position_ids + prompt_lengths[fed_prompt].unsqueeze(1),
-            cache=cache,
-            use_cache=True,
+        fed_ids = [row_targets[row][:-1] for row in multi_token]
+        fed = pad_sequences(fed_ids, pad_id).to(device)
+        fed_prompt_list = fed_prompt.tolist()
+        fed_hidden = _forward(
+            model,
+            shortcuts,
+            fed.input_ids,
+            torch.cat([prompts.attention_mask[fed_prompt], fed.attention_mask], 1),
+            fed.position_ids + prompt_lengths[fed_prompt].unsqueeze(1),
+            cache,
+            rows=None if edit_rows is None else [edit_rows[i] for i in fed_prompt_list],
+            keys=[(prompt_keys[i], tuple(ids)) for i, ids in zip(fed_prompt_list, fed_ids)],
+            lengths=[len(ids) for ids in fed_ids],
+            stored=None if shortcuts.start is None else shortcuts.start.continuations,
+            recorded=None if shortcuts.record is None else shortcuts.record.continuations,
         )
-        predicted = pad_sequences([row_targets[row][1:] for row in multi_token], pad_id)
-        is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
-        log_probs = _log_softmax_logits(model, fed_out.last_hidden_state[is_fed])
-        labels = predicted.input_ids.to(device)[is_fed]
-        nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
-        row_of_token = fed_rows.repeat_interleave(is_fed.sum(dim=1))
-        nll_sums = nll_sums.index_add(0, row_of_token, nll)
+        if fed_hidden is not None:
+            predicted = pad_sequences([row_targets[row][1:] for row in multi_token], pad_id)
+            is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
+            log_probs = _log_softmax_logits(model, fed_hidden[is_fed])
+            labels = predicted.input_ids.to(device)[is_fed]
+            nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+            row_of_token = fed_rows.repeat_interleave(is_fed.sum(dim=1))
+            nll_sums = nll_sums.index_add(0, row_of_token, nll)
+    if prompt_hidden is None:
+        return None
     target_lengths = torch.tensor([len(ids) for ids in row_targets], device=device)
     means = (nll_sums / target_lengths).tolist()
     out, start = [], 0
@@ -181,6 +309,76 @@ def _score_batch(
         out.append(means[start : start + len(item.target_ids)])
         start += len(item.target_ids)
     return out
+
+
+def _forward(
+    model: PreTrainedModel,
+    shortcuts: _Shortcuts,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: DynamicCache,
+    rows: list[int] | None,
+    keys: list,
+    lengths: list[int],
+    stored: dict | None,
+    recorded: dict | None,
+) -> torch.Tensor | None:
+    """One pass of the base model over right-padded sequences (B, T): the final hidden
+    states, or None when it stopped after recording the states entering a layer."""
+    base = model.base_model
+    if shortcuts.edits is not None:
+        shortcuts.edits.select(rows)
+    if shortcuts.start is not None:
+        hidden = _padded_states(stored, keys, lengths, input_ids.shape[1], model.device)
+        out = forward_from_layer(
+            base,
+            shortcuts.start.layers,
+            shortcuts.start.layer,
+            hidden,
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+    inputs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+    )
+    if shortcuts.record is None:
+        return base(**inputs).last_hidden_state
+    record = shortcuts.record
+    with capture_layer_input(record.layers, record.layer, stop=shortcuts.stop) as captured:
+        try:
+            last_hidden = base(**inputs).last_hidden_state
+        except StopForward:
+            last_hidden = None
+    for row, (key, length) in enumerate(zip(keys, lengths)):
+        if key not in recorded:
+            recorded[key] = captured[0][row, :length].to(record.device).clone()
+    return last_hidden
+
+
+def _padded_states(
+    stored: dict, keys: list, lengths: list[int], width: int, device: torch.device
+) -> torch.Tensor:
+    """Stored states of each row, right-padded with zeros to (B, width, d)."""
+    try:
+        rows = [stored[key] for key in keys]
+    except KeyError:
+        raise KeyError(
+            "no stored layer states for a scored sequence: record them first "
+            "(record_layer_states, or record_states= on a full pass over the same prompts)"
+        ) from None
+    hidden = torch.zeros(len(rows), width, rows[0].shape[-1], dtype=rows[0].dtype, device=device)
+    for row, (states, length) in enumerate(zip(rows, lengths)):
+        hidden[row, :length] = states
+    return hidden
 
 
 def _log_softmax_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
