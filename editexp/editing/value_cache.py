@@ -1,0 +1,214 @@
+"""Values v* and keys k* of the unedited model, on disk, shared by every grid point of a sweep.
+
+v* of a fact depends only on the model's weights, the edited module and layer, the fact, the
+value hyperparameters, the context prefixes and the code that optimises it; k* only on the
+model, module, layer, prefixes, prompt and subject. Every non-sequential grid point that edits
+the same fact at the same layer (ROME and MEMIT in the layer search, every lambda of the lambda
+search, the nested sizes of batch scaling, the first update of every sequential run) needs the
+same vectors, so they are computed once and read from here afterwards.
+
+Layout: ``<cache root>/<kind>/<model name>/layer<L>-<settings hash>/<fact hash>.pt``, one small
+file per fact (a dict of tensors), ``settings.json`` naming what the settings hash covers. The
+settings hash includes the model identity (weights), the device type (GPU and CPU round
+differently), the module paths, the layer, the hyperparameters, the prefixes and a hash of the
+source files that compute the vectors (:data:`CODE_MODULES`), so a changed objective never reads
+stale values. The fact hash covers every field of the request (values) or prompt and subject
+(keys).
+
+Only call this for the *unedited* model: vectors computed on an edited model (sequential
+batches after the first) must be computed fresh. Facts are looked up and computed chunk by
+chunk under a file lock on the settings directory, so two jobs that need the same facts compute
+each chunk once (the second waits, then reads); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editexp.cache import atomic_torch_save, atomic_write_json, cache_root, file_lock, stable_hash
+from editexp.editing.keys_values import EditRequest, ValueHparams, Values
+from editexp.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# The modules whose source decides the vectors: part of every settings hash.
+CODE_MODULES = ("editexp.editing.keys_values", "editexp.tokens")
+_CODE_HASH: list[str] = []
+
+
+@dataclass
+class CacheCounts:
+    """How many facts' vectors a run computed and how many it read from the cache."""
+
+    computed: int = 0
+    read: int = 0
+
+    def add(self, other: CacheCounts) -> None:
+        self.computed += other.computed
+        self.read += other.read
+
+
+def code_hash() -> str:
+    """sha256 (16 hex digits) of the source of :data:`CODE_MODULES`."""
+    if not _CODE_HASH:
+        sources = []
+        for name in CODE_MODULES:
+            module = importlib.import_module(name)
+            sources.append(Path(module.__file__).read_text())
+        _CODE_HASH.append(stable_hash(sources))
+    return _CODE_HASH[0]
+
+
+class VectorCache:
+    """Per-fact entries (dicts of tensors) in one settings directory."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any]) -> None:
+        self.directory = directory
+        self.settings = settings
+
+    def entry_path(self, fact_key: str) -> Path:
+        return self.directory / f"{fact_key}.pt"
+
+    def _read(self, fact_key: str) -> dict[str, torch.Tensor] | None:
+        path = self.entry_path(fact_key)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # an unreadable entry is recomputed, never trusted
+            log.warning("Ignoring unreadable cache entry %s (%s)", path, error)
+            return None
+
+    def get_or_compute(
+        self,
+        fact_keys: Sequence[str],
+        compute: Callable[[list[int]], list[dict[str, torch.Tensor]]],
+        chunk_size: int,
+        counts: CacheCounts,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The entry of every fact, in order; ``compute(indices)`` returns the entries of the
+        facts at those indices (called at most once per chunk, with the missing ones)."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size}; expected a positive number of facts")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        settings_path = self.directory / "settings.json"
+        if not settings_path.is_file():
+            atomic_write_json(settings_path, self.settings)
+        entries: list[dict[str, torch.Tensor] | None] = [None] * len(fact_keys)
+        for start in range(0, len(fact_keys), chunk_size):
+            chunk = range(start, min(start + chunk_size, len(fact_keys)))
+            with file_lock(self.directory):
+                missing: dict[str, list[int]] = {}  # fact key -> positions (duplicates share)
+                for index in chunk:
+                    entry = self._read(fact_keys[index])
+                    if entry is None:
+                        missing.setdefault(fact_keys[index], []).append(index)
+                    else:
+                        entries[index] = entry
+                        counts.read += 1
+                if missing:
+                    firsts = [positions[0] for positions in missing.values()]
+                    computed = compute(firsts)
+                    if len(computed) != len(firsts):
+                        raise RuntimeError(f"compute returned {len(computed)} of {len(firsts)}")
+                    for (key, positions), entry in zip(missing.items(), computed):
+                        entry = {name: tensor.detach().cpu() for name, tensor in entry.items()}
+                        atomic_torch_save(self.entry_path(key), entry)
+                        for index in positions:
+                            entries[index] = entry
+                    counts.computed += len(firsts)
+                    counts.read += sum(len(p) - 1 for p in missing.values())
+        return entries  # type: ignore[return-value]
+
+
+def _settings(
+    kind: str, loaded: LoadedModel, layer: int, prefixes: Sequence[str], extra: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "model_identity": loaded.identity,
+        "device_type": loaded.device.type,
+        "edit_module": loaded.spec.edit_module,
+        "layers_module": loaded.spec.layers_module,
+        "layer": int(layer),
+        "prefixes": list(prefixes),
+        "code": code_hash(),
+        **extra,
+    }
+
+
+def _cache_for(kind: str, loaded: LoadedModel, layer: int, settings: dict[str, Any]):
+    directory = cache_root() / kind / loaded.spec.name / f"layer{layer}-{stable_hash(settings)}"
+    return VectorCache(directory, settings)
+
+
+def value_cache(
+    loaded: LoadedModel, layer: int, prefixes: Sequence[str], hparams: ValueHparams
+) -> VectorCache:
+    settings = _settings("values", loaded, layer, prefixes, {"hparams": asdict(hparams)})
+    return _cache_for("values", loaded, layer, settings)
+
+
+def key_cache(loaded: LoadedModel, layer: int, prefixes: Sequence[str]) -> VectorCache:
+    return _cache_for("keys", loaded, layer, _settings("keys", loaded, layer, prefixes, {}))
+
+
+def value_fact_key(request: EditRequest) -> str:
+    return stable_hash(asdict(request))
+
+
+def key_fact_key(request: EditRequest) -> str:
+    return stable_hash([request.prompt, request.subject])
+
+
+def cached_values(
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    layer: int,
+    hparams: ValueHparams,
+    compute: Callable[[Sequence[EditRequest]], Values],
+    chunk_size: int,
+    counts: CacheCounts,
+) -> Values:
+    """Values of the unedited model for ``requests``, read from the cache where present and
+    computed with ``compute(missing requests)`` otherwise (then stored)."""
+    names = [field.name for field in fields(Values)]
+
+    def compute_entries(indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        values = compute([requests[i] for i in indices])
+        return [{name: getattr(values, name)[row] for name in names} for row in range(len(indices))]
+
+    cache = value_cache(loaded, layer, prefixes, hparams)
+    keys = [value_fact_key(request) for request in requests]
+    entries = cache.get_or_compute(keys, compute_entries, chunk_size, counts)
+    return Values(**{name: torch.stack([entry[name] for entry in entries]) for name in names})
+
+
+def cached_keys(
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    layer: int,
+    compute: Callable[[Sequence[EditRequest]], torch.Tensor],
+    chunk_size: int,
+    counts: CacheCounts,
+) -> torch.Tensor:
+    """Keys k* (d_k, E) of the unedited model, cached like :func:`cached_values`;
+    ``compute(requests)`` returns their keys as columns."""
+
+    def compute_entries(indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        keys = compute([requests[i] for i in indices])
+        return [{"key": keys[:, column]} for column in range(len(indices))]
+
+    cache = key_cache(loaded, layer, prefixes)
+    fact_keys = [key_fact_key(request) for request in requests]
+    entries = cache.get_or_compute(fact_keys, compute_entries, chunk_size, counts)
+    return torch.stack([entry["key"] for entry in entries], dim=1)
