@@ -1,0 +1,177 @@
+"""The sweep's value/key cache: same vectors as computing them, computed once, keyed by all
+that changes them, safe across processes."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cached_model
+
+from editexp.editing.keys_values import EditRequest, ValueHparams, compute_keys, compute_values
+from editexp.editing.value_cache import (
+    CacheCounts,
+    VectorCache,
+    cached_keys,
+    cached_values,
+    code_hash,
+    value_cache,
+    value_fact_key,
+)
+
+REQUESTS = [
+    EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
+    EditRequest(2, "{}, which is located in", "Eiffel Tower", "Rome, Italy"),
+    EditRequest(3, "{} plays the", "Miles Davis", "electric guitar"),
+]
+PREFIXES = ["", "The weather was nice today. "]
+HPARAMS = ValueHparams(v_lr=0.5, v_steps=4)
+LAYER = 1
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny():
+    return cached_model("tiny-llama3")
+
+
+class Counting:
+    """compute_values on the tiny model, counting the facts it is asked for."""
+
+    def __init__(self, loaded, prefixes=PREFIXES, layer=LAYER, hparams=HPARAMS):
+        self.loaded, self.prefixes, self.layer, self.hparams = loaded, prefixes, layer, hparams
+        self.asked: list[int] = []
+
+    def __call__(self, requests):
+        self.asked.extend(request.case_id for request in requests)
+        return compute_values(
+            self.loaded, requests, self.prefixes, self.layer, self.hparams, progress=False
+        )
+
+
+def values_via_cache(loaded, requests, compute, prefixes=PREFIXES, layer=LAYER, hparams=HPARAMS):
+    counts = CacheCounts()
+    values = cached_values(loaded, requests, prefixes, layer, hparams, compute, 2, counts)
+    return values, counts
+
+
+def test_cached_values_equal_computed_values_and_are_computed_once(tiny):
+    direct = compute_values(tiny, REQUESTS, PREFIXES, LAYER, HPARAMS, batch_size=2, progress=False)
+    compute = Counting(tiny)
+    first, counts = values_via_cache(tiny, REQUESTS, compute)
+    assert (counts.computed, counts.read) == (3, 0) and sorted(compute.asked) == [1, 2, 3]
+    for name in ("deltas", "outputs", "losses", "steps"):
+        torch.testing.assert_close(getattr(first, name), getattr(direct, name))
+    second, counts = values_via_cache(tiny, REQUESTS, compute)
+    assert (counts.computed, counts.read) == (0, 3) and len(compute.asked) == 3
+    for name in ("deltas", "outputs", "losses", "steps"):
+        assert torch.equal(getattr(second, name), getattr(first, name))
+
+
+def test_a_larger_batch_computes_only_the_new_facts(tiny):
+    compute = Counting(tiny)
+    values_via_cache(tiny, REQUESTS[:2], compute)
+    values, counts = values_via_cache(tiny, [REQUESTS[2], REQUESTS[0], REQUESTS[0]], compute)
+    assert compute.asked == [1, 2, 3]
+    assert (counts.computed, counts.read) == (1, 2)
+    assert torch.equal(values.deltas[1], values.deltas[2])
+
+
+@pytest.mark.parametrize("change", ["hparams", "layer", "prefixes", "target", "model", "code"])
+def test_everything_that_changes_the_values_changes_the_key(tiny, change, monkeypatch):
+    compute = Counting(tiny)
+    values_via_cache(tiny, REQUESTS[:1], compute)
+    loaded, requests, kwargs = tiny, REQUESTS[:1], {}
+    if change == "hparams":
+        kwargs["hparams"] = dataclasses.replace(HPARAMS, v_lr=0.1)
+    elif change == "layer":
+        kwargs["layer"] = 2
+    elif change == "prefixes":
+        kwargs["prefixes"] = ["", "Something else. "]
+    elif change == "target":
+        requests = [dataclasses.replace(REQUESTS[0], target_new="German")]
+    elif change == "model":
+        loaded = copy.copy(tiny)
+        loaded.identity = tiny.identity + "-other-weights"
+    elif change == "code":
+        monkeypatch.setattr("editexp.editing.value_cache._CODE_HASH", ["another-version"])
+    other = Counting(loaded, **kwargs)
+    _, counts = values_via_cache(loaded, requests, other, **kwargs)
+    assert counts.computed == 1 and counts.read == 0
+    # and the unchanged setting still reads
+    _, counts = values_via_cache(tiny, REQUESTS[:1], compute)
+    assert (counts.computed, counts.read) == (0, 1)
+
+
+def test_settings_are_written_next_to_the_entries(tiny, cache_dir):
+    values_via_cache(tiny, REQUESTS[:1], Counting(tiny))
+    cache = value_cache(tiny, LAYER, PREFIXES, HPARAMS)
+    assert cache.directory.is_relative_to(cache_dir / "values" / tiny.spec.name)
+    assert cache.entry_path(value_fact_key(REQUESTS[0])).is_file()
+    settings = (cache.directory / "settings.json").read_text()
+    for part in (tiny.identity, code_hash(), '"v_lr": 0.5', "The weather was nice today."):
+        assert part in settings
+
+
+def test_an_unreadable_entry_is_recomputed(tiny):
+    compute = Counting(tiny)
+    first, _ = values_via_cache(tiny, REQUESTS[:1], compute)
+    path = value_cache(tiny, LAYER, PREFIXES, HPARAMS).entry_path(value_fact_key(REQUESTS[0]))
+    path.write_bytes(b"not a torch file")
+    again, counts = values_via_cache(tiny, REQUESTS[:1], compute)
+    assert counts.computed == 1 and torch.equal(again.deltas, first.deltas)
+
+
+def test_cached_keys_equal_computed_keys(tiny):
+    direct = compute_keys(tiny, REQUESTS, PREFIXES, [LAYER])[LAYER]
+
+    def compute(requests):
+        return compute_keys(tiny, requests, PREFIXES, [LAYER])[LAYER]
+
+    counts = CacheCounts()
+    keys = cached_keys(tiny, REQUESTS, PREFIXES, LAYER, compute, 2, counts)
+    torch.testing.assert_close(keys, direct)
+    # keys depend on prompt and subject only: another target reads the same key
+    other = [dataclasses.replace(REQUESTS[0], case_id=9, target_new="German")]
+    again = cached_keys(tiny, other, PREFIXES, LAYER, compute, 2, counts)
+    assert (counts.computed, counts.read) == (3, 1)
+    assert torch.equal(again[:, 0], keys[:, 0])
+
+
+def _worker(directory: str, log: str, keys: list[str]) -> None:
+    def compute(indices):
+        with open(log, "a") as handle:
+            handle.write("".join(f"{keys[i]}\n" for i in indices))
+        time.sleep(0.3)  # long enough for the other process to want the same chunk
+        return [{"v": torch.full((3,), float(len(keys[i])))} for i in indices]
+
+    cache = VectorCache(Path(directory), {"test": True})
+    entries = cache.get_or_compute(keys, compute, 2, CacheCounts())
+    assert [float(e["v"][0]) for e in entries] == [float(len(k)) for k in keys]
+
+
+def test_two_processes_compute_each_fact_once(tmp_path):
+    keys = ["a", "bb", "ccc", "dddd", "eeeee"]
+    log = tmp_path / "computed.log"
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_worker, args=(str(tmp_path / "c"), str(log), keys))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert sorted(log.read_text().split()) == sorted(keys)
+    assert not list((tmp_path / "c").glob("*.tmp"))
