@@ -1,0 +1,1 @@
+"""editexp's Hydra launcher plugin: ``hydra/launcher=local`` (see ``launcher.py``)."""
