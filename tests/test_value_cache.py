@@ -123,13 +123,33 @@ def test_settings_are_written_next_to_the_entries(tiny, cache_dir):
         assert part in settings
 
 
-def test_an_unreadable_entry_is_recomputed(tiny):
+@pytest.mark.parametrize("damage", ["bytes", "names", "shape", "nan"])
+def test_a_bad_entry_is_recomputed(tiny, damage):
     compute = Counting(tiny)
     first, _ = values_via_cache(tiny, REQUESTS[:1], compute)
     path = value_cache(tiny, LAYER, PREFIXES, HPARAMS).entry_path(value_fact_key(REQUESTS[0]))
-    path.write_bytes(b"not a torch file")
+    entry = torch.load(path)
+    if damage == "bytes":
+        path.write_bytes(b"not a torch file")
+    elif damage == "names":
+        torch.save({"deltas": entry["deltas"]}, path)
+    elif damage == "shape":
+        torch.save({**entry, "deltas": entry["deltas"][:-1]}, path)
+    else:
+        torch.save({**entry, "outputs": entry["outputs"] * float("nan")}, path)
     again, counts = values_via_cache(tiny, REQUESTS[:1], compute)
     assert counts.computed == 1 and torch.equal(again.deltas, first.deltas)
+    assert torch.equal(torch.load(path)["outputs"], entry["outputs"])  # healed
+
+
+def test_a_complete_cache_is_read_without_the_lock(tiny):
+    compute = Counting(tiny)
+    values_via_cache(tiny, REQUESTS, compute)
+    directory = value_cache(tiny, LAYER, PREFIXES, HPARAMS).directory
+    lock = Path(f"{directory}.lock")
+    lock.unlink()
+    _, counts = values_via_cache(tiny, REQUESTS, compute)
+    assert counts.read == 3 and not lock.exists()
 
 
 def test_cached_keys_equal_computed_keys(tiny):
@@ -155,7 +175,7 @@ def _worker(directory: str, log: str, keys: list[str]) -> None:
         time.sleep(0.3)  # long enough for the other process to want the same chunk
         return [{"v": torch.full((3,), float(len(keys[i])))} for i in indices]
 
-    cache = VectorCache(Path(directory), {"test": True})
+    cache = VectorCache(Path(directory), {"test": True}, {"v": (3,)})
     entries = cache.get_or_compute(keys, compute, 2, CacheCounts())
     assert [float(e["v"][0]) for e in entries] == [float(len(k)) for k in keys]
 

@@ -67,11 +67,21 @@ def code_hash() -> str:
 
 
 class VectorCache:
-    """Per-fact entries (dicts of tensors) in one settings directory."""
+    """Per-fact entries (dicts of tensors) in one settings directory.
 
-    def __init__(self, directory: Path, settings: dict[str, Any]) -> None:
+    ``shapes`` names every tensor of an entry and its shape (None: any); an entry that does not
+    load or does not match is logged and recomputed, never used.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        settings: dict[str, Any],
+        shapes: dict[str, tuple[int, ...] | None],
+    ) -> None:
         self.directory = directory
         self.settings = settings
+        self.shapes = shapes
 
     def entry_path(self, fact_key: str) -> Path:
         return self.directory / f"{fact_key}.pt"
@@ -81,10 +91,28 @@ class VectorCache:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # an unreadable entry is recomputed, never trusted
-            log.warning("Ignoring unreadable cache entry %s (%s)", path, error)
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            problem = self._problem(entry)
+        except Exception as error:
+            problem = str(error)
+        if problem:
+            log.warning("Recomputing the cache entry %s: %s", path, problem)
             return None
+        return entry
+
+    def _problem(self, entry: Any) -> str | None:
+        if not isinstance(entry, dict) or set(entry) != set(self.shapes):
+            names = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            return f"holds {names}, expected {sorted(self.shapes)}"
+        for name, shape in self.shapes.items():
+            tensor = entry[name]
+            if not isinstance(tensor, torch.Tensor):
+                return f"{name} is not a tensor"
+            if shape is not None and tuple(tensor.shape) != tuple(shape):
+                return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{name} holds NaN or Inf"
+        return None
 
     def get_or_compute(
         self,
@@ -94,38 +122,58 @@ class VectorCache:
         counts: CacheCounts,
     ) -> list[dict[str, torch.Tensor]]:
         """The entry of every fact, in order; ``compute(indices)`` returns the entries of the
-        facts at those indices (called at most once per chunk, with the missing ones)."""
+        facts at those indices (called at most once per chunk, with the missing ones).
+
+        A chunk whose entries are all present is read without the lock (a complete cache
+        needs no write access); otherwise the lock is taken, the entries read again (another
+        job may just have written them) and the missing ones computed and written.
+        """
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size}; expected a positive number of facts")
+        entries: list[dict[str, torch.Tensor] | None] = [None] * len(fact_keys)
+        for start in range(0, len(fact_keys), chunk_size):
+            chunk = list(range(start, min(start + chunk_size, len(fact_keys))))
+            found = {index: self._read(fact_keys[index]) for index in chunk}
+            computed: list[int] = []
+            if any(entry is None for entry in found.values()):
+                with file_lock(self.directory):
+                    found = {
+                        index: entry if entry is not None else self._read(fact_keys[index])
+                        for index, entry in found.items()
+                    }
+                    computed = self._compute_missing(fact_keys, found, compute)
+            for index, entry in found.items():
+                entries[index] = entry
+            counts.computed += len(computed)
+            counts.read += len(chunk) - len(computed)
+        return entries  # type: ignore[return-value]
+
+    def _compute_missing(self, fact_keys, found, compute) -> list[int]:
+        """Compute and write the entries missing from ``found`` (index -> entry or None);
+        returns the indices computed (a fact that occurs twice is computed once)."""
+        missing: dict[str, list[int]] = {}
+        for index, entry in found.items():
+            if entry is None:
+                missing.setdefault(fact_keys[index], []).append(index)
+        firsts = [positions[0] for positions in missing.values()]
+        if not firsts:  # another job wrote them while this one waited for the lock
+            return []
+        computed = compute(firsts)
+        if len(computed) != len(firsts):
+            raise RuntimeError(f"compute returned {len(computed)} entries for {len(firsts)}")
         self.directory.mkdir(parents=True, exist_ok=True)
         settings_path = self.directory / "settings.json"
         if not settings_path.is_file():
             atomic_write_json(settings_path, self.settings)
-        entries: list[dict[str, torch.Tensor] | None] = [None] * len(fact_keys)
-        for start in range(0, len(fact_keys), chunk_size):
-            chunk = range(start, min(start + chunk_size, len(fact_keys)))
-            with file_lock(self.directory):
-                missing: dict[str, list[int]] = {}  # fact key -> positions (duplicates share)
-                for index in chunk:
-                    entry = self._read(fact_keys[index])
-                    if entry is None:
-                        missing.setdefault(fact_keys[index], []).append(index)
-                    else:
-                        entries[index] = entry
-                        counts.read += 1
-                if missing:
-                    firsts = [positions[0] for positions in missing.values()]
-                    computed = compute(firsts)
-                    if len(computed) != len(firsts):
-                        raise RuntimeError(f"compute returned {len(computed)} of {len(firsts)}")
-                    for (key, positions), entry in zip(missing.items(), computed):
-                        entry = {name: tensor.detach().cpu() for name, tensor in entry.items()}
-                        atomic_torch_save(self.entry_path(key), entry)
-                        for index in positions:
-                            entries[index] = entry
-                    counts.computed += len(firsts)
-                    counts.read += sum(len(p) - 1 for p in missing.values())
-        return entries  # type: ignore[return-value]
+        for (key, positions), entry in zip(missing.items(), computed):
+            entry = {name: tensor.detach().cpu() for name, tensor in entry.items()}
+            problem = self._problem(entry)
+            if problem:
+                raise RuntimeError(f"computed cache entry for fact {positions[0]}: {problem}")
+            atomic_torch_save(self.entry_path(key), entry)
+            for index in positions:
+                found[index] = entry
+        return firsts
 
 
 def _settings(
@@ -144,20 +192,33 @@ def _settings(
     }
 
 
-def _cache_for(kind: str, loaded: LoadedModel, layer: int, settings: dict[str, Any]):
-    directory = cache_root() / kind / loaded.spec.name / f"layer{layer}-{stable_hash(settings)}"
-    return VectorCache(directory, settings)
+def _cache_for(kind: str, loaded: LoadedModel, layer: int, settings: dict[str, Any], shapes):
+    name = loaded.spec.name.replace("/", "--")
+    directory = cache_root() / kind / name / f"layer{layer}-{stable_hash(settings)}"
+    return VectorCache(directory, settings, shapes)
+
+
+# The shape of each field of one fact's Values: d = the edited module's output size.
+VALUE_SHAPES = {"deltas": ("d",), "outputs": ("d",), "losses": (), "steps": ()}
 
 
 def value_cache(
     loaded: LoadedModel, layer: int, prefixes: Sequence[str], hparams: ValueHparams
 ) -> VectorCache:
     settings = _settings("values", loaded, layer, prefixes, {"hparams": asdict(hparams)})
-    return _cache_for("values", loaded, layer, settings)
+    d_v = loaded.weight(layer).shape[0]
+    shapes = {field.name: _shape(VALUE_SHAPES.get(field.name), d_v) for field in fields(Values)}
+    return _cache_for("values", loaded, layer, settings, shapes)
 
 
 def key_cache(loaded: LoadedModel, layer: int, prefixes: Sequence[str]) -> VectorCache:
-    return _cache_for("keys", loaded, layer, _settings("keys", loaded, layer, prefixes, {}))
+    settings = _settings("keys", loaded, layer, prefixes, {})
+    d_k = loaded.weight(layer).shape[1]
+    return _cache_for("keys", loaded, layer, settings, {"key": (d_k,)})
+
+
+def _shape(symbolic: tuple | None, d: int) -> tuple[int, ...] | None:
+    return None if symbolic is None else tuple(d if size == "d" else size for size in symbolic)
 
 
 def value_fact_key(request: EditRequest) -> str:
