@@ -11,6 +11,9 @@ For one fact (key k, residual r = v* - W k) the update of every algorithm has ra
 - EMMET with one key: r (k^T C0^{-1} k + eps)^{-1} k^T C0^{-1} = r w^T with lambda = eps
   (eps = 0 is ROME).
 
+Any other algorithm (AlphaEdit) is solved per fact with its own closed form, whose one-fact
+update is r w^T as well: w = Delta^T r / (r^T r), checked to be exact.
+
 A singular run edits E facts each alone. :func:`singular_updates` solves all E updates with
 one C0 solve, and :class:`RowEdits` lets one batched forward pass carry a different update in
 every row: at the edited module, row b (whose fact has edit e(b)) gets
@@ -32,7 +35,8 @@ from torch import nn
 
 from editexp.editing.linalg import CovarianceFactor, EditingError, check_lambda, prepare_batch
 
-SINGULAR_ALGORITHMS = ("rome", "memit", "emmet")
+RANK_ONE_FORMULAS = ("rome", "memit", "emmet")
+RANK_ONE_TOLERANCE = 1e-6  # relative: ||Delta - r w^T|| / ||Delta|| of a one-fact update
 
 
 @dataclass
@@ -58,15 +62,18 @@ def singular_updates(
     residuals: torch.Tensor,
     covariance: CovarianceFactor,
     lam: float | None,
+    nullspace_threshold: float | None = None,
 ) -> RankOneEdits:
     """Each fact's own update (solved alone), for keys (d_k, E) and residuals (d_v, E).
 
-    Solved in float64 with one C0 solve for all E keys; stored in float32. Fails as the
+    ROME, MEMIT, EMMET: float64, one C0 solve for all E keys; stored in float32. Fails as the
     one-fact closed forms fail (missing lambda, MEMIT with lambda = 0, degenerate keys).
     """
     name = algorithm.upper()
-    if algorithm not in SINGULAR_ALGORITHMS:
-        raise EditingError(f"algorithm={algorithm!r}; expected one of {SINGULAR_ALGORITHMS}")
+    if algorithm not in RANK_ONE_FORMULAS:
+        return _factored_one_by_one(
+            algorithm, layer, keys, residuals, covariance, lam, nullspace_threshold
+        )
     if algorithm == "rome":
         lam = 0.0
     elif lam is None:
@@ -89,6 +96,38 @@ def singular_updates(
         )
     right = (whitened / denominators).T  # (E, d_k)
     return RankOneEdits(layer=layer, left=residuals.T.float().cpu(), right=right.float().cpu())
+
+
+def _factored_one_by_one(
+    algorithm, layer, keys, residuals, covariance, lam, nullspace_threshold
+) -> RankOneEdits:
+    """Each fact's update from the algorithm's closed form, factored as r w^T."""
+    from editexp.editing.editor import closed_form_delta  # the editor imports this module
+
+    lefts, rights = [], []
+    for column in range(keys.shape[1]):
+        residual = residuals[:, column : column + 1].double()
+        delta = closed_form_delta(
+            algorithm,
+            keys[:, column : column + 1],
+            residual,
+            covariance,
+            lam,
+            nullspace_threshold=nullspace_threshold,
+        )
+        residual = residual.squeeze(1).to(delta.device)
+        squared = residual.dot(residual)
+        right = delta.T @ residual / squared if squared > 0 else torch.zeros_like(delta[0])
+        error = torch.linalg.matrix_norm(delta - torch.outer(residual, right))
+        if error > RANK_ONE_TOLERANCE * torch.linalg.matrix_norm(delta):
+            raise EditingError(
+                f"{algorithm}: the update of fact {column} is not r w^T (relative error "
+                f"{float(error / torch.linalg.matrix_norm(delta)):.2g}); singular mode cannot "
+                "apply it per row"
+            )
+        lefts.append(residual.float().cpu())
+        rights.append(right.float().cpu())
+    return RankOneEdits(layer=layer, left=torch.stack(lefts), right=torch.stack(rights))
 
 
 class RowEdits:
