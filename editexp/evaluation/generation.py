@@ -14,8 +14,8 @@ any batch, with any batch size, and no global RNG state is read or changed.
 
 The sampling loop is written out (no ``model.generate``): the prompts of a batch are left-padded
 so that they end at the same column, run once with a KV cache, then one token per step with
-positions continuing each prompt's own; logits are computed only for the last position; rows
-that have all their tokens leave the batch. Singular edits: ``edits`` with ``prompt_edits``
+positions continuing each prompt's own, on a KV cache allocated once; logits are computed only
+for the last position. Singular edits: ``edits`` with ``prompt_edits``
 (see :class:`~editexp.editing.rank_one.RowEdits`) give each prompt its own fact's update, so
 many singularly edited facts generate in one batch.
 """
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from editexp.editing.rank_one import RowEdits
 from editexp.tokens import encode_prompt, pad_sequences
@@ -135,11 +135,16 @@ def _sample_batch(
     edits: RowEdits | None,
     edit_rows: list[int] | None,
 ) -> list[list[int]]:
-    """``len(draws[b])`` new token ids for each prompt b of one batch."""
+    """``len(draws[b])`` new token ids for each prompt b of one batch.
+
+    The KV cache is allocated once for the whole sequence (a growing cache would copy itself
+    at every step); every row runs until the batch's longest continuation is done (prompts
+    are batched by length, so rows want about as many tokens).
+    """
     device = model.device
     base = model.base_model
-    counts = torch.tensor([len(d) for d in draws])
-    steps = int(counts.max())
+    counts = [len(row_draws) for row_draws in draws]
+    steps = max(counts)
     draw_table = torch.zeros(len(draws), steps)
     for row, row_draws in enumerate(draws):
         draw_table[row, : len(row_draws)] = row_draws
@@ -147,12 +152,11 @@ def _sample_batch(
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
     position_ids = batch.position_ids.to(device)
-    cache = DynamicCache(config=model.config)
-    active = torch.arange(len(prompt_ids))  # batch rows still sampling
+    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + steps)
     tokens = torch.zeros(len(prompt_ids), steps, dtype=torch.long)
+    if edits is not None:
+        edits.select(edit_rows)
     for step in range(steps):
-        if edits is not None:
-            edits.select([edit_rows[row] for row in active.tolist()])
         hidden = base(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -160,21 +164,12 @@ def _sample_batch(
             cache=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
-        picked = top_k_pick(_logits(model, hidden), draw_table[active, step], top_k)
-        tokens[active, step] = picked.cpu()
-        # Rows that now have all their tokens leave the batch (and the cache).
-        keep = counts[active] > step + 1
-        if not keep.any():
-            break
-        if not keep.all():
-            kept = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(kept.to(device))
-            active, picked = active[kept], picked[kept.to(device)]
-            attention_mask, position_ids = attention_mask[kept], position_ids[kept]
+        picked = top_k_pick(_logits(model, hidden), draw_table[:, step], top_k)
+        tokens[:, step] = picked.cpu()
         input_ids = picked.unsqueeze(1)
         position_ids = position_ids[:, -1:] + 1
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
-    return [tokens[row, :count].tolist() for row, count in enumerate(counts.tolist())]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(counts), 1)], 1)
+    return [tokens[row, :count].tolist() for row, count in enumerate(counts)]
 
 
 def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
