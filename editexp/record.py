@@ -11,7 +11,7 @@ Each has ``to_json()`` and ``from_json()``; nothing else knows the layout.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,8 @@ class RunRecord:
     update_mean: UpdateStats | None  # over the run's updates
     timing: dict[str, float]  # seconds per phase, and total
     run_dir: str
+    # facts whose values this run computed, and read from the sweep's value cache
+    values: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)

@@ -75,6 +75,8 @@ class Progress:
     past_keys: dict[int, PastKeys] | None = None  # the Editor's, when it keeps earlier edits
     timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     elapsed_before: float = 0.0  # seconds spent by earlier, interrupted attempts
+    values: dict[str, int] = field(default_factory=lambda: {"computed": 0, "read": 0})
+    # facts' values computed here and read from the sweep's cache, over all attempts
 
     @property
     def updates_done(self) -> int:
@@ -91,6 +93,7 @@ class Progress:
             "past_keys": self.past_keys,
             "timing": self.timing,
             "elapsed": elapsed,
+            "values": self.values,
         }
         atomic_torch_save(path, payload)
 
@@ -108,6 +111,7 @@ class Progress:
             past_keys=saved["past_keys"],
             timing=saved["timing"],
             elapsed_before=saved["elapsed"],
+            values=saved.get("values", {"computed": 0, "read": 0}),
         )
 
 
@@ -137,6 +141,13 @@ def scored_after(settings: RunSettings, facts: list[Fact], index: int) -> list[F
     if last or (settings.schedule == "every_k" and (index + 1) % settings.every_k == 0):
         return facts[: (index + 1) * size]
     return []
+
+
+def scorings_per_fact(settings: RunSettings) -> int:
+    """How often the schedule scores the first fact after editing it (at most)."""
+    if settings.mode != "sequential" or settings.schedule != "every_k":
+        return 1
+    return -(-settings.n_updates // settings.every_k)  # ceil: the last update scores too
 
 
 def headline(results: list[FactScores]) -> dict[str, float]:
@@ -184,6 +195,11 @@ def run(
         settings.check_model(d_k=loaded.weight(settings.layers[0]).shape[1])
         editor = Editor(loaded, cfg)
         evaluator = Evaluator.from_config(loaded, cfg)
+        states_gb = float(cfg.eval.get("layer_states_gb", 0) or 0)
+        if states_gb > 0:  # layers below the lowest edited one never change in this run
+            evaluator.keep_layer_states(
+                min(settings.layers), scorings_per_fact(settings) > 1, int(states_gb * 2**30)
+            )
         generate_for = generation_case_ids(facts, cfg.eval.generation_facts)
         pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
         if not progress.batches:
@@ -200,43 +216,53 @@ def run(
         def elapsed() -> float:
             return progress.elapsed_before + time.perf_counter() - started
 
+        values_before = dict(progress.values)  # of earlier attempts; the editor counts this one
+
+        def record_update(
+            index: int, results: list[FactScores], stats: UpdateStats, save: bool = True
+        ) -> None:
+            """Book update ``index`` (the facts it scored, its statistics); ``save``: write the
+            checkpoint and rows now (else a later update of the same chunk does)."""
+            progress.values = {
+                "computed": values_before["computed"] + editor.values.computed,
+                "read": values_before["read"] + editor.values.read,
+            }
+            for result in results:
+                progress.post[result.case_id] = (index, result)
+            batch = BatchRecord(
+                batch=index,
+                edits_done=(index + 1) * settings.batch_size,
+                evaluated_facts=len(results),
+                metrics=headline(results),
+                update=stats,
+                timing=dict(progress.timing),
+            )
+            progress.batches.append(batch)
+            if save:
+                progress.save(checkpoint, elapsed())
+                write_rows(run_dir, facts, pre, progress)
+            tracker.log_update({**batch.metrics, **asdict(batch.update)}, batch.edits_done)
+            stop_after = cfg.get("debug", {}).get("stop_after_updates")
+            last = index == settings.n_updates - 1
+            if save and stop_after is not None and progress.updates_done >= stop_after and not last:
+                raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
+
+        if settings.mode == "singular":
+            run_singular(cfg, editor, evaluator, facts, generate_for, progress, record_update)
         size = settings.batch_size
         for index in range(progress.updates_done, settings.n_updates):
-            update = editor.edit(
-                facts[index * size : (index + 1) * size], revertible=settings.mode == "singular"
-            )
+            update = editor.edit(facts[index * size : (index + 1) * size], revertible=False)
             progress.timing["keys_values"] += update.timing["keys_values"]
             progress.timing["solve"] += update.timing["solve"]
             scored = scored_after(settings, facts, index)
             before = evaluator.seconds
             results = evaluator.score(scored, generate_for) if scored else []
             progress.timing["evaluation"] += evaluator.seconds - before
-            if settings.mode == "singular":
-                update.revert()
-            else:
-                for layer, delta in update.deltas.items():
-                    previous = progress.deltas.get(layer)
-                    progress.deltas[layer] = delta if previous is None else previous + delta
-            for result in results:
-                progress.post[result.case_id] = (index, result)
-            batch = BatchRecord(
-                batch=index,
-                edits_done=(index + 1) * size,
-                evaluated_facts=len(results),
-                metrics=headline(results),
-                update=UpdateStats(
-                    update.delta_norm, update.preservation_error, update.value_steps
-                ),
-                timing=dict(progress.timing),
-            )
-            progress.batches.append(batch)
-            progress.save(checkpoint, elapsed())
-            write_rows(run_dir, facts, pre, progress)
-            tracker.log_update({**batch.metrics, **asdict(batch.update)}, batch.edits_done)
-            stop_after = cfg.get("debug", {}).get("stop_after_updates")
-            last = index == settings.n_updates - 1
-            if stop_after is not None and progress.updates_done >= stop_after and not last:
-                raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
+            for layer, delta in update.deltas.items():
+                previous = progress.deltas.get(layer)
+                progress.deltas[layer] = delta if previous is None else previous + delta
+            stats = UpdateStats(update.delta_norm, update.preservation_error, update.value_steps)
+            record_update(index, results, stats)
 
         record = run_record(settings, editor, facts, pre, progress, run_dir, elapsed())
         if cfg.save_deltas and progress.deltas:
@@ -245,6 +271,30 @@ def run(
         tracker.log_summary(record.to_json())
     print(record.table())
     return record
+
+
+def run_singular(cfg, editor, evaluator, facts, generate_for, progress, record_update) -> None:
+    """Singular mode: every fact edited alone on the unedited model, at batch cost.
+
+    ``editing.batch_size`` facts at a time: their values and keys in batches, each fact's
+    update solved alone, then one batched evaluation in which every fact carries only its own
+    rank-one update (:meth:`Editor.edit_singular`); no weight is written. Each fact is still
+    one update of the record, as if edited, scored and restored one after another (which
+    ``tests/test_singular.py`` proves it equals).
+    """
+    chunk_size = int(cfg.editing.batch_size)
+    for start in range(progress.updates_done, len(facts), chunk_size):
+        chunk = facts[start : start + chunk_size]
+        singular = editor.edit_singular(chunk)
+        progress.timing["keys_values"] += singular.timing["keys_values"]
+        progress.timing["solve"] += singular.timing["solve"]
+        before = evaluator.seconds
+        results = evaluator.score(chunk, generate_for, edits=singular.edits)
+        progress.timing["evaluation"] += evaluator.seconds - before
+        stats = zip(singular.delta_norms, singular.preservation_errors, singular.value_steps)
+        for offset, (result, (norm, error, steps)) in enumerate(zip(results, stats)):
+            save = offset == len(chunk) - 1
+            record_update(start + offset, [result], UpdateStats(norm, error, steps), save)
 
 
 def write_rows(
@@ -291,6 +341,7 @@ def run_record(
         update_mean=UpdateStats.mean([batch.update for batch in progress.batches]),
         timing={**progress.timing, "total": elapsed},
         run_dir=str(run_dir),
+        values=dict(progress.values),
     )
 
 

@@ -285,7 +285,6 @@ def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm,
         HPARAMS,
         PREFIXES,
         batch_size=8,
-        use_cache=False,
         progress=False,
     )
     together = evaluate_facts(

@@ -46,14 +46,21 @@ from editexp.editing.emmet import emmet_delta
 from editexp.editing.keys_values import (
     EditRequest,
     Values,
-    compute_keys,
-    compute_values,
     context_prefixes,
     read_at_subject,
 )
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys, check_finite
 from editexp.editing.memit import memit_delta
+from editexp.editing.rank_one import RankOneEdits
 from editexp.editing.rome import rome_delta
+from editexp.editing.singular import SingularEdits, solve_singular
+from editexp.editing.value_cache import (
+    CacheCounts,
+    SweepCache,
+    keys_for,
+    values_for,
+    weights_fingerprint,
+)
 from editexp.models import LoadedModel, load_model, wrap_model
 from editexp.stats import load_or_compute_stats
 
@@ -114,10 +121,13 @@ def edit_batch(
     progress: bool = True,
     past_keys: dict[int, PastKeys] | None = None,
     nullspace_threshold: float | None = None,
+    cache: SweepCache | None = None,
 ) -> BatchEdit:
     """Write ``requests`` into the model with one update; returns the deltas it added.
 
-    ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept)."""
+    ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept).
+    ``cache``: read and store the values and the first layer's keys in the sweep's cache
+    (only for the unedited model; see :mod:`editexp.editing.value_cache`)."""
     layers = sorted(layers)
     if algorithm == "rome" and len(requests) != 1:
         raise EditingError(
@@ -127,7 +137,7 @@ def edit_batch(
     timing = {"keys_values": 0.0, "solve": 0.0}
     start = time.perf_counter()
     last = layers[-1]
-    values = compute_values(loaded, requests, prefixes, last, hparams, batch_size, progress)
+    values = values_for(loaded, requests, prefixes, last, hparams, batch_size, progress, cache)
     if len(layers) > 1:
         current = read_at_subject(loaded, requests, prefixes, [last], "residual", batch_size)
         target = current[last] + values.deltas
@@ -140,7 +150,9 @@ def edit_batch(
     try:
         for position, layer in enumerate(layers):
             start = time.perf_counter()
-            keys = compute_keys(loaded, requests, prefixes, [layer], batch_size)[layer]
+            # Only the first layer's keys are read on the unedited model.
+            layer_cache = cache if position == 0 else None
+            keys = keys_for(loaded, requests, prefixes, layer, batch_size, layer_cache)
             if len(layers) == 1:
                 residuals = values.deltas.T
             else:
@@ -325,6 +337,13 @@ class Editor:
                 layer: PastKeys.empty(factor.dim, factor.matrix.device)
                 for layer, factor in self.covariances.items()
             }
+        # The sweep's value/key cache serves updates of the unedited model: the edited
+        # matrices as they are now (the model this Editor was given), compared before each
+        # update; values counts those computed and read over all updates.
+        self.use_cache = bool(cfg.editing.get("cache", True))
+        self.values = CacheCounts()
+        self._unedited = snapshot_weights(model, self.settings.layers, "cpu")
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -359,10 +378,10 @@ class Editor:
         ``revertible`` keeps a copy of the edited matrices (on the CPU) for
         :meth:`Update.revert`.
         """
-        items = [facts] if isinstance(facts, Fact | EditRequest | Mapping) else list(facts)
-        requests = [as_request(item, index) for index, item in enumerate(items)]
+        requests = self._requests(facts)
         previous = snapshot_weights(self.model, self.settings.layers, "cpu") if revertible else None
         settings = self.settings
+        cache = self.sweep_cache(len(requests))
         result = edit_batch(
             self.model,
             requests,
@@ -376,6 +395,7 @@ class Editor:
             progress=len(requests) > 1,
             past_keys=self.past_keys,
             nullspace_threshold=settings.nullspace_threshold,
+            cache=cache,
         )
         if self.past_keys is not None:  # this update's keys are preserved by the next ones
             for layer, keys in result.keys.items():
@@ -390,6 +410,71 @@ class Editor:
             previous=previous,
             kept_keys=result.keys if self.past_keys is not None else None,
         )
+
+    def edit_singular(self, facts: Sequence[EditInput]) -> SingularEdits:
+        """Each fact's own update, as if edited alone on the unedited model (singular mode),
+        without writing any: values and keys of all facts in batches, each update solved
+        alone as a rank-one Delta_i = r_i w_i^T (:mod:`editexp.editing.singular`). Evaluate
+        them with ``Evaluator.score(facts, edits=result.edits)``."""
+        settings = self.settings
+        if len(settings.layers) != 1 or self.past_keys is not None:
+            raise EditingError("singular edits take one layer and keep no earlier keys")
+        if not self.is_unedited():
+            raise EditingError("edit_singular needs the unedited model (revert updates first)")
+        requests = self._requests(facts)
+        (layer,) = settings.layers
+        result = solve_singular(
+            self.model,
+            requests,
+            settings.algorithm,
+            layer,
+            self.covariances[layer],
+            settings.lam,
+            settings.hparams,
+            self.prefixes,
+            batch_size=self.cfg.editing.batch_size,
+            cache=self.sweep_cache(len(requests)),
+            nullspace_threshold=settings.nullspace_threshold,
+            progress=len(requests) > 1,
+        )
+        result.preservation_errors = self._rank_one_preservation_errors(result.edits)
+        return result
+
+    def _requests(self, facts: EditInput | Sequence[EditInput]) -> list[EditRequest]:
+        items = [facts] if isinstance(facts, Fact | EditRequest | Mapping) else list(facts)
+        return [as_request(item, index) for index, item in enumerate(items)]
+
+    def is_unedited(self) -> bool:
+        """Whether the edited matrices are as this Editor found them."""
+        return all(
+            torch.equal(self.model.edit_module(layer).weight.detach().cpu(), weight)
+            for layer, weight in self._unedited.items()
+        )
+
+    def sweep_cache(self, n_facts: int) -> SweepCache | None:
+        """The sweep's cache for an update of ``n_facts`` facts now, or None (cache off, or the
+        model edited: its values are computed fresh and counted as computed here)."""
+        if not (self.use_cache and self.is_unedited()):
+            self.values.computed += n_facts
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model.model)
+        return SweepCache(self._fingerprint, self.values)
+
+    def _rank_one_preservation_errors(self, edits: RankOneEdits) -> list[float]:
+        """:meth:`preservation_error` of every Delta_i = r_i w_i^T, as if each were applied:
+        ||Delta_i K0|| / ||(W + Delta_i) K0||, from ||A + r b^T||^2 = ||A||^2 + 2 r.(A b) +
+        |r|^2 |b|^2 with A = W K0 and b = K0^T w (no d_v x d_k matrix per fact)."""
+        keys = self.held_out_keys.get(edits.layer)
+        if keys is None or keys.numel() == 0:
+            return [0.0] * len(edits)
+        held = keys.double().cpu()  # (d_k, n)
+        weight_keys = self.model.weight(edits.layer).detach().double().cpu() @ held  # A (d_v, n)
+        left, projected = edits.left.double(), edits.right.double() @ held  # (E, d_v), b (E, n)
+        left_norms, projected_norms = left.norm(dim=1), projected.norm(dim=1)
+        cross = ((left @ weight_keys) * projected).sum(dim=1)  # r.(A b)
+        squared = weight_keys.square().sum() + 2 * cross + (left_norms * projected_norms) ** 2
+        return (left_norms * projected_norms / squared.clamp(min=0).sqrt()).tolist()
 
     def null_space_dims(self) -> list[int] | None:
         """AlphaEdit: the dimension r of the null space at each edited layer."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from editexp.config import ALGORITHMS
 from editexp.editing.linalg import CovarianceFactor, EditingError, check_lambda, prepare_batch
 
 RANK_ONE_FORMULAS = ("rome", "memit", "emmet")
@@ -49,6 +50,10 @@ class RankOneEdits:
 
     def __len__(self) -> int:
         return self.left.shape[0]
+
+    def select(self, indices: list[int]) -> RankOneEdits:
+        """The updates at ``indices``, in that order."""
+        return RankOneEdits(self.layer, self.left[indices], self.right[indices])
 
     def delta(self, index: int) -> torch.Tensor:
         """Delta_i as a (d_v, d_k) matrix, the update written into W by the plain path."""
@@ -70,6 +75,8 @@ def singular_updates(
     one-fact closed forms fail (missing lambda, MEMIT with lambda = 0, degenerate keys).
     """
     name = algorithm.upper()
+    if algorithm not in ALGORITHMS:
+        raise EditingError(f"algorithm={algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     if algorithm not in RANK_ONE_FORMULAS:
         return _factored_one_by_one(
             algorithm, layer, keys, residuals, covariance, lam, nullspace_threshold

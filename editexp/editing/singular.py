@@ -21,16 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from editexp.editing.keys_values import (
-    EditRequest,
-    ValueHparams,
-    Values,
-    compute_keys,
-    compute_values,
-)
+from editexp.editing.keys_values import EditRequest, ValueHparams, Values
 from editexp.editing.linalg import CovarianceFactor
 from editexp.editing.rank_one import RankOneEdits, singular_updates
-from editexp.editing.value_cache import CacheCounts, cached_keys, cached_values
+from editexp.editing.value_cache import SweepCache, keys_for, values_for
 from editexp.models import LoadedModel
 
 
@@ -38,11 +32,21 @@ from editexp.models import LoadedModel
 class SingularEdits:
     """The E independent updates of a singular run and what they were solved from."""
 
+    case_ids: list[int]
     edits: RankOneEdits  # Delta_i = edits.left[i] edits.right[i]^T at edits.layer
     keys: torch.Tensor  # (d_k, E)
     values: Values
-    cache: CacheCounts = field(default_factory=CacheCounts)  # values computed / read
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # keys_values, solve (seconds)
+    preservation_errors: list[float] | None = None  # per fact, as Update.preservation_error
+
+    @property
+    def delta_norms(self) -> list[float]:
+        """||Delta_i||_F = |r_i| |w_i| of every fact."""
+        return (self.edits.left.norm(dim=1) * self.edits.right.norm(dim=1)).tolist()
+
+    @property
+    def value_steps(self) -> list[float]:
+        return self.values.steps.float().tolist()
 
 
 def solve_singular(
@@ -55,30 +59,26 @@ def solve_singular(
     hparams: ValueHparams,
     prefixes: Sequence[str],
     batch_size: int = 64,
-    use_cache: bool = True,
+    cache: SweepCache | None = None,
+    nullspace_threshold: float | None = None,
     progress: bool = True,
 ) -> SingularEdits:
-    """Every request's own update at ``layer`` on the unedited model (weights untouched)."""
-    counts = CacheCounts()
-    timing = {"keys_values": 0.0, "solve": 0.0}
+    """Every request's own update at ``layer`` on the unedited model (weights untouched);
+    ``cache``: the sweep's value/key cache (see :mod:`editexp.editing.value_cache`)."""
     start = time.perf_counter()
-
-    def values_of(chunk: Sequence[EditRequest]) -> Values:
-        return compute_values(loaded, chunk, prefixes, layer, hparams, batch_size, progress)
-
-    def keys_of(chunk: Sequence[EditRequest]) -> torch.Tensor:
-        return compute_keys(loaded, chunk, prefixes, [layer], batch_size)[layer]
-
-    if use_cache:
-        values = cached_values(
-            loaded, requests, prefixes, layer, hparams, values_of, batch_size, counts
-        )
-        keys = cached_keys(loaded, requests, prefixes, layer, keys_of, batch_size, CacheCounts())
-    else:
-        values, keys = values_of(requests), keys_of(requests)
-        counts.computed += len(requests)
-    timing["keys_values"] = time.perf_counter() - start
+    values = values_for(loaded, requests, prefixes, layer, hparams, batch_size, progress, cache)
+    keys = keys_for(loaded, requests, prefixes, layer, batch_size, cache)
+    timing = {"keys_values": time.perf_counter() - start}
     start = time.perf_counter()
-    edits = singular_updates(algorithm, layer, keys, values.deltas.T, covariance, lam)
+    # One layer: the residual of each fact is delta* itself (see editor.edit_batch).
+    edits = singular_updates(
+        algorithm, layer, keys, values.deltas.T, covariance, lam, nullspace_threshold
+    )
     timing["solve"] = time.perf_counter() - start
-    return SingularEdits(edits=edits, keys=keys, values=values, cache=counts, timing=timing)
+    return SingularEdits(
+        case_ids=[request.case_id for request in requests],
+        edits=edits,
+        keys=keys,
+        values=values,
+        timing=timing,
+    )

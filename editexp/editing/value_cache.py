@@ -8,12 +8,12 @@ search, the nested sizes of batch scaling, the first update of every sequential 
 same vectors, so they are computed once and read from here afterwards.
 
 Layout: ``<cache root>/<kind>/<model name>/layer<L>-<settings hash>/<fact hash>.pt``, one small
-file per fact (a dict of tensors), ``settings.json`` naming what the settings hash covers. The
-settings hash includes the model identity (weights), the device type (GPU and CPU round
-differently), the module paths, the layer, the hyperparameters, the prefixes and a hash of the
-source files that compute the vectors (:data:`CODE_MODULES`), so a changed objective never reads
-stale values. The fact hash covers every field of the request (values) or prompt and subject
-(keys).
+file per fact (a dict of tensors), ``settings.json`` naming what the settings hash covers:
+the model identity and a fingerprint of its weights (a model edited or fine-tuned in memory
+keeps its name), the device type (GPU and CPU round differently), the module paths, the layer,
+the hyperparameters, the prefixes and a hash of the source files that compute the vectors
+(:data:`CODE_MODULES`), so a changed objective never reads stale values. The fact hash covers
+every field of the request (values) or prompt and subject (keys).
 
 Only call this for the *unedited* model: vectors computed on an edited model (sequential
 batches after the first) must be computed fresh. Facts are looked up and computed chunk by
@@ -33,7 +33,13 @@ from typing import Any
 import torch
 
 from editexp.cache import atomic_torch_save, atomic_write_json, cache_root, file_lock, stable_hash
-from editexp.editing.keys_values import EditRequest, ValueHparams, Values
+from editexp.editing.keys_values import (
+    EditRequest,
+    ValueHparams,
+    Values,
+    compute_keys,
+    compute_values,
+)
 from editexp.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,15 @@ class CacheCounts:
     def add(self, other: CacheCounts) -> None:
         self.computed += other.computed
         self.read += other.read
+
+
+@dataclass
+class SweepCache:
+    """How a run uses the cache while its model is unedited: the fingerprint of the unedited
+    weights (computed once) and the counts of vectors computed and read so far."""
+
+    fingerprint: str
+    counts: CacheCounts
 
 
 def code_hash() -> str:
@@ -176,12 +191,30 @@ class VectorCache:
         return firsts
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter's sum and norm (float64, 9 significant digits, so that the
+    summation order of another thread count does not change it)."""
+    parts = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            total = float(torch.sum(parameter, dtype=torch.float64))
+            norm = float(torch.linalg.vector_norm(parameter, dtype=torch.float64))
+            parts.append(f"{name}:{total:.8e}:{norm:.8e}")
+    return stable_hash(parts)
+
+
 def _settings(
-    kind: str, loaded: LoadedModel, layer: int, prefixes: Sequence[str], extra: dict[str, Any]
+    kind: str,
+    loaded: LoadedModel,
+    layer: int,
+    prefixes: Sequence[str],
+    fingerprint: str,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "kind": kind,
         "model_identity": loaded.identity,
+        "weights": fingerprint,
         "device_type": loaded.device.type,
         "edit_module": loaded.spec.edit_module,
         "layers_module": loaded.spec.layers_module,
@@ -203,16 +236,27 @@ VALUE_SHAPES = {"deltas": ("d",), "outputs": ("d",), "losses": (), "steps": ()}
 
 
 def value_cache(
-    loaded: LoadedModel, layer: int, prefixes: Sequence[str], hparams: ValueHparams
+    loaded: LoadedModel,
+    layer: int,
+    prefixes: Sequence[str],
+    hparams: ValueHparams,
+    fingerprint: str | None = None,
 ) -> VectorCache:
-    settings = _settings("values", loaded, layer, prefixes, {"hparams": asdict(hparams)})
+    """The cache of values at ``layer``; ``fingerprint``: :func:`weights_fingerprint` of the
+    unedited model (computed here when not given)."""
+    fingerprint = fingerprint or weights_fingerprint(loaded.model)
+    extra = {"hparams": asdict(hparams)}
+    settings = _settings("values", loaded, layer, prefixes, fingerprint, extra)
     d_v = loaded.weight(layer).shape[0]
     shapes = {field.name: _shape(VALUE_SHAPES.get(field.name), d_v) for field in fields(Values)}
     return _cache_for("values", loaded, layer, settings, shapes)
 
 
-def key_cache(loaded: LoadedModel, layer: int, prefixes: Sequence[str]) -> VectorCache:
-    settings = _settings("keys", loaded, layer, prefixes, {})
+def key_cache(
+    loaded: LoadedModel, layer: int, prefixes: Sequence[str], fingerprint: str | None = None
+) -> VectorCache:
+    fingerprint = fingerprint or weights_fingerprint(loaded.model)
+    settings = _settings("keys", loaded, layer, prefixes, fingerprint, {})
     d_k = loaded.weight(layer).shape[1]
     return _cache_for("keys", loaded, layer, settings, {"key": (d_k,)})
 
@@ -238,6 +282,7 @@ def cached_values(
     compute: Callable[[Sequence[EditRequest]], Values],
     chunk_size: int,
     counts: CacheCounts,
+    fingerprint: str | None = None,
 ) -> Values:
     """Values of the unedited model for ``requests``, read from the cache where present and
     computed with ``compute(missing requests)`` otherwise (then stored)."""
@@ -247,7 +292,7 @@ def cached_values(
         values = compute([requests[i] for i in indices])
         return [{name: getattr(values, name)[row] for name in names} for row in range(len(indices))]
 
-    cache = value_cache(loaded, layer, prefixes, hparams)
+    cache = value_cache(loaded, layer, prefixes, hparams, fingerprint)
     keys = [value_fact_key(request) for request in requests]
     entries = cache.get_or_compute(keys, compute_entries, chunk_size, counts)
     return Values(**{name: torch.stack([entry[name] for entry in entries]) for name in names})
@@ -261,6 +306,7 @@ def cached_keys(
     compute: Callable[[Sequence[EditRequest]], torch.Tensor],
     chunk_size: int,
     counts: CacheCounts,
+    fingerprint: str | None = None,
 ) -> torch.Tensor:
     """Keys k* (d_k, E) of the unedited model, cached like :func:`cached_values`;
     ``compute(requests)`` returns their keys as columns."""
@@ -269,7 +315,59 @@ def cached_keys(
         keys = compute([requests[i] for i in indices])
         return [{"key": keys[:, column]} for column in range(len(indices))]
 
-    cache = key_cache(loaded, layer, prefixes)
+    cache = key_cache(loaded, layer, prefixes, fingerprint)
     fact_keys = [key_fact_key(request) for request in requests]
     entries = cache.get_or_compute(fact_keys, compute_entries, chunk_size, counts)
     return torch.stack([entry["key"] for entry in entries], dim=1)
+
+
+def values_for(
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    layer: int,
+    hparams: ValueHparams,
+    batch_size: int,
+    progress: bool,
+    cache: SweepCache | None,
+) -> Values:
+    """``compute_values``, through the sweep's cache when ``cache`` is given (the model must
+    then be the unedited one)."""
+
+    def compute(chunk: Sequence[EditRequest]) -> Values:
+        return compute_values(loaded, chunk, prefixes, layer, hparams, batch_size, progress)
+
+    if cache is None:
+        return compute(requests)
+    return cached_values(
+        loaded,
+        requests,
+        prefixes,
+        layer,
+        hparams,
+        compute,
+        batch_size,
+        cache.counts,
+        cache.fingerprint,
+    )
+
+
+def keys_for(
+    loaded: LoadedModel,
+    requests: Sequence[EditRequest],
+    prefixes: Sequence[str],
+    layer: int,
+    batch_size: int,
+    cache: SweepCache | None,
+) -> torch.Tensor:
+    """k* (d_k, E) at ``layer``, through the sweep's cache when ``cache`` is given (the model
+    must then be the unedited one; key counts are not recorded)."""
+
+    def compute(chunk: Sequence[EditRequest]) -> torch.Tensor:
+        return compute_keys(loaded, chunk, prefixes, [layer], batch_size)[layer]
+
+    if cache is None:
+        return compute(requests)
+    return cached_keys(
+        loaded, requests, prefixes, layer, compute, batch_size, CacheCounts(), cache.fingerprint
+    )

@@ -81,6 +81,22 @@ def fact_prompts(fact: Fact) -> dict[str, list[str]]:
     return {family: prompts for family, prompts in families.items() if prompts}
 
 
+def scored_prompts(
+    facts: Sequence[Fact],
+) -> tuple[list[str], list[list[str]], list[tuple[int, str]]]:
+    """Every scored prompt of ``facts``, its targets ``[target_new, target_true]`` and its
+    slot ``(fact index, family)``."""
+    prompts: list[str] = []
+    targets: list[list[str]] = []
+    slots: list[tuple[int, str]] = []
+    for index, fact in enumerate(facts):
+        for family, family_prompts in fact_prompts(fact).items():
+            prompts.extend(family_prompts)
+            targets.extend([[fact.target_new, fact.target_true]] * len(family_prompts))
+            slots.extend([(index, family)] * len(family_prompts))
+    return prompts, targets, slots
+
+
 def evaluate_facts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -101,14 +117,7 @@ def evaluate_facts(
     """
     if edits is not None and edits.n_edits != len(facts):
         raise ValueError(f"{edits.n_edits} edits for {len(facts)} facts; expected one per fact")
-    prompts: list[str] = []
-    targets: list[list[str]] = []
-    slots: list[tuple[int, str]] = []  # (fact index, family) of each prompt
-    for index, fact in enumerate(facts):
-        for family, family_prompts in fact_prompts(fact).items():
-            prompts.extend(family_prompts)
-            targets.extend([[fact.target_new, fact.target_true]] * len(family_prompts))
-            slots.extend([(index, family)] * len(family_prompts))
+    prompts, targets, slots = scored_prompts(facts)
     scores = score_continuations(
         model,
         tokenizer,

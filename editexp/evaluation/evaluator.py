@@ -19,8 +19,15 @@ from omegaconf import DictConfig
 
 from editexp.cache import atomic_write_json, cache_root, file_lock, stable_hash
 from editexp.data.counterfact import Fact
-from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts
-from editexp.evaluation.scoring import score_continuations
+from editexp.editing.rank_one import RankOneEdits, RowEdits
+from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts, scored_prompts
+from editexp.evaluation.generation import SAMPLER_VERSION
+from editexp.evaluation.scoring import (
+    LayerStates,
+    encode_continuations,
+    record_layer_states,
+    score_continuations,
+)
 from editexp.models import LoadedModel
 
 
@@ -55,17 +62,46 @@ class Evaluator:
         self.generation_length = generation_length
         self.seed = seed
         self.seconds = 0.0  # spent scoring and generating so far
+        self.layer_states: LayerStates | None = None  # see keep_layer_states
+        self.record_missing_states = False
 
     @classmethod
     def from_config(cls, model: LoadedModel, cfg: DictConfig) -> Evaluator:
         return cls(model, cfg.eval.batch_size, cfg.eval.generation_length, int(cfg.seed))
 
-    def score(self, facts: Sequence[Fact], generate_for: Collection[int] = ()) -> list[FactScores]:
+    def keep_layer_states(
+        self, layer: int, record_missing: bool = False, max_bytes: int | None = None
+    ) -> None:
+        """Let scoring start at ``layer``'s input from the unedited model's hidden states there,
+        skipping the layers below it: valid while no layer below ``layer`` is edited (call it
+        with the lowest edited layer). States are recorded (on the CPU) by :meth:`pre_edit`
+        when it scores here; with ``record_missing``, facts without states get them from a pass
+        through the layers below ``layer`` (worth it when facts are scored more than once). At
+        most ``max_bytes`` of states are kept; facts beyond get full passes."""
+        self.layer_states = LayerStates.for_model(self.model, layer, "cpu", max_bytes)
+        self.record_missing_states = record_missing
+
+    def score(
+        self,
+        facts: Sequence[Fact],
+        generate_for: Collection[int] = (),
+        edits: RankOneEdits | None = None,
+        record_states: bool = False,
+    ) -> list[FactScores]:
         """Each fact's scores, in the order of ``facts``; GE for the facts whose case_id is in
-        ``generate_for``."""
+        ``generate_for``. ``edits`` (one rank-one update per fact, in the order of ``facts``,
+        e.g. ``Editor.edit_singular``'s): every fact is scored and sampled with its own update
+        only, as if it had been edited alone."""
         # Facts with generation go first: evaluate_facts generates for the leading ones.
-        ordered = sorted(facts, key=lambda fact: fact.case_id not in generate_for)
+        order = sorted(range(len(facts)), key=lambda i: facts[i].case_id not in generate_for)
+        ordered = [facts[i] for i in order]
+        row_edits = None
+        if edits is not None:
+            if len(edits) != len(facts):
+                raise ValueError(f"{len(edits)} edits for {len(facts)} facts")
+            row_edits = RowEdits.for_model(self.model, edits.select(order))
         start = time.perf_counter()
+        states = self._states_for(ordered) if not record_states else None
         results = evaluate_facts(
             self.model.model,
             self.model.tokenizer,
@@ -75,10 +111,34 @@ class Evaluator:
             generation_length=self.generation_length,
             seed=self.seed,
             progress=len(facts) > 8,
+            edits=row_edits,
+            start_states=states,
+            record_states=self.layer_states if record_states else None,
         )
         self.seconds += time.perf_counter() - start
         by_case = {result.case_id: result for result in results}
         return [by_case[fact.case_id] for fact in facts]
+
+    def _states_for(self, facts: Sequence[Fact]) -> LayerStates | None:
+        """The layer states to start from for ``facts``, recording missing ones if allowed;
+        None: score with full passes."""
+        states = self.layer_states
+        if states is None or not (states.prompts or self.record_missing_states):
+            return None
+        tokenizer = self.model.tokenizer
+        missing = [
+            fact
+            for fact in facts
+            if not states.covers(encode_continuations(tokenizer, *scored_prompts([fact])[:2]))
+        ]
+        if missing and not self.record_missing_states:
+            return None
+        if missing:
+            prompts, targets, _ = scored_prompts(missing)
+            record_layer_states(
+                self.model.model, tokenizer, prompts, targets, states, self.batch_size
+            )
+        return states
 
     def pre_edit(
         self, facts: Sequence[Fact], generate_for: Collection[int] = ()
@@ -93,6 +153,7 @@ class Evaluator:
                 sorted(generate_for),
                 self.generation_length,
                 self.seed,
+                SAMPLER_VERSION,
             ]
         )
         path = cache_root() / "pre_edit" / f"{self.model.spec.name.replace('/', '--')}-{key}.json"
@@ -101,7 +162,7 @@ class Evaluator:
                 import json
 
                 return [FactScores.from_json(row) for row in json.loads(path.read_text())]
-            results = self.score(facts, generate_for)
+            results = self.score(facts, generate_for, record_states=self.layer_states is not None)
             atomic_write_json(path, [result.to_json() for result in results])
             return results
 

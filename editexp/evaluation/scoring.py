@@ -87,17 +87,36 @@ class LayerStates:
     layers: nn.ModuleList
     layer: int
     device: torch.device | str = "cpu"  # where the states are kept
+    max_bytes: int | None = None  # recording stops adding states beyond this size
+    stored_bytes: int = 0
     prompts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     continuations: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(
         default_factory=dict
     )
 
     @classmethod
-    def for_model(cls, loaded, layer: int, device: torch.device | str | None = None):
+    def for_model(
+        cls,
+        loaded,
+        layer: int,
+        device: torch.device | str | None = None,
+        max_bytes: int | None = None,
+    ):
         """Empty states for ``loaded`` (a LoadedModel), kept on ``device`` (default: the
-        model's device)."""
+        model's device), at most ``max_bytes`` of them (None: no limit)."""
         layers = loaded.model.get_submodule(loaded.spec.layers_module)
-        return cls(layers, layer, loaded.device if device is None else device)
+        return cls(layers, layer, loaded.device if device is None else device, max_bytes)
+
+    def store(self, table: dict, key, states: torch.Tensor) -> None:
+        """Keep ``states`` under ``key`` in ``table`` (``prompts`` or ``continuations``),
+        unless it is there already or the size limit is reached."""
+        size = states.numel() * states.element_size()
+        if key in table or (
+            self.max_bytes is not None and self.stored_bytes + size > self.max_bytes
+        ):
+            return
+        table[key] = states.to(self.device).clone()
+        self.stored_bytes += size
 
     def covers(self, encoded: Sequence[EncodedPrompt]) -> bool:
         """Whether every sequence of ``encoded`` has stored states."""
@@ -111,8 +130,7 @@ class LayerStates:
         return True
 
     def nbytes(self) -> int:
-        tensors = [*self.prompts.values(), *self.continuations.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return self.stored_bytes
 
 
 @dataclass
@@ -359,8 +377,7 @@ def _forward(
         except StopForward:
             last_hidden = None
     for row, (key, length) in enumerate(zip(keys, lengths)):
-        if key not in recorded:
-            recorded[key] = captured[0][row, :length].to(record.device).clone()
+        record.store(recorded, key, captured[0][row, :length])
     return last_hidden
 
 
