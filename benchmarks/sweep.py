@@ -44,6 +44,7 @@ SHARED = ("models", "stats", "prefixes", "pre_edit", "data")  # cache parts ever
 PAPER_VALUES_PER_FACT = 12.4
 PAPER_SCORING_PER_FACT = 1.64
 PAPER_GE_PER_FACT = 5.6
+PAPER_ROME_EDIT = 31.2  # a ROME singular edit (values and its own key computation)
 
 
 def parse_args() -> argparse.Namespace:
@@ -279,6 +280,110 @@ def main() -> None:
 
     print("\nunit costs (s):", json.dumps({k: round(v, 4) for k, v in units.items()}))
     print("\n".join(["", "ratio" + " " * 54 + "measured", *[r.line() for r in ratios]]))
+    if {f"values_per_fact_layer{low}", f"values_per_fact_layer{high}", "scoring_per_fact"} <= set(
+        units
+    ):
+        print("\n" + study_cost_table(units, low, high))
+
+
+# --------------------------------------------------------------------------- the cost table
+
+
+@dataclass
+class Preset:
+    """The work of one experiment at the scale of the SmolLM2 study (issue 14): values
+    computed once per (fact, layer) thanks to the cache, every post-edit fact scoring, every
+    post-edit GE fact; and what the paper's code does for the same grid (no sharing)."""
+
+    name: str
+    values_at: dict[int, int]  # layer -> facts whose values are computed (once)
+    scorings: int  # post-edit fact scorings, all grid points
+    generations: int  # post-edit facts with GE, all grid points
+    paper_values: int  # value computations of the paper's code (every grid point its own)
+    paper_rome_edits: int = 0  # of those, ROME singular edits (31.2 s each there)
+
+
+N_LAYERS, BEST_LAYER = 30, 1
+
+
+def study_presets() -> list[Preset]:
+    layer_points = 2 * N_LAYERS  # ROME and MEMIT at every layer
+    batch_sizes = [16, 64, 256, 1024, 2048]
+    # sequential: (total, batch) runs per algorithm; values of the first batch are the
+    # batch-scaling ones (cached), later batches run on an edited model and are computed
+    sequential = [
+        ("rome", 256, 1),
+        *[(a, 256, b) for a in ("memit", "emmet") for b in (16, 64, 256)],
+        ("memit", 1024, 256),
+        ("memit", 1024, 1024),
+    ]
+    return [
+        Preset(
+            "layer search (30 layers x ROME/MEMIT, 100 facts singular, GE on 20)",
+            {layer: 100 for layer in range(N_LAYERS)},
+            layer_points * 100,
+            layer_points * 20,
+            paper_values=layer_points * 100,
+            paper_rome_edits=N_LAYERS * 100,
+        ),
+        Preset(
+            "lambda search (9 MEMIT + 7 EMMET lambdas, batch of 256, GE on 4)",
+            {BEST_LAYER: 256},
+            16 * 256,
+            16 * 4,
+            paper_values=16 * 256,
+        ),
+        Preset(
+            "batch scaling (16 .. 2048, MEMIT and EMMET, GE on 4)",
+            {BEST_LAYER: max(batch_sizes)},
+            2 * sum(batch_sizes),
+            2 * len(batch_sizes) * 4,
+            paper_values=2 * sum(batch_sizes),
+        ),
+        Preset(
+            "sequential (256 as 256x1 .. 1x256, 1024 as 4x256 and 1x1024; each_batch)",
+            {BEST_LAYER: sum(total - size for _, total, size in sequential)},
+            sum(total for _, total, _ in sequential),
+            len(sequential) * 4,
+            paper_values=sum(total for _, total, _ in sequential),
+            paper_rome_edits=256,
+        ),
+    ]
+
+
+def study_cost_table(units: dict[str, float], low: int, high: int) -> str:
+    """Hours of each preset on this machine, from the measured unit costs: values per fact
+    interpolated linearly in the number of layers above the edited one between the two
+    measured layers; statistics and pre-edit scores (computed once per model) left out."""
+    v_low, v_high = units[f"values_per_fact_layer{low}"], units[f"values_per_fact_layer{high}"]
+    slope = (v_low - v_high) / (high - low)  # seconds per fact per layer skipped
+
+    def values_per_fact(layer: int) -> float:
+        return max(v_high + slope * (high - layer), 0.0)
+
+    scoring, ge = units["scoring_per_fact"], units.get("ge_per_fact", PAPER_GE_PER_FACT)
+    lines = [
+        "| experiment (SmolLM2 study scale) | values | scorings | GE facts | editexp (h) "
+        "| paper's code (h) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    totals = [0.0, 0.0]
+    for preset in study_presets():
+        ours = sum(n * values_per_fact(layer) for layer, n in preset.values_at.items())
+        ours += preset.scorings * scoring + preset.generations * ge
+        paper = (preset.paper_values - preset.paper_rome_edits) * PAPER_VALUES_PER_FACT
+        paper += preset.paper_rome_edits * PAPER_ROME_EDIT
+        paper += preset.scorings * PAPER_SCORING_PER_FACT + preset.generations * PAPER_GE_PER_FACT
+        totals[0] += ours
+        totals[1] += paper
+        lines.append(
+            f"| {preset.name} | {sum(preset.values_at.values())} | {preset.scorings} "
+            f"| {preset.generations} | {ours / 3600:.1f} | {paper / 3600:.1f} |"
+        )
+    lines.append(
+        f"| **all four** | | | | **{totals[0] / 3600:.1f}** | **{totals[1] / 3600:.1f}** |"
+    )
+    return "\n".join(lines)
 
 
 def in_process_units(args: argparse.Namespace, bench: Bench) -> dict[str, float]:
