@@ -10,32 +10,39 @@ from pathlib import Path
 
 import pytest
 
-from hydra_plugins.editexp_launcher.launcher import Plan, plan_parallelism
+from hydra_plugins.editexp_launcher import launcher
 
 PROBE = Path(__file__).with_name("launcher_probe.py")
 
 
+def plan(*args, **kwargs) -> tuple[int, int]:
+    """(parallel jobs, threads per job). Through the module at call time: Hydra's plugin scan
+    executes plugin modules again, which makes new classes."""
+    result = launcher.plan_parallelism(*args, **kwargs)
+    return result.parallel_jobs, result.threads_per_job
+
+
 def test_plan_shares_the_cores():
-    assert plan_parallelism(n_jobs=10, cores=2) == Plan(2, 1)
-    assert plan_parallelism(n_jobs=10, cores=16) == Plan(10, 1)
-    assert plan_parallelism(n_jobs=3, cores=16) == Plan(3, 5)
-    assert plan_parallelism(n_jobs=1, cores=8) == Plan(1, 8)
+    assert plan(n_jobs=10, cores=2) == (2, 1)
+    assert plan(n_jobs=10, cores=16) == (10, 1)
+    assert plan(n_jobs=3, cores=16) == (3, 5)
+    assert plan(n_jobs=1, cores=8) == (1, 8)
 
 
 def test_plan_counts_memory_and_gpus():
-    assert plan_parallelism(10, cores=16, memory_gb=20, mem_gb_per_job=4) == Plan(5, 3)
-    assert plan_parallelism(10, cores=16, memory_gb=2, mem_gb_per_job=4) == Plan(1, 16)
-    assert plan_parallelism(10, cores=16, gpus=4, gpus_per_job=1) == Plan(4, 4)
-    assert plan_parallelism(10, cores=16, gpus=0, gpus_per_job=1) == Plan(10, 1)
+    assert plan(10, cores=16, memory_gb=20, mem_gb_per_job=4) == (5, 3)
+    assert plan(10, cores=16, memory_gb=2, mem_gb_per_job=4) == (1, 16)
+    assert plan(10, cores=16, gpus=4, gpus_per_job=1) == (4, 4)
+    assert plan(10, cores=16, gpus=0, gpus_per_job=1) == (10, 1)
 
 
 def test_plan_takes_explicit_settings_and_refuses_bad_ones():
-    assert plan_parallelism(10, cores=8, parallel_jobs=2) == Plan(2, 4)
-    assert plan_parallelism(10, cores=8, parallel_jobs=2, threads_per_job=1) == Plan(2, 1)
+    assert plan(10, cores=8, parallel_jobs=2) == (2, 4)
+    assert plan(10, cores=8, parallel_jobs=2, threads_per_job=1) == (2, 1)
     with pytest.raises(ValueError, match="parallel_jobs=0"):
-        plan_parallelism(10, cores=8, parallel_jobs=0)
+        plan(10, cores=8, parallel_jobs=0)
     with pytest.raises(ValueError, match="threads_per_job=-1"):
-        plan_parallelism(10, cores=8, threads_per_job=-1)
+        plan(10, cores=8, threads_per_job=-1)
 
 
 def test_local_multirun_runs_two_at_a_time_with_their_share_of_threads(tmp_path):

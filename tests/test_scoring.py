@@ -116,7 +116,7 @@ def test_batch_size_does_not_change_scores(tiny, batch_size):
 
 def test_float64_agreement_is_rounding_only(tiny):
     model = copy.deepcopy(tiny.model).double()
-    lm = LoadedModel(model, tiny.tokenizer, tiny.spec, tiny.identity)
+    lm = LoadedModel(model, tiny.tokenizer, tiny.spec, tiny.identity, tiny.config)
     batched = score_continuations(model, tiny.tokenizer, PROMPTS, TARGETS, batch_size=3)
     assert max_difference(batched, plain_scores(lm)) < 1e-10
 
