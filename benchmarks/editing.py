@@ -21,14 +21,10 @@ from hydra import compose, initialize_config_dir
 from editexp.config import run_settings
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.editing.editor import closed_form_delta
-from editexp.editing.keys_values import (
-    EditRequest,
-    compute_keys,
-    compute_values,
-    context_prefixes,
-)
+from editexp.editing.keys_values import EditRequest, compute_keys, compute_values
 from editexp.editing.linalg import CovarianceFactor
 from editexp.editing.plain_values import plain_values
+from editexp.editing.prefixes import context_prefixes
 from editexp.models import load_model
 from editexp.stats import load_or_compute_stats
 

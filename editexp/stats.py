@@ -2,8 +2,9 @@
 
 One forward pass over the corpus collects every requested layer: a forward pre-hook on the
 edited module of each layer hands its input (the keys) at the real, selected tokens to an
-accumulator, and the hook of the deepest layer stops the pass by raising a private exception,
-so no later layer and no unembedding ever runs.
+accumulator, and the hook of the deepest layer stops the pass, so no later layer and no
+unembedding ever runs (:class:`editexp.capture.ActivationCapture`, the same hooks that read
+keys at the subject for editing).
 
 Results are cached under ``cache_root()/stats/<model>/``, one file per layer, keyed by all that
 changes them (model weights, module, layer, corpus, n_tokens, seq_len, forward dtype; not the
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from editexp.cache import atomic_torch_save, cache_root, file_lock, stable_hash
+from editexp.capture import ActivationCapture
 from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.models import DTYPES, LoadedModel
 
@@ -69,10 +71,6 @@ class LayerStats:
     from_cache: bool = field(default=False, compare=False)
     # raw keys (d_k, N) from corpus text outside the C0 sample (see sample_keys), or None
     held_out_keys: torch.Tensor | None = field(default=None, compare=False, repr=False)
-
-
-class _StopForward(Exception):
-    """Raised by the deepest hook to end the forward pass once every key is collected."""
 
 
 # --- collection ------------------------------------------------------------------------------
@@ -120,73 +118,6 @@ def _select_tokens(
         yield _SelectedBatch(input_ids, attention_mask, selected, count)
 
 
-class _InputCapture:
-    """Forward pre-hooks on ``module_template.format(layer)`` for each layer.
-
-    ``run`` does one forward pass: each hook hands the module's input at the selected
-    positions, as (n_selected, d_k), to ``consume(layer, keys)``; the deepest layer's hook then
-    raises ``_StopForward``, which ``run`` catches.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        module_template: str,
-        layers: list[int],
-        consume: Callable[[int, torch.Tensor], None],
-    ) -> None:
-        self.model = model
-        self.module_template = module_template
-        self.layers = sorted(set(layers))
-        self.deepest = self.layers[-1]
-        self.consume = consume
-        self._selected: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> _InputCapture:
-        for layer in self.layers:
-            module = self.model.get_submodule(self.module_template.format(layer))
-            self._handles.append(module.register_forward_pre_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, layer: int) -> Callable[[nn.Module, tuple], None]:
-        def hook(module: nn.Module, args: tuple) -> None:
-            inputs = args[0]
-            if self._selected is None:  # every position
-                keys = inputs.reshape(-1, inputs.shape[-1])
-            else:
-                keys = inputs[self._selected]
-            self.consume(layer, keys)
-            if layer == self.deepest:
-                raise _StopForward
-
-        return hook
-
-    def run(self, batch: _SelectedBatch) -> None:
-        device = next(self.model.parameters()).device
-        selected = batch.selected.to(device)
-        self._selected = None if bool(selected.all()) else selected
-        attention_mask = batch.attention_mask
-        try:
-            self.model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=None if attention_mask is None else attention_mask.to(device),
-                use_cache=False,
-            )
-        except _StopForward:
-            return
-        finally:
-            self._selected = None
-        raise StatsError(
-            f"the forward pass never reached {self.module_template.format(self.deepest)}"
-        )
-
-
 def _forward_precision(
     model: nn.Module, dtype: torch.dtype | None
 ) -> contextlib.AbstractContextManager:
@@ -220,6 +151,8 @@ def _run_capture(
         raise StatsError("no layers requested")
     if n_select < 1:
         raise StatsError(f"asked for {n_select} tokens; need at least 1")
+    modules = {layer: model.get_submodule(module_template.format(layer)) for layer in layers}
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     n_selected = 0
@@ -227,11 +160,21 @@ def _run_capture(
         with (
             torch.inference_mode(),
             _forward_precision(model, dtype),
-            _InputCapture(model, module_template, layers, consume) as capture,
+            ActivationCapture(modules, "input", consume) as capture,
             tqdm(total=n_select, unit=unit, unit_scale=True, disable=not progress) as bar,
         ):
             for batch in _select_tokens(batches, n_select, stride):
-                capture.run(batch)
+                mask = batch.attention_mask
+                reached = capture.run(
+                    model,
+                    batch.selected.to(device),
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=None if mask is None else mask.to(device),
+                )
+                if not reached:
+                    raise StatsError(
+                        f"the forward pass never reached {module_template.format(max(layers))}"
+                    )
                 n_selected += batch.n_selected
                 bar.update(batch.n_selected)
     finally:

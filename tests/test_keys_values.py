@@ -36,7 +36,8 @@ def model64(request):
     return loaded
 
 
-def test_keys_are_module_inputs_at_the_subject_averaged_over_prefixes(model64):
+def test_keys_are_module_inputs_at_the_subject_bare_prompt_weighing_one_half(model64):
+    """UME's compute_ks: the mean of two group means, the bare prompt and the prefixes."""
     layer = 1
     keys = compute_keys(model64, REQUESTS, PREFIXES, [layer], batch_size=4)[layer]
     captured = []
@@ -45,17 +46,18 @@ def test_keys_are_module_inputs_at_the_subject_averaged_over_prefixes(model64):
     )
     try:
         for column, request in enumerate(REQUESTS):
-            expected = []
+            per_context = []
             for prefix in PREFIXES:
                 text = prefix + request.prompt.format(request.subject)
                 ids = torch.tensor([encode_prompt(model64.tokenizer, text)])
                 captured.clear()
                 model64.model(input_ids=ids)
                 index = subject_last_index(model64.tokenizer, text, request.subject)
-                expected.append(captured[0][0, index])
-            torch.testing.assert_close(
-                keys[:, column].double(), torch.stack(expected).mean(0), rtol=1e-6, atol=1e-6
-            )
+                per_context.append(captured[0][0, index])
+            expected = (per_context[0] + torch.stack(per_context[1:]).mean(0)) / 2
+            torch.testing.assert_close(keys[:, column].double(), expected, rtol=1e-6, atol=1e-6)
+        bare = compute_keys(model64, REQUESTS, [""], [layer])[layer]
+        assert not torch.allclose(bare, keys)
     finally:
         handle.remove()
 
@@ -70,11 +72,17 @@ def test_keys_several_layers_in_one_pass_equal_one_at_a_time(model64):
 def test_fast_values_equal_plain_values(model64):
     fast = compute_values(model64, REQUESTS, PREFIXES, 1, HPARAMS, progress=False)
     plain = plain_values(model64, REQUESTS, PREFIXES, 1, HPARAMS)
-    torch.testing.assert_close(fast.outputs, plain.outputs, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast.deltas, plain.deltas, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast.losses, plain.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.outputs, plain.outputs, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(fast.deltas, plain.deltas, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast.losses, plain.losses, rtol=1e-6, atol=1e-9)
     assert torch.equal(fast.steps, plain.steps)
     assert (fast.deltas.norm(dim=1) > 0).all()
+
+
+def test_h_is_the_residual_stream_on_the_bare_prompt(model64):
+    values = compute_values(model64, REQUESTS, PREFIXES, 1, HPARAMS, progress=False)
+    residual = read_at_subject(model64, REQUESTS, [""], [1], "residual")[1]
+    torch.testing.assert_close(values.outputs, residual, rtol=1e-6, atol=1e-7)
 
 
 def test_batched_values_equal_one_fact_at_a_time(model64):
@@ -105,7 +113,7 @@ def test_each_fact_has_its_own_early_stop_and_clamp(model64):
 
 
 def test_residual_reading_differs_from_module_output(model64):
-    residual = read_at_subject(model64, REQUESTS[:1], PREFIXES, [1], "residual")[1]
-    output = read_at_subject(model64, REQUESTS[:1], PREFIXES, [1], "output")[1]
+    residual = read_at_subject(model64, REQUESTS[:1], [""], [1], "residual")[1]
+    output = read_at_subject(model64, REQUESTS[:1], [""], [1], "output")[1]
     assert residual.shape == output.shape
     assert not torch.allclose(residual, output)

@@ -65,10 +65,10 @@ def test_magnitudes_hand_computed():
     )
     assert metrics["ES_magnitude"] == pytest.approx(0.4)
     assert metrics["PS_magnitude"] == pytest.approx((0.4 - 0.1) / 2)
-    assert metrics["NS_magnitude"] == pytest.approx((-0.6 - 0.2) / 2)  # p(new) - p(true)
+    assert metrics["NS_magnitude"] == pytest.approx((0.6 + 0.2) / 2)  # p(true) - p(new)
     summary = aggregate([metrics])
     assert summary["ES_magnitude"]["mean"] == pytest.approx(40.0)
-    assert summary["NS_magnitude"]["mean"] == pytest.approx(-40.0)
+    assert summary["NS_magnitude"]["mean"] == pytest.approx(40.0)
 
 
 def test_absent_families_absent_from_output():

@@ -9,8 +9,9 @@ from conftest import compose_config
 
 from editexp.config import run_settings
 from editexp.editing.editor import edit_batch, restore_weights, snapshot_weights
-from editexp.editing.keys_values import EditRequest, context_prefixes
+from editexp.editing.keys_values import EditRequest
 from editexp.editing.linalg import CovarianceFactor
+from editexp.editing.prefixes import context_prefixes
 from editexp.evaluation.scoring import score_continuations
 from editexp.runner import run
 from editexp.stats import load_or_compute_stats

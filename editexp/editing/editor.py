@@ -44,13 +44,14 @@ from editexp.data.counterfact import Fact
 from editexp.editing.alphaedit import alphaedit_delta
 from editexp.editing.emmet import emmet_delta
 from editexp.editing.keys_values import (
+    BARE_PROMPT,
     EditRequest,
     Values,
-    context_prefixes,
     read_at_subject,
 )
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys, check_finite
 from editexp.editing.memit import memit_delta
+from editexp.editing.prefixes import context_prefixes
 from editexp.editing.rank_one import RankOneEdits
 from editexp.editing.rome import rome_delta
 from editexp.editing.singular import SingularEdits, solve_singular
@@ -139,7 +140,8 @@ def edit_batch(
     last = layers[-1]
     values = values_for(loaded, requests, prefixes, last, hparams, batch_size, progress, cache)
     if len(layers) > 1:
-        current = read_at_subject(loaded, requests, prefixes, [last], "residual", batch_size)
+        # UME: the target is the residual on the bare prompt plus delta*, as is h (values.outputs)
+        current = read_at_subject(loaded, requests, BARE_PROMPT, [last], "residual", batch_size)
         target = current[last] + values.deltas
     timing["keys_values"] += time.perf_counter() - start
 
@@ -156,7 +158,7 @@ def edit_batch(
             if len(layers) == 1:
                 residuals = values.deltas.T
             else:
-                now = read_at_subject(loaded, requests, prefixes, [last], "residual", batch_size)
+                now = read_at_subject(loaded, requests, BARE_PROMPT, [last], "residual", batch_size)
                 residuals = ((target - now[last]) / (len(layers) - position)).T
             timing["keys_values"] += time.perf_counter() - start
             start = time.perf_counter()

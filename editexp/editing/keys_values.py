@@ -1,47 +1,65 @@
-"""The key/value engine shared by ROME, MEMIT and EMMET (the preservation-memorization view).
+"""The key/value engine shared by ROME, MEMIT and EMMET, as the paper's code (UME) defines it.
 
-For a fact (subject s, prompt template p, new target o*) and a set of context prefixes x_j:
+For a fact (subject s, prompt template p, new target o*) and the contexts x_0 = "" (the bare
+prompt) and x_1..x_N (sampled prefixes, :mod:`editexp.editing.prefixes`):
 
-- the key k* is the edited module's input at the subject's last token, averaged over the
-  contexts ``x_j + p.format(s)``: k* = 1/N sum_j k(x_j + p(s));
-- the value v* = h + delta* where h is the module's output there (averaged the same way, so
-  h = W k* + b exactly) and delta* minimises
+- the key k* is the edited module's input at the subject's last token, averaged in two levels
+  as UME's ``compute_ks``: k* = 1/2 k(x_0 + p(s)) + 1/2 * 1/N sum_j k(x_j + p(s)) (the bare
+  prompt is one group, the prefixes another; with no prefixes, k* = k(p(s)));
+- the value v* = h + delta*, where h (UME's ``target_init``) is the layer's output (the
+  residual stream) at the subject's last token of the bare prompt, before any edit, and
+  delta* minimises (UME's ``compute_z``)
 
-      L(delta) = 1/N sum_j NLL(o* | x_j + p(s); h_j + delta)
-                 + kl_factor * KL(P(. | "s is a") || P(. | "s is a"; h + delta))
-                 + weight_decay * ||delta||^2 / ||h||^2
+      L(delta) = 1/(N+1) sum_j NLL(o* | x_j + p(s))
+                 + kl_factor * KL(P_delta || P_0)   at the subject's last token of "s is a"
+                 + weight_decay * ||delta|| / ||h||^2
 
-  with Adam, ``||delta|| <= clamp_norm_factor * ||h||`` after every step, and an early stop
-  when L < early_stop_loss. The residual r = v* - W k* - b is exactly delta*.
+  where delta is added to the layer's output at the subject's last token of every one of
+  those N + 2 sequences, NLL is the mean over o*'s tokens of -log p, and KL(P_delta || P_0) =
+  sum_t P_delta(t) (log P_delta(t) - log P_0(t)) (torch ``kl_div(log P_0, log P_delta,
+  log_target=True)``). Adam with lr ``v_lr``; before each step, stop when L <
+  ``early_stop_loss`` or after ``v_steps - 1`` steps; after each step, clamp ``||delta|| <=
+  clamp_norm_factor * ||h||``.
+
+The edited module's output goes straight into the residual stream (Llama, GPT-2, GPT-J), so
+adding delta to the layer's output there is adding it to W k + b: the residual the solvers
+need is r = v* - (W k + b) = delta*. Gemma-3 has a norm after its MLP; there delta and h live at
+the edited module's own output (:func:`value_site`).
 
 Many facts are optimised together: each has its own delta, its own loss term (the total is a
 sum, so each delta's gradient is that of its own loss), its own Adam state, its own clamp and
 its own early stop, so every fact ends where it would alone. Two shortcuts change no result:
 positions before the subject's last token do not depend on delta, so they run once and are
 kept as a KV cache (each Adam step only runs the positions from the subject's last token on),
-and the unembedding is applied only where a loss is read.
+and the unembedding is applied only where a loss is read. :mod:`editexp.editing.plain_values`
+is UME's loop written plainly; tests hold the two together.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from editexp.cache import atomic_write_json, cache_root, stable_hash
+from editexp.capture import ActivationCapture
 from editexp.config import ValueHparams
 from editexp.models import LoadedModel
-from editexp.tokens import encode_prompt, encode_target, pad_sequences, subject_last_index
-
-log = logging.getLogger(__name__)
+from editexp.tokens import (
+    PaddedBatch,
+    encode_prompt,
+    encode_target,
+    pad_sequences,
+    subject_last_index,
+)
 
 KL_PROMPT = "{} is a"
-PREFIX_STARTERS = ("The", "Therefore", "Because", "I", "You")
+BARE_PROMPT = [""]  # the contexts of a lookup on the bare prompt alone
 
 
 @dataclass(frozen=True)
@@ -56,10 +74,10 @@ class EditRequest:
 
 @dataclass
 class Values:
-    """Optimised values for a list of requests, at one module (rows follow the requests)."""
+    """Optimised values for a list of requests, at one layer (rows follow the requests)."""
 
-    deltas: torch.Tensor  # (E, d_v) delta*, float32: the residual v* - W k* - b
-    outputs: torch.Tensor  # (E, d_v) h, the module's output at the subject, averaged
+    deltas: torch.Tensor  # (E, d_v) delta*, float32: the residual v* - (W k* + b)
+    outputs: torch.Tensor  # (E, d_v) h: the value site's output at the subject, bare prompt
     losses: torch.Tensor  # (E,) the loss at the last forward pass
     steps: torch.Tensor  # (E,) Adam steps taken
 
@@ -73,47 +91,34 @@ class Values:
         return cls(*(torch.cat([getattr(part, name) for part in parts]) for name in names))
 
 
-# --------------------------------------------------------------------------- context prefixes
+def value_site(loaded: LoadedModel, layer: int) -> nn.Module:
+    """The module whose output holds v: the layer itself (its output is the residual stream,
+    UME's ``layer_module_tmp``), or the edited module when a norm follows it inside the layer
+    (Gemma-3's ``post_feedforward_layernorm``), where the residual stream is not W k + b."""
+    layer_module = loaded.layer_module(layer)
+    if hasattr(layer_module, "post_feedforward_layernorm"):
+        return loaded.edit_module(layer)
+    return layer_module
 
 
-def context_prefixes(
-    loaded: LoadedModel, count: int, length: int, seed: int, batch_size: int = 16
-) -> list[str]:
-    """``[""]`` plus ``count`` short texts sampled from the model, each ending in ". ".
-
-    Seeded and cached per model identity, so every run of a model uses the same prefixes.
-    """
-    if count == 0:
-        return [""]
-    key = stable_hash([loaded.identity, count, length, seed])
-    path = cache_root() / "prefixes" / f"{loaded.spec.name}-{key}.json"
-    if path.is_file():
-        import json
-
-        return json.loads(path.read_text())
-    from editexp.evaluation.generation import generate_texts
-
-    starters = [PREFIX_STARTERS[i % len(PREFIX_STARTERS)] for i in range(count)]
-    continuations = generate_texts(
-        loaded.model, loaded.tokenizer, starters, length=length, seed=seed, batch_size=batch_size
-    )
-    prefixes = [""]
-    for starter, continuation in zip(starters, continuations):
-        text = (starter + continuation).replace("{", " ").replace("}", " ")
-        prefixes.append(" ".join(text.split()) + ". ")
-    atomic_write_json(path, prefixes)
-    return prefixes
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors as float32 (for losses); float32 and float64 as they are."""
+    return tensor.float() if tensor.element_size() < 4 else tensor
 
 
-# --------------------------------------------------------------------------- keys
-
-
-def _context_texts(request: EditRequest, prefixes: Sequence[str]) -> list[str]:
+def context_texts(request: EditRequest, prefixes: Sequence[str]) -> list[str]:
     return [prefix + request.prompt.format(request.subject) for prefix in prefixes]
 
 
-class _StopForward(Exception):
-    pass
+def context_mean(readings: torch.Tensor) -> torch.Tensor:
+    """UME's two-level mean over contexts: (E, N + 1, d) -> (E, d), the bare prompt (context 0)
+    one group, the N prefixes another, each group weighing 1/2."""
+    if readings.shape[1] == 1:
+        return readings[:, 0]
+    return (readings[:, 0] + readings[:, 1:].mean(dim=1)) / 2
+
+
+# --------------------------------------------------------------------------- keys
 
 
 @torch.no_grad()
@@ -122,74 +127,51 @@ def read_at_subject(
     requests: Sequence[EditRequest],
     prefixes: Sequence[str],
     layers: Sequence[int],
-    where: str = "input",
+    where: Literal["input", "output", "residual"] = "input",
     batch_size: int = 64,
 ) -> dict[int, torch.Tensor]:
-    """The edited module's input (``where="input"``: the keys k*), its output (``"output"``)
-    or the residual stream after the layer (``"residual"``) at the subject's last token,
-    averaged over the context prefixes: {layer: (E, d)} float32.
+    """At the subject's last token of every context, the edited module's input (``"input"``:
+    keys), its output (``"output"``) or the layer's output (``"residual"``), combined over the
+    contexts by :func:`context_mean`: {layer: (E, d)} float32.
 
-    All (fact, prefix) texts run in padded batches; the forward pass stops after the deepest
-    requested layer.
+    All (fact, context) texts run in padded batches; the pass stops after the deepest layer.
     """
+    if where == "input":
+        modules, hook_at = {layer: loaded.edit_module(layer) for layer in layers}, "input"
+    elif where == "output":
+        modules, hook_at = {layer: loaded.edit_module(layer) for layer in layers}, "output"
+    elif where == "residual":
+        modules, hook_at = {layer: loaded.layer_module(layer) for layer in layers}, "output"
+    else:
+        raise ValueError(f"where={where!r}; expected 'input', 'output' or 'residual'")
     tokenizer = loaded.tokenizer
-    rows: list[tuple[list[int], int]] = []
+    rows: list[tuple[list[int], int]] = []  # (ids, subject's last index), fact-major
     for request in requests:
-        for text in _context_texts(request, prefixes):
-            rows.append(
-                (
-                    encode_prompt(tokenizer, text),
-                    subject_last_index(tokenizer, text, request.subject),
-                )
-            )
-    deepest = max(layers)
+        for text in context_texts(request, prefixes):
+            ids = encode_prompt(tokenizer, text)
+            rows.append((ids, subject_last_index(tokenizer, text, request.subject)))
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    current_index: list[torch.Tensor] = []
 
-    def make_hook(layer: int):
-        def hook(module, args, output=None):
-            tensor = args[0] if where == "input" else output
-            if isinstance(tensor, tuple):  # decoder layers may return (hidden, ...)
-                tensor = tensor[0]
-            batch_rows = torch.arange(tensor.shape[0], device=tensor.device)
-            captured[layer].append(tensor[batch_rows, current_index[0]].float().cpu())
-            if layer == deepest:
-                raise _StopForward
+    def consume(layer: int, values: torch.Tensor) -> None:
+        captured[layer].append(values.float().cpu())  # (B, d): one row per sequence
 
-        return hook
-
-    handles = []
-    for layer in layers:
-        if where == "input":
-            module = loaded.edit_module(layer)
-            handles.append(module.register_forward_pre_hook(make_hook(layer)))
-        elif where == "output":
-            handles.append(loaded.edit_module(layer).register_forward_hook(make_hook(layer)))
-        elif where == "residual":
-            handles.append(loaded.layer_module(layer).register_forward_hook(make_hook(layer)))
-        else:
-            raise ValueError(f"where={where!r}; expected 'input', 'output' or 'residual'")
-    pad_id = tokenizer.pad_token_id
-    try:
+    with ActivationCapture(modules, hook_at, consume) as capture:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            batch = pad_sequences([ids for ids, _ in chunk], pad_id).to(loaded.device)
-            current_index[:] = [torch.tensor([index for _, index in chunk], device=loaded.device)]
-            try:
-                loaded.model(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids,
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_prefixes = len(prefixes)
+            batch = pad_sequences([ids for ids, _ in chunk], tokenizer.pad_token_id)
+            selected = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (B, T)
+            selected[torch.arange(len(chunk)), [index for _, index in chunk]] = True
+            batch = batch.to(loaded.device)
+            capture.run(
+                loaded.model,
+                selected.to(loaded.device),
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+            )
+    n_contexts = len(prefixes)
     return {
-        layer: torch.cat(parts).view(len(requests), n_prefixes, -1).mean(dim=1)
+        layer: context_mean(torch.cat(parts).view(len(requests), n_contexts, -1))
         for layer, parts in captured.items()
     }
 
@@ -211,19 +193,24 @@ def compute_keys(
 
 @dataclass
 class _Row:
+    """One sequence of the objective: a context with o*'s tokens, or a fact's KL prompt."""
+
     fact: int  # index of the request in the chunk
-    ids: list[int]  # full input ids (context + target[:-1])
-    split: int  # subject's last token: ids[:split] go to the KV cache
-    read_from: int  # first position (in ids) whose logits are read
-    targets: list[int]  # token ids predicted at read_from, read_from + 1, ...
+    ids: list[int]  # input ids: context + target[:-1], or the KL prompt up to the subject
+    split: int  # subject's last token, where delta is added: ids[:split] go to the KV cache
+    read_from: int  # first position (in ids) whose next-token distribution is read
+    targets: list[int]  # token ids predicted at read_from, read_from + 1, ... (none for KL)
     is_kl: bool
+    is_bare: bool  # the bare prompt's row: h is read here
 
 
-def _value_rows(loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str]):
+def _value_rows(
+    loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str]
+) -> list[_Row]:
     tokenizer = loaded.tokenizer
     rows: list[_Row] = []
     for fact, request in enumerate(requests):
-        for text in _context_texts(request, prefixes):
+        for context, text in enumerate(context_texts(request, prefixes)):
             prompt_ids = encode_prompt(tokenizer, text)
             target_ids = encode_target(tokenizer, text, request.target_new)
             rows.append(
@@ -234,20 +221,14 @@ def _value_rows(loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: 
                     read_from=len(prompt_ids) - 1,
                     targets=target_ids,
                     is_kl=False,
+                    is_bare=context == 0,
                 )
             )
         kl_text = KL_PROMPT.format(request.subject)
-        kl_ids = encode_prompt(tokenizer, kl_text)
-        rows.append(
-            _Row(
-                fact=fact,
-                ids=kl_ids,
-                split=subject_last_index(tokenizer, kl_text, request.subject),
-                read_from=len(kl_ids) - 1,
-                targets=[],
-                is_kl=True,
-            )
-        )
+        split = subject_last_index(tokenizer, kl_text, request.subject)
+        # UME reads the KL distribution at the subject's last token: later tokens never matter.
+        kl_ids = encode_prompt(tokenizer, kl_text)[: split + 1]
+        rows.append(_Row(fact, kl_ids, split, split, [], is_kl=True, is_bare=False))
     return rows
 
 
@@ -260,8 +241,10 @@ def compute_values(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Values:
-    """delta* and h for every request at ``layer``'s edited module, ``batch_size`` facts at a
-    time (each fact's result does not depend on the others in its batch)."""
+    """delta* and h for every request at ``layer``, ``batch_size`` facts at a time (each
+    fact's result does not depend on the others in its batch)."""
+    if not prefixes or prefixes[0] != "":
+        raise ValueError(f"prefixes must start with the bare prompt '', got {list(prefixes)[:2]}")
     parts = []
     bar = tqdm(
         total=len(requests), desc=f"values (layer {layer})", unit="fact", disable=not progress
@@ -276,14 +259,14 @@ def compute_values(
 
 @dataclass
 class _TailGroup:
-    """Rows whose tails (subject's last token onwards) have the same length: one padded-free
-    forward and backward per Adam step."""
+    """Rows whose tails (subject's last token onwards) have the same length: one forward and
+    backward without padding per Adam step."""
 
     rows: torch.Tensor  # (G,) indices into the chunk's rows
     columns: slice  # columns of the aligned batch: head cache + this group's tail
-    read_rows: torch.Tensor  # (R,) positions within the group where a loss is read
-    read_cols: torch.Tensor  # (R,) tail columns of those reads
-    read_tokens: torch.Tensor  # (R,) target token ids (-1 for KL reads)
+    read_rows: torch.Tensor  # (R,) position within the group of every read
+    read_cols: torch.Tensor  # (R,) tail column of every read
+    read_tokens: torch.Tensor  # (R,) target token id of every read (-1 for KL reads)
 
 
 def _tail_groups(rows: list[_Row], head_width: int, device: torch.device) -> list[_TailGroup]:
@@ -312,6 +295,73 @@ def _tail_groups(rows: list[_Row], head_width: int, device: torch.device) -> lis
     return groups
 
 
+@dataclass
+class _Chunk:
+    """What stays fixed while one chunk of facts is optimised."""
+
+    n_facts: int
+    n_contexts: int  # contexts per fact (the NLL is their mean)
+    row_fact: torch.Tensor  # (n_rows,) fact of every row
+    is_kl: torch.Tensor  # (n_rows,) bool
+    is_bare: torch.Tensor  # (n_rows,) bool: one per fact, in fact order
+    batch: PaddedBatch  # (n_rows, T) ids, every row's subject at column head_width
+    head_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of columns
+    # < head_width, each (n_rows, kv_heads, head_width, d_head); empty if head_width is 0
+    groups: list[_TailGroup]
+
+
+class _AddDelta:
+    """Forward hook on the value site, for a tail forward (column 0 is the subject's last
+    token): adds each row's delta there, and on request records the output there first."""
+
+    def __init__(self) -> None:
+        self.row_deltas: torch.Tensor | None = None  # (G, d_v) the delta of each row's fact
+        self.recorded: torch.Tensor | None = None  # (G, d_v) the output before the delta
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output  # (G, L, d_v)
+        if self.recorded is None:
+            self.recorded = at_least_float32(hidden[:, 0].detach())
+        shifted = hidden[:, :1] + self.row_deltas[:, None].to(hidden.dtype)
+        hidden = torch.cat([shifted, hidden[:, 1:]], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def _prepare_chunk(
+    loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str]
+) -> _Chunk:
+    model, device = loaded.model, loaded.device
+    rows = _value_rows(loaded, requests, prefixes)
+    # Line up every row's subject token at column `head_width`; run the columns before it
+    # (they do not depend on delta) once, into a KV cache.
+    batch = pad_sequences(
+        [row.ids for row in rows], loaded.tokenizer.pad_token_id, [row.split for row in rows]
+    ).to(device)
+    head_width = max(row.split for row in rows)
+    head_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if head_width > 0:
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model.base_model(
+                input_ids=batch.input_ids[:, :head_width],
+                attention_mask=batch.attention_mask[:, :head_width],
+                position_ids=batch.position_ids[:, :head_width],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            head_cache = [(lay.keys, lay.values) for lay in cache.layers]
+    return _Chunk(
+        n_facts=len(requests),
+        n_contexts=len(prefixes),
+        row_fact=torch.tensor([row.fact for row in rows], device=device),
+        is_kl=torch.tensor([row.is_kl for row in rows], device=device),
+        is_bare=torch.tensor([row.is_bare for row in rows], device=device),
+        batch=batch,
+        head_cache=head_cache,
+        groups=_tail_groups(rows, head_width, device),
+    )
+
+
 def _optimise_chunk(
     loaded: LoadedModel,
     requests: Sequence[EditRequest],
@@ -321,82 +371,43 @@ def _optimise_chunk(
 ) -> Values:
     """Optimise one delta per request, all at once.
 
-    The loss is a sum of per-row terms (NLL of a context row / number of contexts, or
+    The loss is a sum of per-row terms (a context row's NLL / number of contexts, or
     kl_factor * KL of the fact's KL row) plus a per-fact weight decay, so rows can run in any
     grouping: rows are grouped by tail length (no padding in the optimised positions) and each
     group's backward accumulates into the deltas' gradients.
     """
-    model, device = loaded.model, loaded.device
-    base = model.base_model
-    unembedding = model.get_output_embeddings()
-    rows = _value_rows(loaded, requests, prefixes)
-    n_facts, n_rows = len(requests), len(rows)
-    row_fact = torch.tensor([row.fact for row in rows], device=device)
-    is_kl = torch.tensor([row.is_kl for row in rows], device=device)
-
-    # Line up every row's subject token at column `head_width`; cache the columns before it
-    # (they do not depend on delta) once.
-    batch = pad_sequences(
-        [row.ids for row in rows], loaded.tokenizer.pad_token_id, [row.split for row in rows]
-    ).to(device)
-    head_width = max(row.split for row in rows)
-    head_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if head_width > 0:
-        with torch.no_grad():
-            cache = DynamicCache(config=model.config)
-            base(
-                input_ids=batch.input_ids[:, :head_width],
-                attention_mask=batch.attention_mask[:, :head_width],
-                position_ids=batch.position_ids[:, :head_width],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            head_cache = [(lay.keys, lay.values) for lay in cache.layers]
-    groups = _tail_groups(rows, head_width, device)
-
+    device = loaded.device
+    chunk = _prepare_chunk(loaded, requests, prefixes)
+    n_facts, n_rows = chunk.n_facts, len(chunk.row_fact)
     d_v = loaded.weight(layer).shape[0]
     deltas = [torch.zeros(d_v, device=device, requires_grad=True) for _ in range(n_facts)]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    active = torch.ones(n_facts, dtype=torch.bool, device=device)
+    active = torch.ones(n_facts, dtype=torch.bool, device=device)  # (n_facts,)
     steps = torch.zeros(n_facts, dtype=torch.long)
-    losses = torch.zeros(n_facts)
-    row_outputs = torch.zeros(n_rows, d_v, device=device)  # h per row, captured at step 0
-    kl_reference: dict[int, torch.Tensor] = {}  # KL row -> log-probs of the unedited model
-    hook_state: dict[str, torch.Tensor] = {}
-
-    def add_delta(module, args, output):
-        if "capture_rows" in hook_state:
-            row_outputs[hook_state["capture_rows"]] = output[:, 0].detach().float()
-        shifted = output[:, :1] + hook_state["row_deltas"][:, None].to(output.dtype)
-        return torch.cat([shifted, output[:, 1:]], dim=1)
-
-    handle = loaded.edit_module(layer).register_forward_hook(add_delta)
+    dtype = torch.promote_types(loaded.model.dtype, torch.float32)  # of losses and h
+    losses = torch.zeros(n_facts, dtype=dtype)
+    row_outputs = torch.zeros(n_rows, d_v, device=device, dtype=dtype)  # value site, step 0
+    kl_reference = torch.zeros(0, device=device, dtype=dtype)  # (n_facts, vocab) log P_0
+    hook = _AddDelta()
+    handle = value_site(loaded, layer).register_forward_hook(hook)
     try:
         for step in range(hparams.v_steps):
             optimizer.zero_grad(set_to_none=True)
-            fact_loss = torch.zeros(n_facts, device=device)
-            for group in groups:
-                fact_loss += _group_loss(
-                    group,
-                    active,
-                    row_fact,
-                    is_kl,
-                    deltas,
-                    hook_state,
-                    head_cache,
-                    batch,
-                    base,
-                    unembedding,
-                    kl_reference,
-                    hparams,
-                    len(prefixes),
-                    step == 0,
-                    model,
+            fact_loss = torch.zeros(n_facts, device=device, dtype=dtype)
+            for group in chunk.groups:
+                loss, kl_log_probs = _group_loss(
+                    loaded, chunk, group, active, deltas, hook, kl_reference, hparams, step == 0
                 )
+                fact_loss += loss
+                if step == 0:
+                    row_outputs[group.rows] = hook.recorded
+                    if kl_log_probs is not None:
+                        kl_reference = _store_kl(kl_reference, kl_log_probs, n_facts)
             if step == 0:
-                h_norm = _fact_mean(row_outputs, row_fact, is_kl, n_facts, prefixes).norm(dim=1)
-            stacked = torch.stack(deltas)
-            decay = hparams.v_weight_decay * stacked.norm(dim=1) ** 2 / h_norm**2
+                h = row_outputs[chunk.is_bare]  # (n_facts, d_v) UME's target_init
+                h_norm = h.norm(dim=1)  # (n_facts,)
+            stacked = torch.stack(deltas)  # (n_facts, d_v)
+            decay = hparams.v_weight_decay * stacked.norm(dim=1) / h_norm**2  # (n_facts,)
             fact_loss = fact_loss + decay.detach()
             with torch.no_grad():
                 losses[active.cpu()] = fact_loss[active].cpu()
@@ -420,89 +431,92 @@ def _optimise_chunk(
             active = still
     finally:
         handle.remove()
-    h = _fact_mean(row_outputs, row_fact, is_kl, n_facts, prefixes)
     return Values(
         deltas=torch.stack([d.detach() for d in deltas]).float().cpu(),
         outputs=h.detach().float().cpu(),
-        losses=losses,
+        losses=losses.float(),
         steps=steps,
     )
 
 
-def _group_loss(
-    group,
-    active,
-    row_fact,
-    is_kl,
-    deltas,
-    hook_state,
-    head_cache,
-    batch,
-    base,
-    unembedding,
-    kl_reference,
-    hparams,
-    n_prefixes,
-    first_step,
-    model,
+def _store_kl(
+    reference: torch.Tensor, kl_log_probs: dict[int, torch.Tensor], n_facts: int
 ) -> torch.Tensor:
-    """Forward and backward of one tail group's active rows; returns their loss per fact
-    (detached). Facts that stopped early are left out."""
-    n_facts = active.shape[0]
-    keep = active[row_fact[group.rows]]
+    """Put step 0's KL log-probabilities {fact: (vocab,)} into the (n_facts, vocab) table."""
+    if reference.numel() == 0:
+        vocab = next(iter(kl_log_probs.values())).shape[0]
+        reference = reference.new_zeros(n_facts, vocab)
+    for fact, log_probs in kl_log_probs.items():
+        reference[fact] = log_probs
+    return reference
+
+
+def _group_loss(
+    loaded: LoadedModel,
+    chunk: _Chunk,
+    group: _TailGroup,
+    active: torch.Tensor,
+    deltas: list[torch.Tensor],
+    hook: _AddDelta,
+    kl_reference: torch.Tensor,
+    hparams: ValueHparams,
+    first_step: bool,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+    """Forward and backward of one tail group's rows of active facts.
+
+    Returns their loss per fact, detached, (n_facts,), and on the first step the KL rows'
+    log-probabilities {fact: (vocab,)} (the reference of the KL term, detached).
+    """
+    device = active.device
+    keep = active[chunk.row_fact[group.rows]]  # (G,) rows of facts still optimised
     if not keep.any():
-        return torch.zeros(n_facts, device=active.device)
-    rows = group.rows[keep]
-    local = torch.full((len(group.rows),), -1, dtype=torch.long, device=active.device)
-    local[keep] = torch.arange(len(rows), device=active.device)
-    hook_state["row_deltas"] = torch.stack(deltas)[row_fact[rows]]
-    if first_step:
-        hook_state["capture_rows"] = rows
-    else:
-        hook_state.pop("capture_rows", None)
+        return torch.zeros(chunk.n_facts, device=device), None
+    rows = group.rows[keep]  # (G',) chunk rows
+    local = torch.full((len(group.rows),), -1, dtype=torch.long, device=device)
+    local[keep] = torch.arange(len(rows), device=device)  # group position -> row in rows
+    hook.row_deltas = torch.stack(deltas)[chunk.row_fact[rows]]  # (G', d_v)
+    hook.recorded = None
     cache = None
-    if head_cache:
-        cache = DynamicCache(config=model.config)
-        for index, (keys, values) in enumerate(head_cache):
+    if chunk.head_cache:
+        cache = DynamicCache(config=loaded.model.config)
+        for index, (keys, values) in enumerate(chunk.head_cache):
             cache.update(keys[rows], values[rows], index)
-    hidden = base(
+    batch = chunk.batch
+    hidden = loaded.model.base_model(
         input_ids=batch.input_ids[rows, group.columns],
         attention_mask=batch.attention_mask[rows, : group.columns.stop],
         position_ids=batch.position_ids[rows, group.columns],
         past_key_values=cache,
         use_cache=cache is not None,
-    ).last_hidden_state
-    read_keep = keep[group.read_rows]
-    read_local = local[group.read_rows[read_keep]]
-    log_probs = F.log_softmax(
-        unembedding(hidden[read_local, group.read_cols[read_keep]]).float(), dim=-1
-    )
-    read_rows = rows[read_local]  # chunk row of every read
-    tokens = group.read_tokens[read_keep]
-    read_is_kl = is_kl[read_rows]
-    row_loss = torch.zeros(len(row_fact), device=active.device)
+    ).last_hidden_state  # (G', L, d)
+    read_keep = keep[group.read_rows]  # (R,) reads of kept rows
+    read_local = local[group.read_rows[read_keep]]  # (R',) row in rows of every read
+    unembedding = loaded.model.get_output_embeddings()
+    logits = unembedding(hidden[read_local, group.read_cols[read_keep]])  # (R', vocab)
+    log_probs = F.log_softmax(at_least_float32(logits), dim=-1)
+    read_rows = rows[read_local]  # (R',) chunk row of every read
+    tokens = group.read_tokens[read_keep]  # (R',)
+    read_is_kl = chunk.is_kl[read_rows]  # (R',)
+    row_loss = torch.zeros(len(chunk.row_fact), device=device, dtype=log_probs.dtype)  # (n_rows,)
     # NLL: mean over a row's target tokens, divided by the number of contexts of its fact.
     token_reads = ~read_is_kl
     if token_reads.any():
         nll = -log_probs[token_reads].gather(1, tokens[token_reads][:, None]).squeeze(1)
         target_rows = read_rows[token_reads]
         counts = torch.zeros_like(row_loss).index_add(0, target_rows, torch.ones_like(nll))
-        row_loss = row_loss.index_add(0, target_rows, nll / counts[target_rows] / n_prefixes)
+        row_loss = row_loss.index_add(0, target_rows, nll / counts[target_rows] / chunk.n_contexts)
+    kl_log_probs = None
     if read_is_kl.any():
-        kl_rows = read_rows[read_is_kl]
-        kl_log_probs = log_probs[read_is_kl]
-        for position, row in enumerate(kl_rows.tolist()):
-            kl_reference.setdefault(row, kl_log_probs[position].detach())
-        reference = torch.stack([kl_reference[row] for row in kl_rows.tolist()])
-        kl = (reference.exp() * (reference - kl_log_probs)).sum(dim=1)
+        kl_rows = read_rows[read_is_kl]  # (F',) one KL row per active fact in this group
+        kl_facts = chunk.row_fact[kl_rows]  # (F',)
+        current = log_probs[read_is_kl]  # (F', vocab) log P_delta
+        if first_step:
+            kl_log_probs = dict(zip(kl_facts.tolist(), current.detach()))
+            reference = current.detach()
+        else:
+            reference = kl_reference[kl_facts]  # (F', vocab) log P_0
+        kl = F.kl_div(reference, current, log_target=True, reduction="none").sum(dim=1)
         row_loss = row_loss.index_add(0, kl_rows, hparams.kl_factor * kl)
     row_loss.sum().backward()
-    return torch.zeros(n_facts, device=active.device).index_add(0, row_fact, row_loss.detach())
-
-
-def _fact_mean(outputs, row_fact, is_kl, n_facts, prefixes) -> torch.Tensor:
-    """Mean over each fact's context rows of a per-row vector (KL rows excluded)."""
-    prompt_rows = ~is_kl
-    total = torch.zeros(n_facts, outputs.shape[1], device=outputs.device)
-    total.index_add_(0, row_fact[prompt_rows], outputs[prompt_rows])
-    return total / len(prefixes)
+    fact_loss = row_loss.new_zeros(chunk.n_facts).index_add(0, chunk.row_fact, row_loss.detach())
+    return fact_loss, kl_log_probs

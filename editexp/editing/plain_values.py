@@ -1,9 +1,22 @@
-"""The plain computation of v*, one fact at a time, as reference implementations do it.
+"""UME's ``compute_z`` loop written plainly: one fact at a time, full sequences, all logits.
 
-Every Adam step runs every context sequence in full (no KV cache), computes logits at every
-position and reads the loss from them. Same loss, optimiser, clamp and early stop as
-:func:`editexp.editing.keys_values.compute_values`, which must agree with it; kept as the
-baseline the fast engine is tested and benchmarked against.
+The reference that :func:`editexp.editing.keys_values.compute_values` is tested and benchmarked
+against. It follows UME (``memit/compute_z.py`` at commit 23d72b5) step by step, with its own
+tokenisation, independent of :mod:`editexp.tokens`:
+
+- target ids: ``tok(" " + target_new)`` without a leading BOS;
+- rewriting prompts: ``(prefix + prompt + decode(target_ids[:-1])).format(subject)`` for every
+  context, the KL prompt ``"{} is a".format(subject)``, all in one right-padded batch;
+- the lookup index of a prompt: ``len(tok.encode(text before the subject + subject)) - 1``;
+- delta is added to the value site's output (the layer's output, UME's ``layer_module_tmp``)
+  at the lookup index of every prompt; ``target_init`` is that output at the first prompt (the
+  bare one) in the first forward pass;
+- loss = mean over prompts of the mean target-token NLL (read at the last ``len(target_ids)``
+  positions of each prompt) + kl_factor * ``kl_div(log P_0, log P, log_target=True,
+  reduction="batchmean")`` at the KL prompt's lookup index + v_weight_decay * ||delta|| /
+  ||target_init||^2;
+- stop when loss < early_stop_loss or at step v_steps - 1, else backward, Adam step, and
+  project delta into the ball of radius clamp_norm_factor * ||target_init||.
 """
 
 from __future__ import annotations
@@ -13,9 +26,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from editexp.editing.keys_values import KL_PROMPT, EditRequest, ValueHparams, Values
+from editexp.editing.keys_values import (
+    KL_PROMPT,
+    EditRequest,
+    ValueHparams,
+    Values,
+    at_least_float32,
+    value_site,
+)
 from editexp.models import LoadedModel
-from editexp.tokens import encode_prompt, encode_target, pad_sequences, subject_last_index
 
 
 def plain_values(
@@ -25,85 +44,92 @@ def plain_values(
     layer: int,
     hparams: ValueHparams,
 ) -> Values:
-    parts = [_plain_one(loaded, request, prefixes, layer, hparams) for request in requests]
+    """UME's v* computation for each request in turn; ``prefixes[0]`` must be ``""``."""
+    parts = [ume_compute_z(loaded, request, prefixes, layer, hparams) for request in requests]
     return Values.concat(parts)
 
 
-def _plain_one(loaded, request, prefixes, layer, hparams) -> Values:
-    tokenizer, device = loaded.tokenizer, loaded.device
-    texts = [prefix + request.prompt.format(request.subject) for prefix in prefixes]
-    sequences, subject_index, target_slices, target_ids = [], [], [], []
-    for text in texts:
-        prompt_ids = encode_prompt(tokenizer, text)
-        target = encode_target(tokenizer, text, request.target_new)
-        sequences.append(prompt_ids + target[:-1])
-        subject_index.append(subject_last_index(tokenizer, text, request.subject))
-        target_slices.append((len(prompt_ids) - 1, len(target)))
-        target_ids.append(target)
-    kl_text = KL_PROMPT.format(request.subject)
-    kl_ids = encode_prompt(tokenizer, kl_text)
-    sequences.append(kl_ids)
-    subject_index.append(subject_last_index(tokenizer, kl_text, request.subject))
-    batch = pad_sequences(sequences, tokenizer.pad_token_id).to(device)
-    rows = torch.arange(len(sequences), device=device)
-    index = torch.tensor(subject_index, device=device)
+def _lookup_index(tokenizer, template: str, subject: str) -> int:
+    """UME's ``subject_last`` index of ``template`` (one ``{}`` slot) filled with ``subject``."""
+    before = template.split("{}")[0]
+    return len(tokenizer.encode(before + subject)) - 1
+
+
+def ume_compute_z(
+    loaded: LoadedModel,
+    request: EditRequest,
+    prefixes: Sequence[str],
+    layer: int,
+    hparams: ValueHparams,
+) -> Values:
+    tok, model, device = loaded.tokenizer, loaded.model, loaded.device
+    target_ids = tok(" " + request.target_new.lstrip(" ")).input_ids
+    if target_ids[0] in (tok.bos_token_id, tok.unk_token_id):
+        target_ids = target_ids[1:]
+    target_text = tok.decode(target_ids[:-1])
+    rewriting = [prefix + request.prompt + target_text for prefix in prefixes]
+    templates = rewriting + [KL_PROMPT]
+    inputs = tok(
+        [template.format(request.subject) for template in templates],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    ).to(device)
+    targets = torch.full((len(rewriting), inputs.input_ids.shape[1]), -100, device=device)
+    for i in range(len(rewriting)):
+        length = int(inputs.attention_mask[i].sum())
+        targets[i, length - len(target_ids) : length] = torch.tensor(target_ids, device=device)
+    lookup = [_lookup_index(tok, template, request.subject) for template in templates]
 
     delta = torch.zeros(loaded.weight(layer).shape[0], device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    captured: list[torch.Tensor] = []
+    target_init = None
 
     def add_delta(module, args, output):
-        if not captured:
-            captured.append(output[rows, index].detach())
-        output = output.clone()
-        output[rows, index] = output[rows, index] + delta
-        return output
+        nonlocal target_init
+        hidden = output[0] if isinstance(output, tuple) else output
+        if target_init is None:
+            target_init = hidden[0, lookup[0]].detach().clone()
+        hidden = hidden.clone()
+        for i, index in enumerate(lookup):
+            hidden[i, index] = hidden[i, index] + delta
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = loaded.edit_module(layer).register_forward_hook(add_delta)
-    kl_reference = None
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    kl_init = None
     steps, loss_value = 0, 0.0
+    handle = value_site(loaded, layer).register_forward_hook(add_delta)
     try:
         for step in range(hparams.v_steps):
-            logits = loaded.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-            ).logits
-            log_probs = F.log_softmax(logits.float(), dim=-1)
-            nll = []
-            for row, ((first, count), target) in enumerate(zip(target_slices, target_ids)):
-                picked = log_probs[row, first : first + count].gather(
-                    1, torch.tensor(target, device=device)[:, None]
-                )
-                nll.append(-picked.mean())
-            nll_loss = torch.stack(nll).mean()
-            kl_log_probs = log_probs[len(texts), len(kl_ids) - 1]
-            if kl_reference is None:
-                kl_reference = kl_log_probs.detach()
-            kl = (kl_reference.exp() * (kl_reference - kl_log_probs)).sum()
-            h = captured[0][: len(texts)].float().mean(dim=0)
-            loss = (
-                nll_loss
-                + hparams.kl_factor * kl
-                + hparams.v_weight_decay * delta.norm() ** 2 / h.norm() ** 2
-            )
-            loss_value = float(loss)
-            if loss_value < hparams.early_stop_loss or step == hparams.v_steps - 1:
-                break
             optimizer.zero_grad()
+            logits = model(**inputs).logits
+            kl_log_probs = F.log_softmax(at_least_float32(logits[-1:, lookup[-1]]), dim=1)
+            if kl_init is None:
+                kl_init = kl_log_probs.detach().clone()
+            log_probs = F.log_softmax(at_least_float32(logits[: len(rewriting)]), dim=2)
+            picked = torch.gather(log_probs, 2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+            mask = (targets != -100).float()
+            nll_each = -(picked * mask).sum(1) / len(target_ids)
+            nll = nll_each.mean()
+            kl = hparams.kl_factor * F.kl_div(
+                kl_init, kl_log_probs, log_target=True, reduction="batchmean"
+            )
+            decay = hparams.v_weight_decay * (torch.norm(delta) / torch.norm(target_init) ** 2)
+            loss = nll + kl + decay
+            loss_value = float(loss)
+            if loss < hparams.early_stop_loss or step == hparams.v_steps - 1:
+                break
             loss.backward()
             optimizer.step()
             steps += 1
-            with torch.no_grad():
-                max_norm = hparams.clamp_norm_factor * h.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+            max_norm = hparams.clamp_norm_factor * target_init.norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta[...] = delta * max_norm / delta.norm()
     finally:
         handle.remove()
-    h = captured[0][: len(texts)].float().mean(dim=0)
     return Values(
         deltas=delta.detach().float().cpu()[None],
-        outputs=h.cpu()[None],
+        outputs=target_init.float().cpu()[None],
         losses=torch.tensor([loss_value]),
         steps=torch.tensor([steps]),
     )

@@ -8,10 +8,9 @@ Per fact (:func:`fact_metrics`), values are **fractions and probabilities, unsca
 - ``ES`` / ``PS``: fraction of rewrite / paraphrase prompts with ``score_new < score_true``.
 - ``NS``: fraction of neighbourhood prompts with ``score_true < score_new`` (they must keep
   the true answer). Ties count as failures everywhere (strict comparisons, as the reference).
-- ``ES_magnitude`` / ``PS_magnitude`` / ``NS_magnitude``: mean of ``p(new) - p(true)`` over
-  the family's prompts. The sign is the same for every family, so a well-preserved
-  neighbourhood gives a *negative* ``NS_magnitude``. (The ROME reference's
-  ``neighborhood_diff`` uses ``p(true) - p(new)``, i.e. the opposite sign.)
+- ``ES_magnitude`` / ``PS_magnitude``: mean of ``p(new) - p(true)`` over the family's
+  prompts; ``NS_magnitude``: mean of ``p(true) - p(new)``, as UME (the paper's code): every
+  magnitude is positive when its family succeeds (a kept neighbourhood is positive).
 - ``GE``: mean of :func:`generation_entropy` over the fact's generated texts, in bits
   (the runner stores it per fact; about 6.15 for Llama-3-8B).
 
@@ -73,7 +72,8 @@ def fact_metrics(scores: dict[str, list[tuple[float, float]]]) -> dict[str, floa
         true = np.array([pair[1] for pair in pairs], dtype=float)
         success = new < true if prefers_new else true < new
         out[success_key] = float(np.mean(success))
-        out[magnitude_key] = float(np.mean(np.exp(-new) - np.exp(-true)))
+        gap = np.exp(-new) - np.exp(-true)  # p(new) - p(true), per prompt
+        out[magnitude_key] = float(np.mean(gap if prefers_new else -gap))
     return out
 
 

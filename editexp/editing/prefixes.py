@@ -1,0 +1,58 @@
+"""The context prefixes of keys and values: the bare prompt and short texts the model writes.
+
+As UME (``emmet_main.get_context_templates``): the first context is the bare prompt (prefix
+``""``); then, for the starters "The", "Therefore", "Because", "I", "You", the model samples
+with top-k 5 until the sequence (BOS included) is ``length`` tokens long; the text (starter
+and continuation, decoded together, special tokens dropped) is NFKD-normalised, blank lines
+become spaces, it is stripped, its braces become spaces and ". " is appended.
+
+The starter and its continuation are decoded as one sequence: a SentencePiece tokenizer
+(Llama-2) drops the leading space of the first token it decodes, so decoding the continuation
+alone would glue it to the starter ("Thethe ...").
+
+Prefixes are seeded and cached per model identity, so every run of a model uses the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+from transformers import PreTrainedTokenizerBase
+
+from editexp.cache import atomic_write_json, cache_root, stable_hash
+from editexp.evaluation.generation import sample_continuation_ids
+from editexp.models import LoadedModel
+from editexp.tokens import encode_prompt
+
+STARTERS = ("The", "Therefore", "Because", "I", "You")
+_FORMAT = 2  # part of the cache key: bump when the text of a prefix changes
+
+
+def prefix_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """A context prefix from a sampled sequence's ids (starter included), as UME builds it."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    text = unicodedata.normalize("NFKD", text).replace("\n\n", " ").strip()
+    return text.replace("{", " ").replace("}", " ") + ". "
+
+
+def context_prefixes(
+    loaded: LoadedModel, count: int, length: int, seed: int, batch_size: int = 16
+) -> list[str]:
+    """``[""]`` (the bare prompt) plus ``count`` prefixes sampled from the model."""
+    if count == 0:
+        return [""]
+    key = stable_hash([_FORMAT, loaded.identity, count, length, seed])
+    path = cache_root() / "prefixes" / f"{loaded.spec.name}-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    tokenizer = loaded.tokenizer
+    starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
+    continuations = sample_continuation_ids(
+        loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
+    )
+    prefixes = [""]
+    for starter, continuation in zip(starters, continuations):
+        prefixes.append(prefix_text(tokenizer, encode_prompt(tokenizer, starter) + continuation))
+    atomic_write_json(path, prefixes)
+    return prefixes
