@@ -567,9 +567,10 @@ def test_killed_run_keeping_edits_resumes_with_its_past_keys(tmp_path) -> None:
     straight = run_config(tmp_path, "straight", *args)
     assert resumed["keep_edits"] is True and straight["keep_edits"] is True
     assert "keeping earlier edits' keys" in RunRecord.from_json(straight).table()
-    torch.testing.assert_close(
-        saved_delta(tmp_path, "killed"), saved_delta(tmp_path, "straight"), rtol=1e-5, atol=1e-7
-    )
+    killed, straight_delta = saved_delta(tmp_path, "killed"), saved_delta(tmp_path, "straight")
+    # float32 sums of deltas differ in the last bits after a resume; Adam carries that into
+    # the next values, so the check is relative to the whole delta, not per element
+    assert (killed - straight_delta).norm() < 1e-5 * straight_delta.norm()
     # control: without the earlier keys the same run ends with other weights
     dropped = run_config(tmp_path, "dropped", *args[:-1])
     assert dropped["keep_edits"] is False
