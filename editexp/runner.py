@@ -42,6 +42,7 @@ from editexp.editing.editor import Editor, add_to_weight, save_deltas
 from editexp.editing.linalg import PastKeys
 from editexp.evaluation.counterfact_eval import FactScores
 from editexp.evaluation.evaluator import Evaluator
+from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.evaluation.metrics import aggregate
 from editexp.models import load_model
 from editexp.record import (
@@ -127,9 +128,10 @@ def choose_facts(cfg: DictConfig, settings: RunSettings) -> list[Fact]:
     )
 
 
-def generation_case_ids(facts: list[Fact], count: int) -> set[int]:
-    """The facts whose generations are scored (GE): the first ``count`` of the run."""
-    return {fact.case_id for fact in facts[:count]}
+def generation_case_ids(facts: list[Fact], count: int | str, batch_size: int) -> set[int]:
+    """The facts whose generations are scored (GE): ``count`` (or ``all``) spread over the run,
+    every update's batch contributing (:func:`spread_generation_facts`)."""
+    return set(spread_generation_facts([fact.case_id for fact in facts], batch_size, count))
 
 
 def scored_after(settings: RunSettings, facts: list[Fact], index: int) -> list[Fact]:
@@ -200,7 +202,7 @@ def run(
             evaluator.keep_layer_states(
                 min(settings.layers), scorings_per_fact(settings) > 1, int(states_gb * 2**30)
             )
-        generate_for = generation_case_ids(facts, cfg.eval.generation_facts)
+        generate_for = generation_case_ids(facts, cfg.eval.generation_facts, settings.batch_size)
         pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
         if not progress.batches:
             progress.timing["statistics"] = editor.statistics_seconds

@@ -11,14 +11,17 @@ docs/fidelity.md lists every point of agreement and the test that pins it.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
-from conftest import PROJECT, cached_model
+from conftest import PROJECT, cached_model, compose_config
 
 from editexp.editing.keys_values import EditRequest, ValueHparams, compute_values
 from editexp.editing.plain_values import plain_values
 from editexp.editing.prefixes import context_prefixes
+from editexp.evaluation.generation_facts import spread_generation_facts
+from editexp.runner import run
 
 REFERENCE_DIR = PROJECT.parent / "shared" / "reference"
 UME_HPARAMS = ValueHparams(  # UME's Llama files; no early stop, so every step is compared
@@ -65,3 +68,59 @@ def test_value_objective_is_umes_compute_z_on_smollm2(smollm2):
     prefixes = context_prefixes(smollm2, count=5, length=10, seed=0)
     assert len(prefixes) == 6 and prefixes[0] == ""
     _compare_with_ume(smollm2, prefixes, layer=1, rtol=1e-5)
+
+
+# --- GE coverage (item 7) ---------------------------------------------------------------------
+
+
+def test_generation_facts_spread_over_every_batch_of_a_sequential_run():
+    case_ids = list(range(1000, 1000 + 4096))
+    chosen = spread_generation_facts(case_ids, batch_size=256, count=100)
+    assert len(chosen) == len(set(chosen)) == 100
+    assert chosen == sorted(chosen)  # in run order
+    per_batch = [sum(1 for c in chosen if (c - 1000) // 256 == b) for b in range(16)]
+    assert min(per_batch) >= 6 and max(per_batch) <= 7  # every one of the 16 updates
+    # fewer facts than updates: spread evenly over the run, not the first updates
+    sparse = spread_generation_facts(list(range(10)), batch_size=1, count=5)
+    assert sparse == [1, 3, 5, 7, 9]
+    # one batch: spread over it
+    assert spread_generation_facts(list(range(8)), batch_size=8, count=2) == [2, 6]
+
+
+def test_generation_facts_all_none_and_bad_values():
+    assert spread_generation_facts([5, 6, 7], 1, "all") == [5, 6, 7]
+    assert spread_generation_facts([5, 6, 7], 3, 10) == [5, 6, 7]
+    assert spread_generation_facts([5, 6, 7], 1, 0) == []
+    for bad in (-1, 1.5, "some", True, None):
+        with pytest.raises(ValueError, match="eval.generation_facts"):
+            spread_generation_facts([5, 6, 7], 1, bad)
+
+
+def test_ge_is_measured_in_every_batch_of_a_sequential_run(tmp_path):
+    """The runner generates for the spread facts, each after the update that scores it."""
+    overrides = [
+        "model=tiny-llama3",
+        "logger=none",
+        "stats.n_tokens=3000",
+        "stats.seq_len=64",
+        "eval.generation_length=12",
+        "eval.held_out_keys=0",
+        "editing.prefixes.count=1",
+        "editing.prefixes.length=4",
+        "model.hparams.memit.v_steps=2",
+        "algorithm=memit",
+        "mode=sequential",
+        "n_edits=6",
+        "batch_size=2",
+    ]
+    run(compose_config(*overrides, "eval.generation_facts=3"), tmp_path / "three")
+    rows = [
+        json.loads(line) for line in (tmp_path / "three" / "facts.jsonl").read_text().splitlines()
+    ]
+    with_ge = [row["batch"] for row in rows if "GE" in row["post"]]
+    assert with_ge == [0, 1, 2]
+    run(compose_config(*overrides, "eval.generation_facts=all"), tmp_path / "all")
+    rows = [
+        json.loads(line) for line in (tmp_path / "all" / "facts.jsonl").read_text().splitlines()
+    ]
+    assert all("GE" in row["post"] and "GE" in row["pre"] for row in rows)

@@ -1,12 +1,16 @@
 """The text corpus for layer statistics: documents, token windows and padded batches.
 
-Where the text comes from, in order:
+Where the text comes from (each model config names its default, ``model.stats``):
 
-1. ``stats.corpus.files``: a list of text files;
-2. ``stats.corpus.dataset``: a ``datasets`` corpus (``dataset_config``, ``split``,
-   ``text_field``; streamed, e.g. wikitext or wikipedia on a GPU cluster);
-3. ``<data.dir>/corpus/*.txt`` (sorted by name; ``data.dir`` defaults to
-   ``$EDITEXP_DATA_DIR``).
+- ``stats.corpus.files``: a list of text files; a bare file name is looked up in
+  ``<data.dir>/corpus`` (SmolLM2's default: ``[wikitext-2-raw-test.txt]``, Wikipedia text as
+  UME's C0);
+- or ``stats.corpus.dataset``: a ``datasets`` corpus (``dataset_config``, ``split``,
+  ``text_field``; streamed; the large models' default is WikiText-103 train);
+- with neither set, every ``<data.dir>/corpus/*.txt`` (sorted by name; ``data.dir`` defaults
+  to ``$EDITEXP_DATA_DIR``).
+
+Setting both files and a dataset is an error (one of them would be silently ignored).
 
 A document is a paragraph: one non-blank line of a file or of a dataset record. Paragraphs are
 tokenized without special tokens as running text (each followed by its newline) and their ids
@@ -55,8 +59,15 @@ class CorpusSource:
     @classmethod
     def from_config(cls, stats_cfg: Any, data_cfg: Any) -> CorpusSource:
         corpus_cfg = stats_cfg.get("corpus") or {}
+        data_dir = data_cfg.get("dir") if data_cfg is not None else None
+        if corpus_cfg.get("files") and corpus_cfg.get("dataset"):
+            raise CorpusError(
+                f"stats.corpus.files={list(corpus_cfg['files'])} and "
+                f"stats.corpus.dataset={corpus_cfg['dataset']!r} are both set; set the other "
+                "one to null (e.g. stats.corpus.files=null stats.corpus.dataset=...)"
+            )
         if corpus_cfg.get("files"):
-            return cls(files=tuple(_existing_file(path) for path in corpus_cfg["files"]))
+            return cls(files=tuple(_existing_file(path, data_dir) for path in corpus_cfg["files"]))
         if corpus_cfg.get("dataset"):
             return cls(
                 dataset=str(corpus_cfg["dataset"]),
@@ -64,7 +75,6 @@ class CorpusSource:
                 split=str(corpus_cfg.get("split") or "train"),
                 text_field=str(corpus_cfg.get("text_field") or "text"),
             )
-        data_dir = data_cfg.get("dir") if data_cfg is not None else None
         if data_dir:
             corpus_dir = Path(data_dir).expanduser() / "corpus"
             files = sorted(corpus_dir.glob("*.txt"))
@@ -138,12 +148,19 @@ def corpus_identity(stats_cfg: Any, data_cfg: Any) -> str:
     return CorpusSource.from_config(stats_cfg, data_cfg).identity()
 
 
-def _existing_file(path: str | Path) -> Path:
+def _existing_file(path: str | Path, data_dir: str | None = None) -> Path:
+    """``path`` itself, or for a bare file name not found here, ``<data.dir>/corpus/<name>``."""
     path = Path(path).expanduser()
+    if not path.is_file() and data_dir and path.name == str(path):
+        in_data_dir = Path(data_dir).expanduser() / "corpus" / path.name
+        if in_data_dir.is_file():
+            return in_data_dir
+        path = in_data_dir
     if not path.is_file():
         raise CorpusError(
             f"statistics corpus file {path} does not exist; stats.corpus.files takes a list "
-            "of existing text files (or leave it null to use <data.dir>/corpus/*.txt)"
+            "of existing text files or names of files in <data.dir>/corpus (or leave it null "
+            "to use <data.dir>/corpus/*.txt)"
         )
     return path
 
