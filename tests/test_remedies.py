@@ -582,7 +582,7 @@ def test_alphaedit_run_writes_only_into_the_null_space(tmp_path) -> None:
     summary = run_config(tmp_path, "alpha", "algorithm=alphaedit")
     assert summary["algorithm"] == "alphaedit" and summary["lambda"] == 1e-4
     assert summary["keep_edits"] is True and summary["nullspace_threshold"] == 1e-4
-    assert summary["null_space_dim"] == [58]
+    assert summary["null_space_dim"] == [61]  # C0 of tiny-llama3 on its WikiText default
     cfg = compose_config(*RUN_FAST)
     loaded = load_model(cfg.model, "cpu")
     stats = load_or_compute_stats(loaded, [1], cfg.stats, cfg.data, progress=False)
