@@ -5,6 +5,11 @@
 prints, per layer, the cache file, the token count, the trace and the condition number of C0,
 and whether it was computed now or read from the cache. Layers are checked against the model
 before anything is loaded or computed.
+
+Before computing it prints how long the statistics take: the forward work (2 FLOPs per weight
+of every layer up to the deepest requested one, per token; the pass stops there) over the
+reference rates below, and after computing the rate it reached. The large models' defaults
+(>= 100 tokens per key dimension, see conf/model) are docs/fidelity.md's table.
 """
 
 from __future__ import annotations
@@ -20,6 +25,39 @@ from editexp.config import CONFIG_DIR, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.models import ModelSpec, load_model
 from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
+
+# Forward rates (FLOP/s) to estimate from: one measured here, one assumed for a GPU.
+REFERENCE_RATES = {
+    "a 2-core CPU (measured: SmolLM2 layer 1 at 4,600 tokens/s)": 65e9,
+    "one H100 in float32 (assumed: half its 67 TFLOP/s peak)": 33e12,
+}
+
+
+def forward_flops_per_token(model: torch.nn.Module, layers_module: str, deepest: int) -> float:
+    """2 x the weights of layers 0..deepest: a token's forward work up to the stop (attention
+    scores and the embedding lookup are left out; at seq_len 256 they are under 1%)."""
+    blocks = model.get_submodule(layers_module)
+    return 2.0 * sum(p.numel() for block in blocks[: deepest + 1] for p in block.parameters())
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate(flops_per_token: float, n_tokens: int, d_k: int) -> str:
+    """How long C0 over ``n_tokens`` takes at the :data:`REFERENCE_RATES`."""
+    work = flops_per_token * n_tokens
+    lines = [
+        f"C0 over {n_tokens:,} tokens ({n_tokens / d_k:.0f} per key dimension, d_k {d_k}): "
+        f"forward work {work / 1e12:,.1f} TFLOP"
+    ]
+    for name, rate in REFERENCE_RATES.items():
+        lines.append(f"    about {duration(work / rate)} on {name}")
+    return "\n".join(lines)
 
 
 def condition_number(second_moment: torch.Tensor) -> float:
@@ -49,11 +87,22 @@ def run(cfg: DictConfig) -> dict[int, LayerStats]:
     print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
     start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.device)
+    settings = StatsSettings.from_config(cfg.stats)
+    per_token = forward_flops_per_token(loaded.model, loaded.spec.layers_module, max(layers))
+    print(estimate(per_token, settings.n_tokens, loaded.weight(layers[0]).shape[1]))
+    computing = time.perf_counter()
     all_stats = load_or_compute_stats(
         loaded, layers, cfg.stats, cfg.data, held_out_keys=int(cfg.eval.held_out_keys)
     )
+    seconds = time.perf_counter() - computing
     for layer in layers:
         print(describe(all_stats[layer]))
+    if not all(item.from_cache for item in all_stats.values()):
+        rate = settings.n_tokens / seconds
+        print(
+            f"computed at {rate:,.0f} tokens/s ({rate * per_token / 1e9:,.1f} GFLOP/s forward, "
+            f"corpus reading and held-out keys included) on {loaded.device}"
+        )
     print(f"done in {time.perf_counter() - start:.1f} s")
     return all_stats
 

@@ -17,10 +17,15 @@ import pytest
 import torch
 from conftest import PROJECT, cached_model, compose_config
 
+from editexp.config import run_settings
+from editexp.data.corpus import CorpusError, CorpusSource
+from editexp.data.counterfact import load_counterfact
 from editexp.editing.keys_values import EditRequest, ValueHparams, compute_values
 from editexp.editing.plain_values import plain_values
-from editexp.editing.prefixes import context_prefixes
+from editexp.editing.prefixes import STARTERS, context_prefixes, prefix_text
+from editexp.evaluation.counterfact_eval import evaluate_facts
 from editexp.evaluation.generation_facts import spread_generation_facts
+from editexp.evaluation.metrics import aggregate
 from editexp.runner import run
 
 REFERENCE_DIR = PROJECT.parent / "shared" / "reference"
@@ -124,3 +129,148 @@ def test_ge_is_measured_in_every_batch_of_a_sequential_run(tmp_path):
         json.loads(line) for line in (tmp_path / "all" / "facts.jsonl").read_text().splitlines()
     ]
     assert all("GE" in row["post"] and "GE" in row["pre"] for row in rows)
+
+
+# --- Llama-2 prefixes (item 8) ----------------------------------------------------------------
+
+SP_WORDS = ("The", "Therefore", "Because", "I", "You", "the", "city", "is", "a", "big", "and")
+
+
+def sentencepiece_like_tokenizer():
+    """A tiny tokenizer with Llama-2's SentencePiece behaviour: the normalizer turns spaces
+    into "▁" and prepends one, BOS is added, and the decoder strips the leading space of the
+    first decoded token (so decoding a continuation alone loses its space)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({"\u2581" + word: 3 + index for index, word in enumerate(SP_WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + [decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_prefixes_keep_the_space_after_the_starter_with_a_llama2_tokenizer(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = sentencepiece_like_tokenizer()
+    starter, continuation = (
+        tokenizer("The").input_ids,
+        tokenizer("city is", add_special_tokens=False),
+    )
+    assert tokenizer.decode(continuation.input_ids) == "city is"  # the space is gone alone
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path))
+    loaded = SimpleNamespace(
+        model=model, tokenizer=tokenizer, identity="sp-test", spec=SimpleNamespace(name="sp")
+    )
+    prefixes = context_prefixes(loaded, count=5, length=8, seed=0)
+    assert prefixes[0] == ""
+    for starter_word, prefix in zip(STARTERS, prefixes[1:]):
+        assert prefix.endswith(". ")
+        words = prefix[:-2].split()
+        assert words[0] == starter_word, prefix
+        assert set(words) <= set(SP_WORDS), prefix  # no glued "Thethe"
+        assert len(words) > 1, prefix
+    assert prefix_text(tokenizer, starter + continuation.input_ids) == "The city is. "
+
+
+# --- scoring: the unedited SmolLM2 against UME's own numbers ------------------------------------
+
+
+@pytest.mark.slow
+def test_pre_edit_scores_equal_umes_on_64_facts(smollm2):
+    """ES/PS/NS per fact exactly, magnitudes (NS: p(true) - p(new)) within 0.01 points."""
+    reference = json.loads((REFERENCE_DIR / "ume-smollm2-pre-edit-64.json").read_text())
+    wanted = [row["case_id"] for row in reference["facts"]]
+    assert len(wanted) == 64
+    facts, _ = load_counterfact(compose_config().data)
+    by_case = {fact.case_id: fact for fact in facts}
+    results = evaluate_facts(
+        smollm2.model, smollm2.tokenizer, [by_case[case] for case in wanted], progress=False
+    )
+    for row, result in zip(reference["facts"], results):
+        metrics = result.metrics()
+        for key in ("ES", "PS", "NS"):
+            assert round(100 * metrics[key], 2) == row[key], (row["case_id"], key)
+        for key in ("ES_magnitude", "PS_magnitude", "NS_magnitude"):
+            assert abs(100 * metrics[key] - row[key]) <= 0.01 + 1e-9, (row["case_id"], key)
+    means = aggregate([result.metrics() for result in results])
+    for key in ("ES", "PS", "NS"):
+        assert round(means[key]["mean"], 2) == reference["aggregate_pre"][key]
+
+
+# --- statistics cost (item 5) ------------------------------------------------------------------
+
+
+def test_stats_estimate_counts_the_weights_up_to_the_deepest_layer(tiny_llama3):
+    from editexp.stats_cli import REFERENCE_RATES, estimate, forward_flops_per_token
+
+    blocks = tiny_llama3.model.model.layers
+    per_layer = sum(p.numel() for p in blocks[0].parameters())
+    assert forward_flops_per_token(tiny_llama3.model, "model.layers", 1) == 2 * 2 * per_layer
+    text = estimate(2 * 218e6 * 2, 1_500_000, 14336)  # Llama-3-8B layer 1 (218M weights/layer)
+    assert "1,500,000 tokens (105 per key dimension" in text
+    assert "1,308.0 TFLOP" in text and len(text.splitlines()) == 1 + len(REFERENCE_RATES)
+
+
+def test_large_models_default_to_wikipedia_scale_statistics():
+    for name, d_k in (("llama3-8b", 14336), ("llama2-7b", 11008), ("gpt-j-6b", 16384)):
+        cfg = compose_config(f"model={name}")
+        assert cfg.stats.corpus.dataset == "Salesforce/wikitext" and not cfg.stats.corpus.files
+        assert cfg.stats.corpus.dataset_config == "wikitext-103-raw-v1"
+        assert cfg.stats.n_tokens >= 100 * d_k
+    cfg = compose_config("model=smollm2-135m")
+    source = CorpusSource.from_config(cfg.stats, cfg.data)
+    assert [path.name for path in source.files] == ["wikitext-2-raw-test.txt"]
+    assert cfg.stats.n_tokens == 100_000
+    with pytest.raises(CorpusError, match="both set"):
+        CorpusSource.from_config(
+            compose_config("stats.corpus.dataset=Salesforce/wikitext").stats, cfg.data
+        )
+
+
+# --- presets and per-model hyperparameters (item 6) ---------------------------------------------
+
+
+def test_presets_set_lambda_explicitly():
+    for algorithm, expected in (("rome", None), ("memit", 1.0)):
+        cfg = compose_config("+experiment=layer_search", f"algorithm={algorithm}")
+        assert cfg["lambda"] == expected and cfg.eval.generation_facts == 100
+    for preset in ("batch_scaling", "sequential_batch_scaling"):
+        for algorithm, expected in (("memit", 5e4), ("emmet", 0.0)):
+            cfg = compose_config(
+                f"+experiment={preset}", "model=llama3-8b", f"algorithm={algorithm}"
+            )
+            assert run_settings(cfg).lam == expected
+            assert cfg.eval.generation_facts == 100
+
+
+def test_llama_value_hparams_are_umes():
+    for name in ("llama3-8b", "llama2-7b"):
+        for algorithm in ("rome", "memit", "emmet"):
+            settings = run_settings(
+                compose_config(f"model={name}", f"algorithm={algorithm}", "mode=singular")
+            )
+            assert settings.hparams == ValueHparams(
+                v_lr=0.5, v_steps=25, v_weight_decay=1e-3, kl_factor=0.0625, clamp_norm_factor=4.0
+            )

@@ -109,7 +109,7 @@ def test_singular_run_equals_editing_each_fact_alone(tmp_path, cache_dir, algori
     loaded = load_model(cfg.model, "cpu")
     editor, evaluator = Editor(loaded, cfg), Evaluator.from_config(loaded, cfg)
     facts: list[Fact] = choose_facts(cfg, editor.settings)
-    generate_for = generation_case_ids(facts, 2)
+    generate_for = generation_case_ids(facts, 2, editor.settings.batch_size)
     alone, stats = {}, []
     for fact in facts:
         update = editor.edit(fact)
