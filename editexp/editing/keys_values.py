@@ -28,11 +28,13 @@ the edited module's own output (:func:`value_site`).
 
 Many facts are optimised together: each has its own delta, its own loss term (the total is a
 sum, so each delta's gradient is that of its own loss), its own Adam state, its own clamp and
-its own early stop, so every fact ends where it would alone. Two shortcuts change no result:
+its own early stop, so every fact ends where it would alone. Three shortcuts change no result:
 positions before the subject's last token do not depend on delta, so they run once and are
-kept as a KV cache (each Adam step only runs the positions from the subject's last token on),
-and the unembedding is applied only where a loss is read. :mod:`editexp.editing.plain_values`
-is UME's loop written plainly; tests hold the two together.
+kept as a KV cache (each Adam step only runs the positions from the subject's last token on);
+layers below the edited one do not depend on delta either, so the tail positions run through
+them once and every step starts at the edited layer from those hidden states
+(:mod:`editexp.layer_skip`); and the unembedding is applied only where a loss is read.
+:mod:`editexp.editing.plain_values` is UME's loop written plainly; tests hold the two together.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from transformers import DynamicCache
 
 from editexp.capture import ActivationCapture
 from editexp.config import ValueHparams
+from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
 from editexp.models import LoadedModel
 from editexp.tokens import (
     PaddedBatch,
@@ -305,9 +308,14 @@ class _Chunk:
     is_kl: torch.Tensor  # (n_rows,) bool
     is_bare: torch.Tensor  # (n_rows,) bool: one per fact, in fact order
     batch: PaddedBatch  # (n_rows, T) ids, every row's subject at column head_width
-    head_cache: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of columns
-    # < head_width, each (n_rows, kv_heads, head_width, d_head); empty if head_width is 0
+    head_cache: list[tuple[torch.Tensor, torch.Tensor] | None]  # per layer: keys, values of
+    # columns < head_width, each (n_rows, kv_heads, head_width, d_head), for the layers from
+    # start_layer on (None below); empty if head_width is 0
     groups: list[_TailGroup]
+    layers: nn.ModuleList  # the model's decoder layers
+    start_layer: int  # the optimised passes start here: the edited layer
+    tail_states: torch.Tensor  # (n_rows, T - head_width, d) hidden states entering
+    # layers[start_layer] at the tail columns (right-padded), computed once
 
 
 class _AddDelta:
@@ -328,28 +336,47 @@ class _AddDelta:
 
 
 def _prepare_chunk(
-    loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str]
+    loaded: LoadedModel, requests: Sequence[EditRequest], prefixes: Sequence[str], layer: int
 ) -> _Chunk:
+    """Everything of a chunk that delta does not change, computed once: the head columns
+    (before the subject's last token) through every layer, as a KV cache, and the tail columns
+    through the layers below the edited one (delta enters at the edited layer, so they are
+    constant too), as the hidden states entering it."""
     model, device = loaded.model, loaded.device
+    layers = model.get_submodule(loaded.spec.layers_module)
     rows = _value_rows(loaded, requests, prefixes)
-    # Line up every row's subject token at column `head_width`; run the columns before it
-    # (they do not depend on delta) once, into a KV cache.
+    # Line up every row's subject token at column `head_width`.
     batch = pad_sequences(
         [row.ids for row in rows], loaded.tokenizer.pad_token_id, [row.split for row in rows]
     ).to(device)
     head_width = max(row.split for row in rows)
-    head_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if head_width > 0:
-        with torch.no_grad():
+    head_cache: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    with torch.no_grad():
+        cache = None
+        if head_width > 0:
             cache = DynamicCache(config=model.config)
             model.base_model(
                 input_ids=batch.input_ids[:, :head_width],
                 attention_mask=batch.attention_mask[:, :head_width],
                 position_ids=batch.position_ids[:, :head_width],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             head_cache = [(lay.keys, lay.values) for lay in cache.layers]
+        tail = slice(head_width, batch.input_ids.shape[1])
+        with capture_layer_input(layers, layer, stop=True) as captured:
+            try:
+                model.base_model(
+                    input_ids=batch.input_ids[:, tail],
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids[:, tail],
+                    cache=cache,
+                    use_cache=cache is not None,
+                )
+            except StopForward:
+                pass
+    # The optimised passes start at `layer`: the layers below need no cache.
+    head_cache = [kv if index >= layer else None for index, kv in enumerate(head_cache)]
     return _Chunk(
         n_facts=len(requests),
         n_contexts=len(prefixes),
@@ -359,6 +386,9 @@ def _prepare_chunk(
         batch=batch,
         head_cache=head_cache,
         groups=_tail_groups(rows, head_width, device),
+        layers=layers,
+        start_layer=layer,
+        tail_states=captured[0],
     )
 
 
@@ -377,7 +407,7 @@ def _optimise_chunk(
     group's backward accumulates into the deltas' gradients.
     """
     device = loaded.device
-    chunk = _prepare_chunk(loaded, requests, prefixes)
+    chunk = _prepare_chunk(loaded, requests, prefixes, layer)
     n_facts, n_rows = chunk.n_facts, len(chunk.row_fact)
     d_v = loaded.weight(layer).shape[0]
     deltas = [torch.zeros(d_v, device=device, requires_grad=True) for _ in range(n_facts)]
@@ -479,14 +509,20 @@ def _group_loss(
     cache = None
     if chunk.head_cache:
         cache = DynamicCache(config=loaded.model.config)
-        for index, (keys, values) in enumerate(chunk.head_cache):
-            cache.update(keys[rows], values[rows], index)
+        for index, kv in enumerate(chunk.head_cache):
+            if kv is not None:  # layers from start_layer on; the skipped ones hold none
+                cache.update(kv[0][rows], kv[1][rows], index)
     batch = chunk.batch
-    hidden = loaded.model.base_model(
+    length = group.columns.stop - group.columns.start
+    hidden = forward_from_layer(
+        loaded.model.base_model,
+        chunk.layers,
+        chunk.start_layer,
+        chunk.tail_states[rows, :length],  # (G', L, d) entering the edited layer
         input_ids=batch.input_ids[rows, group.columns],
         attention_mask=batch.attention_mask[rows, : group.columns.stop],
         position_ids=batch.position_ids[rows, group.columns],
-        past_key_values=cache,
+        cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state  # (G', L, d)
     read_keep = keep[group.read_rows]  # (R,) reads of kept rows
