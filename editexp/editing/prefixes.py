@@ -21,7 +21,7 @@ import unicodedata
 from transformers import PreTrainedTokenizerBase
 
 from editexp.cache import atomic_write_json, cache_root, stable_hash
-from editexp.evaluation.generation import sample_continuation_ids
+from editexp.evaluation.generation import SAMPLER_VERSION, sample_continuation_ids
 from editexp.models import LoadedModel
 from editexp.tokens import encode_prompt
 
@@ -42,7 +42,7 @@ def context_prefixes(
     """``[""]`` (the bare prompt) plus ``count`` prefixes sampled from the model."""
     if count == 0:
         return [""]
-    key = stable_hash([_FORMAT, loaded.identity, count, length, seed])
+    key = stable_hash([_FORMAT, SAMPLER_VERSION, loaded.identity, count, length, seed])
     path = cache_root() / "prefixes" / f"{loaded.spec.name}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())

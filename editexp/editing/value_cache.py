@@ -45,7 +45,12 @@ from editexp.models import LoadedModel
 log = logging.getLogger(__name__)
 
 # The modules whose source decides the vectors: part of every settings hash.
-CODE_MODULES = ("editexp.editing.keys_values", "editexp.capture", "editexp.tokens")
+CODE_MODULES = (
+    "editexp.editing.keys_values",
+    "editexp.capture",
+    "editexp.layer_skip",
+    "editexp.tokens",
+)
 _CODE_HASH: list[str] = []
 
 
