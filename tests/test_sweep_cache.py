@@ -174,3 +174,29 @@ def test_evaluator_scores_from_layer_states_as_from_scratch(tmp_path, cache_dir)
         assert a.generation_texts == b.generation_texts
     update.revert()
     assert torch.equal(loaded.edit_module(2).weight, editor._unedited[2])
+
+
+def test_evaluator_gives_each_fact_its_own_edit_whatever_the_generation_order(cache_dir):
+    """Facts with GE are evaluated first inside Evaluator.score: the edits must follow them."""
+    cfg = compose_config(*FAST, "algorithm=rome", "mode=singular", "n_edits=3")
+    loaded = load_model(cfg.model, "cpu")
+    editor, evaluator = Editor(loaded, cfg), Evaluator.from_config(loaded, cfg)
+    facts = choose_facts(cfg, editor.settings)
+    singular = editor.edit_singular(facts)
+    generate_for = {facts[2].case_id}  # the last fact generates, so it is evaluated first
+    together = evaluator.score(facts, generate_for, edits=singular.edits)
+    for index, (fact, result) in enumerate(zip(facts, together)):
+        weight = loaded.weight(singular.edits.layer)
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight += singular.edits.delta(index)
+        try:
+            (alone,) = evaluator.score([fact], generate_for)
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+        assert result.case_id == alone.case_id == fact.case_id
+        for family in alone.scores:
+            for pair_a, pair_b in zip(result.scores[family], alone.scores[family]):
+                assert pair_a == pytest.approx(pair_b, abs=1e-5)
+        assert result.generation_texts == alone.generation_texts
