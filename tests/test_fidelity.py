@@ -72,9 +72,9 @@ def test_value_objective_is_umes_compute_z_on_tiny_llama3():
 def test_value_objective_is_umes_compute_z_on_smollm2(smollm2):
     prefixes = context_prefixes(smollm2, count=5, length=10, seed=0)
     assert len(prefixes) == 6 and prefixes[0] == ""
-    # float32: 5 Adam steps carry rounding to ~1e-5 (batch shapes differ between the two
-    # codes); the float64 tests (here and tests/test_value_skip.py) hold them tighter
-    _compare_with_ume(smollm2, prefixes, layer=1, rtol=2e-5)
+    # float64: in float32, 5 Adam steps carry rounding to ~1e-5, and how much depends on the
+    # thread count (batch shapes differ between the two codes), so compare the math itself
+    _compare_with_ume(_float64("smollm2-135m"), prefixes, layer=1, rtol=1e-5)
 
 
 # --- GE coverage (item 7) ---------------------------------------------------------------------
