@@ -7,12 +7,18 @@ torch, so a bad config fails in a fraction of a second.
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from editexp.errors import UserError
 
 # The repository's conf/ as an absolute path: Hydra resolves a relative "../conf" against the
 # calling *module* when started from a console script (pkg://conf, which does not exist), and
@@ -24,7 +30,7 @@ MODES = ("singular", "batch", "sequential")
 SCHEDULES = ("each_batch", "final", "every_k")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run config that cannot work, naming the bad value and what would be accepted."""
 
 
@@ -107,9 +113,9 @@ class RunSettings:
 
     def check_model(self, d_k: int) -> None:
         """The checks that need the loaded model's key dimension d_k."""
-        if self.algorithm == "emmet" and self.lam == 0 and self.batch_size > d_k:
+        if self.algorithm == "emmet" and self.lam == 0 and self.batch_size >= d_k:
             raise ConfigError(
-                f"EMMET with lambda=0 needs at most d_k={d_k} facts per update, got "
+                f"EMMET with lambda=0 needs fewer than d_k={d_k} facts per update, got "
                 f"batch_size={self.batch_size}; use lambda > 0 (e.g. lambda=1e-4)"
             )
 
@@ -128,6 +134,10 @@ def parse_layers(value: Any) -> tuple[int, ...]:
     return tuple(sorted(items))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}={value!r}; expected one of {', '.join(choices)}")
@@ -135,13 +145,138 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ConfigError(f"{name}={value!r}; expected a positive integer")
     return value
 
 
+def _int(name: str, value: Any, minimum: int | None = None) -> int:
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        accepted = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"{name}={value!r}; expected {accepted}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}; expected true or false")
+    return value
+
+
+def _number(name: str, value: Any, positive: bool = False) -> float:
+    """A finite real number >= 0 (> 0 with ``positive``); ints are fine, bools are not."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{name}={value!r}; expected a finite number {bound}")
+    return float(value)
+
+
+def _optional_str(name: str, value: Any, accepted: str) -> None:
+    if value is not None and not (isinstance(value, str) and value.strip()):
+        raise ConfigError(f"{name}={value!r}; expected {accepted}")
+
+
+DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
+STATS_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_device(value: Any) -> str:
+    """``device``: auto, cpu, mps, cuda or cuda:N; a CUDA device must exist."""
+    if not isinstance(value, str) or not DEVICE_PATTERN.fullmatch(value):
+        raise ConfigError(f"device={value!r}; expected auto, cpu, cuda, cuda:<index> or mps")
+    if value.startswith("cuda"):
+        import torch  # only here: composing and checking a config does not need torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.partition(":")[2] or 0)
+        if index >= available:
+            raise ConfigError(
+                f"device={value} but torch sees {available} CUDA device(s); use device=auto "
+                "(cuda when present, else cpu) or device=cpu"
+            )
+    return value
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Types and ranges of everything outside the sweep axes (run_settings checks those)."""
+    _int("seed", cfg.seed)
+    check_device(cfg.device)
+    _bool("force", cfg.force)
+    _bool("save_deltas", cfg.save_deltas)
+    stats = cfg.stats
+    for key in ("n_tokens", "seq_len", "batch_size"):
+        _positive_int(f"stats.{key}", stats[key])
+    _choice("stats.dtype", stats.dtype, STATS_DTYPES)
+    corpus_files = stats.corpus.get("files")
+    if corpus_files is not None and not (
+        isinstance(corpus_files, ListConfig | list)
+        and corpus_files
+        and all(isinstance(path, str) and path for path in corpus_files)
+    ):
+        raise ConfigError(
+            f"stats.corpus.files={corpus_files!r}; expected a non-empty list of text file paths "
+            "(or null for <data.dir>/corpus/*.txt)"
+        )
+    prefixes = cfg.editing.prefixes
+    _int("editing.prefixes.count", prefixes.count, minimum=0)
+    _positive_int("editing.prefixes.length", prefixes.length)
+    _int("editing.prefixes.seed", prefixes.seed)
+    _positive_int("editing.batch_size", cfg.editing.batch_size)
+    evaluation = cfg.eval
+    _positive_int("eval.batch_size", evaluation.batch_size)
+    _int("eval.generation_facts", evaluation.generation_facts, minimum=0)
+    _positive_int("eval.generation_length", evaluation.generation_length)
+    _int("eval.held_out_keys", evaluation.held_out_keys, minimum=0)
+    data = cfg.data
+    _choice("data.order", data.order, ("seeded", "file", "case_ids"))
+    _bool("data.unique_subjects", data.unique_subjects)
+    _optional_str("data.dir", data.get("dir"), "a folder path or null")
+    _optional_str("data.counterfact", data.get("counterfact"), "a CounterFact JSON path or null")
+    case_ids = data.get("case_ids")
+    if isinstance(case_ids, ListConfig | list):
+        bad = [item for item in case_ids if not _is_int(item)]
+        if bad or not case_ids:
+            raise ConfigError(
+                f"data.case_ids has {bad[0]!r}; expected a list of integer case_ids or a file"
+                if bad
+                else "data.case_ids=[] is empty; expected a list of integer case_ids or a file"
+            )
+        repeated = sorted(item for item, n in Counter(case_ids).items() if n > 1)
+        if repeated:
+            raise ConfigError(
+                f"data.case_ids repeats {repeated[:10]}; each fact may be edited once per run"
+            )
+    elif case_ids is not None:
+        _optional_str("data.case_ids", case_ids, "a list of integer case_ids or a file path")
+    if case_ids is not None and data.order == "file":
+        raise ConfigError(
+            "data.case_ids is set but data.order=file; data.case_ids implies "
+            "data.order=case_ids (set it, or leave data.case_ids null)"
+        )
+
+
+def _check_hparams(algorithm: str, hparams: ValueHparams) -> None:
+    prefix = f"model.hparams.{algorithm}"
+    _positive_int(f"{prefix}.v_steps", hparams.v_steps)
+    _number(f"{prefix}.v_lr", hparams.v_lr, positive=True)
+    _number(f"{prefix}.clamp_norm_factor", hparams.clamp_norm_factor, positive=True)
+    for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+        _number(f"{prefix}.{name}", getattr(hparams, name))
+
+
 def run_settings(cfg: DictConfig) -> RunSettings:
     """Validate a composed config and return its typed view."""
+    try:
+        return _run_settings(cfg)
+    except OmegaConfBaseException as error:  # an interpolation that cannot resolve, a missing key
+        raise ConfigError(f"config: {error}") from None
+
+
+def _run_settings(cfg: DictConfig) -> RunSettings:
+    check_inputs(cfg)
     algorithm = _choice("algorithm", cfg.algorithm.name, ALGORITHMS)
     mode = _choice("mode", cfg.mode, MODES)
     schedule = _choice("eval.schedule", cfg.eval.schedule, SCHEDULES)
@@ -187,6 +322,8 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         if lam is None:
             raise ConfigError(f"{algorithm} needs lambda; set lambda=<float >= 0>")
         try:
+            if isinstance(lam, bool):
+                raise TypeError
             lam = float(lam)
         except (TypeError, ValueError):
             raise ConfigError(f"lambda={lam!r}; expected a float >= 0 or null") from None
@@ -220,7 +357,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         hparams = ValueHparams(**values)
     except TypeError as error:
         raise ConfigError(f"model.hparams.{algorithm}: {error}") from None
-    _positive_int(f"model.hparams.{algorithm}.v_steps", hparams.v_steps)
+    _check_hparams(algorithm, hparams)
     return RunSettings(
         model_name=str(cfg.model.name),
         algorithm=algorithm,
@@ -232,7 +369,7 @@ def run_settings(cfg: DictConfig) -> RunSettings:
         hparams=hparams,
         schedule="each_batch" if mode != "sequential" else schedule,
         every_k=every_k,
-        seed=int(cfg.seed),
+        seed=cfg.seed,
         keep_edits=keep_edits,
         nullspace_threshold=threshold,
     )

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from editexp.cache import cache_root, file_lock, file_sha256, stable_hash
+from editexp.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ DTYPES = {
 SOURCES = ("hf", "gguf", "random")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model config that cannot be loaded, with the bad value and what would be accepted."""
 
 
@@ -294,6 +295,14 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
     digest = file_sha256(path)
     identity = f"gguf:{digest[:16]}:{spec.dtype}"
     cached = cache_root() / "models" / f"{spec.name}-{digest[:16]}-{spec.dtype}"
+    if not (cached / "config.json").is_file():  # a complete copy is read without a lock
+        _dequantize(path, cached, dtype)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    return model, tokenizer, identity
+
+
+def _dequantize(path: Path, cached: Path, dtype: torch.dtype) -> None:
     with file_lock(cached):
         if not (cached / "config.json").is_file():
             log.info("Dequantizing %s once (cached at %s)", path.name, cached)
@@ -310,9 +319,6 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             os.replace(staging, cached)  # atomic: a killed job never leaves a half-written model
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    return model, tokenizer, identity
 
 
 def _build_random(spec: ModelSpec, dtype: torch.dtype):

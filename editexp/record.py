@@ -100,6 +100,8 @@ class RunRecord:
     run_dir: str
     # facts whose values this run computed, and read from the sweep's value cache
     values: dict[str, int] = field(default_factory=dict)
+    config_hash: str | None = None  # what the run directory checks before skipping it
+    data_hash: str | None = None  # (editexp.run_dir; None in summaries of older versions)
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)

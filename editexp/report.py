@@ -42,7 +42,9 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from omegaconf import OmegaConf
 
 from editexp.cache import atomic_write, atomic_write_text
+from editexp.errors import cli_errors
 from editexp.record import BatchRecord, RunRecord
+from editexp.run_dir import ATTEMPTS_DIR, summary_problem
 
 METRICS = ("ES", "PS", "NS", "S", "GE")
 GRID_FIELDS = (
@@ -142,15 +144,23 @@ def collect(root: Path) -> Sweep:
     sweep = Sweep(root)
     summary_dirs: set[Path] = set()
     for path in sorted(root.rglob("summary.json")):
-        try:
-            record = RunRecord.read(path)
-        except (OSError, json.JSONDecodeError) as error:
-            sweep.unreadable.append((path, str(error)))
-            continue
-        except (KeyError, TypeError) as error:
-            sweep.unreadable.append((path, f"not a run record ({type(error).__name__}: {error})"))
+        if ATTEMPTS_DIR in path.relative_to(root).parts:  # earlier attempts moved aside
             continue
         job_dir = _job_dir_of(path.parent, root)
+        try:
+            summary = json.loads(path.read_text())
+            # not an object, or the result of another config than the job's grid point
+            problem = summary_problem(summary, job_dir)
+            record = RunRecord.from_json(summary) if problem is None else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            sweep.unreadable.append((path, str(error)))
+            continue
+        except (KeyError, TypeError, AttributeError) as error:
+            sweep.unreadable.append((path, f"not a run record ({type(error).__name__}: {error})"))
+            continue
+        if record is None:
+            sweep.unreadable.append((path, problem))
+            continue
         overrides = read_overrides(job_dir) if job_dir is not None else None
         sweep.runs.append(FinishedRun(path.parent, record, overrides))
         summary_dirs.add(path.parent)
@@ -543,6 +553,11 @@ def write_report(sweep: Sweep, out: Path) -> tuple[list[Path], list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with cli_errors("editexp-report"):  # a user error (e.g. an unwritable --out): one line
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="editexp-report", description="Tables and figures from a Hydra multirun sweep."
     )

@@ -11,9 +11,16 @@ record. Everything goes into the run's Hydra output directory (layouts in
 - ``batches.jsonl``: per update, the edits done so far, the metrics evaluated then, timings;
 - ``summary.json``: the run's axes, pre/post ES, PS, NS, S, GE (mean, std), update norms and
   timings;
-- ``checkpoint.pt``: the progress so far (the summed weight deltas, rows written); a run
-  started again with the same config resumes after its last completed update;
-- ``deltas.pt``: the edited matrices' deltas, to apply to a fresh model (``Editor.apply``).
+- ``checkpoint.pt``: the progress so far (the edited matrices as they are, the summed weight
+  deltas, rows written); a run started again with the same config and data resumes after its
+  last completed update, bit for bit as if it had not stopped;
+- ``deltas.pt``: the edited matrices' deltas, to apply to a fresh model (``Editor.apply``);
+- ``run.json``: the config and data the attempt belongs to.
+
+The run directory holds one config and one attempt at a time (:mod:`editexp.run_dir`): the
+run locks it, checks what it holds against its own config and data before skipping or
+resuming, and ``force=true`` moves earlier results aside. Everything the user gave (config,
+facts, corpus) is checked before the model loads.
 
 Modes: ``singular`` edits each fact alone and restores the weights bit for bit after scoring
 it; ``batch`` makes one update of all facts; ``sequential`` makes n_edits / batch_size updates
@@ -35,16 +42,18 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editexp.cache import atomic_torch_save, stable_hash
+from editexp.cache import atomic_torch_save
 from editexp.config import CONFIG_DIR, ConfigError, RunSettings, run_settings
-from editexp.data.counterfact import Fact, load_counterfact, select_facts
-from editexp.editing.editor import Editor, add_to_weight, save_deltas
+from editexp.data.corpus import CorpusSource
+from editexp.data.counterfact import Fact, check_prompt_lengths, load_counterfact, select_facts
+from editexp.editing.editor import Editor, save_deltas
 from editexp.editing.linalg import PastKeys
+from editexp.errors import cli_errors, one_line
 from editexp.evaluation.counterfact_eval import FactScores
 from editexp.evaluation.evaluator import Evaluator
 from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.evaluation.metrics import aggregate
-from editexp.models import load_model
+from editexp.models import LoadedModel, load_model
 from editexp.record import (
     HEADLINE,
     BatchRecord,
@@ -53,6 +62,7 @@ from editexp.record import (
     UpdateStats,
     write_jsonl,
 )
+from editexp.run_dir import RunDirectory, RunDirError, RunIdentity, hydra_files, write_hydra_files
 from editexp.tracking import run_identity, tracking
 
 log = logging.getLogger("editexp")
@@ -69,10 +79,14 @@ class Progress:
     """What a run has done so far; ``checkpoint.pt`` holds it after every update."""
 
     config_hash: str
+    data_hash: str
+    base: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer -> W0 fingerprint
     batches: list[BatchRecord] = field(default_factory=list)  # one per update done
     post: dict[int, tuple[int, FactScores]] = field(default_factory=dict)  # case_id ->
     # (update, scores) of the scoring that counts: the last one that included the fact
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> summed Delta
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W as edited so
+    # far: a resumed run restores it as it was, so it goes on bit for bit (W0 + deltas in order)
     past_keys: dict[int, PastKeys] | None = None  # the Editor's, when it keeps earlier edits
     timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     elapsed_before: float = 0.0  # seconds spent by earlier, interrupted attempts
@@ -86,6 +100,10 @@ class Progress:
     def save(self, path: Path, elapsed: float) -> None:
         payload = {
             "config_hash": self.config_hash,
+            "data_hash": self.data_hash,
+            "updates_done": self.updates_done,
+            "base": self.base,
+            "weights": self.weights,
             "batches": [batch.to_json() for batch in self.batches],
             "post": {
                 case: (index, scores.to_json()) for case, (index, scores) in self.post.items()
@@ -99,10 +117,13 @@ class Progress:
         atomic_torch_save(path, payload)
 
     @classmethod
-    def load(cls, path: Path) -> Progress:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+    def from_saved(cls, saved: dict) -> Progress:
+        """The progress in a checkpoint (as ``RunDirectory.read_checkpoint`` returns it)."""
         return cls(
             config_hash=saved["config_hash"],
+            data_hash=saved["data_hash"],
+            base=saved["base"],
+            weights=saved["weights"],
             batches=[BatchRecord.from_json(row) for row in saved["batches"]],
             post={
                 case: (index, FactScores.from_json(row))
@@ -117,8 +138,15 @@ class Progress:
 
 
 def choose_facts(cfg: DictConfig, settings: RunSettings) -> list[Fact]:
-    facts, _ = load_counterfact(cfg.data)
-    return select_facts(
+    """The run's facts (the CounterFact file read and checked, the selection made)."""
+    return read_inputs(cfg, settings)[0]
+
+
+def read_inputs(cfg: DictConfig, settings: RunSettings) -> tuple[list[Fact], RunIdentity]:
+    """The run's facts and its identity (config and data hashes), read and checked before any
+    model is loaded: the CounterFact file, the selection and the statistics corpus."""
+    facts, counterfact_hash = load_counterfact(cfg.data)
+    chosen = select_facts(
         facts,
         settings.n_edits,
         order=cfg.data.order,
@@ -126,6 +154,41 @@ def choose_facts(cfg: DictConfig, settings: RunSettings) -> list[Fact]:
         case_ids=cfg.data.case_ids,
         unique_subjects=cfg.data.unique_subjects,
     )
+    corpus = CorpusSource.from_config(cfg.stats, cfg.data)
+    corpus.check()
+    data = {"counterfact": counterfact_hash, "corpus": corpus.identity()}
+    return chosen, RunIdentity.of(cfg, data)
+
+
+def check_against_model(
+    cfg: DictConfig, settings: RunSettings, loaded: LoadedModel, facts: list[Fact]
+) -> None:
+    """What needs the model's sizes, checked before statistics or edits: d_k, its positions."""
+    d_k = loaded.weight(settings.layers[0]).shape[1]
+    settings.check_model(d_k=d_k)
+    if cfg.stats.n_tokens < d_k:
+        raise ConfigError(
+            f"stats.n_tokens={cfg.stats.n_tokens} is less than d_k={d_k} of model "
+            f"{settings.model_name!r}: C0 would be singular; use stats.n_tokens >= {d_k} "
+            "(the default is 100000)"
+        )
+    config = loaded.model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if positions and cfg.eval.generation_length > positions:
+        raise ConfigError(
+            f"eval.generation_length={cfg.eval.generation_length} is more than model "
+            f"{settings.model_name!r}'s {positions} positions"
+        )
+    prefix_tokens = cfg.editing.prefixes.length + 8 if cfg.editing.prefixes.count else 0
+    check_prompt_lengths(facts, loaded.tokenizer, positions, prefix_tokens)
+
+
+def fingerprint(weight: torch.Tensor) -> tuple[float, float]:
+    """Sum and sum of squares of W0 in float64: tells another model's weights apart."""
+    values = weight.detach().double()
+    return float(values.sum()), float(values.square().sum())
 
 
 def generation_case_ids(facts: list[Fact], count: int | str, batch_size: int) -> set[int]:
@@ -157,44 +220,82 @@ def headline(results: list[FactScores]) -> dict[str, float]:
     return {key: aggregated[key]["mean"] for key in HEADLINE if key in aggregated}
 
 
-def comparable_config(cfg: DictConfig) -> dict:
-    """The parts of the config that change results (not logging, forcing, devices)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("logger", "force", "device", "debug"):
-        container.pop(key, None)
-    return container
-
-
 def run(
     cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_dir: str | None = None
 ) -> RunRecord:
-    """Run (or resume, or skip) one grid point; returns its record."""
+    """Run (or resume, or skip) one grid point; returns its record.
+
+    The config, the facts and the corpus are checked first; then the run directory is locked
+    for the whole run and what it holds is checked against this run's config and data.
+    """
     started = time.perf_counter()
     settings = run_settings(cfg)  # validates the config before any expensive work
-    summary_path, checkpoint = run_dir / "summary.json", run_dir / "checkpoint.pt"
-    if summary_path.is_file() and not cfg.force:
-        record = RunRecord.read(summary_path)
-        print(f"{summary_path} exists; skipping (force=true reruns)\n" + record.table())
-        return record
-    if cfg.force:
-        checkpoint.unlink(missing_ok=True)
-    progress = Progress(stable_hash(comparable_config(cfg)))
-    if checkpoint.is_file():
-        saved = Progress.load(checkpoint)
-        if saved.config_hash != progress.config_hash:
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config; choose another output "
-                "directory (hydra.run.dir=...) or delete it"
-            )
-        progress = saved
-        log.info("Resuming after update %d of %d", progress.updates_done, settings.n_updates)
+    facts, identity = read_inputs(cfg, settings)
+    directory = RunDirectory(run_dir)
+    with directory.owned():
+        progress = claim(directory, identity, cfg.force, hydra_files(cfg))
+        if isinstance(progress, RunRecord):
+            print(f"{directory.summary_path} exists; skipping (force=true reruns)")
+            print(progress.table())
+            return progress
+        wandb_name = run_identity(overrides or [], sweep_dir)
+        return edit_and_evaluate(cfg, settings, facts, progress, directory, wandb_name, started)
 
-    name, group = run_identity(overrides or [], sweep_dir)
+
+def claim(
+    directory: RunDirectory,
+    identity: RunIdentity,
+    force: bool,
+    own_hydra_files: dict[Path, str] | None,
+) -> RunRecord | Progress:
+    """What the locked directory holds for this run: the record of the same finished run (to
+    skip), the progress of the same unfinished one (to resume), or a fresh start."""
+    if force:
+        moved = directory.move_aside()
+        if moved is not None:
+            log.info("force=true: moved the earlier results of %s to %s", directory.path, moved)
+    else:
+        summary = directory.read_summary()
+        if summary is not None:
+            directory.check(identity, summary, "a finished run")
+            try:
+                return RunRecord.from_json(summary)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise directory.damaged(directory.summary_path, repr(error)) from None
+        saved = directory.read_checkpoint()
+        if saved is not None:
+            directory.check(identity, saved, "an unfinished run")
+            try:
+                return Progress.from_saved(saved)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise directory.damaged(directory.checkpoint_path, repr(error)) from None
+        if directory.has_rows():  # rows without a checkpoint: never mix them with ours
+            directory.move_aside()
+    directory.start_attempt(identity, own_hydra_files)
+    return Progress(identity.config_hash, identity.data_hash)
+
+
+def edit_and_evaluate(
+    cfg: DictConfig,
+    settings: RunSettings,
+    facts: list[Fact],
+    progress: Progress,
+    directory: RunDirectory,
+    wandb_name: tuple[str, str | None],
+    started: float,
+) -> RunRecord:
+    """The run's updates from where ``progress`` stands, in the directory ``run`` holds."""
+    run_dir, checkpoint = directory.path, directory.checkpoint_path
+    own_hydra_files = hydra_files(cfg)
+    write_hydra_files(own_hydra_files)  # a refused job may have overwritten them
+    name, group = wandb_name
     resolved = OmegaConf.to_container(cfg, resolve=True)
     with tracking(cfg.logger, resolved, run_dir, name, group) as tracker:
         loaded = load_model(cfg.model, cfg.device)
-        facts = choose_facts(cfg, settings)
-        settings.check_model(d_k=loaded.weight(settings.layers[0]).shape[1])
+        check_against_model(cfg, settings, loaded, facts)
+        base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
+        if progress.batches:
+            log.info("Resuming after update %d of %d", progress.updates_done, settings.n_updates)
         editor = Editor(loaded, cfg)
         evaluator = Evaluator.from_config(loaded, cfg)
         states_gb = float(cfg.eval.get("layer_states_gb", 0) or 0)
@@ -207,8 +308,16 @@ def run(
         if not progress.batches:
             progress.timing["statistics"] = editor.statistics_seconds
             progress.timing["evaluation"] = evaluator.seconds
-        for layer, delta in progress.deltas.items():
-            add_to_weight(loaded, layer, delta)
+            progress.base = base
+        elif progress.base != base:
+            raise RunDirError(
+                f"{checkpoint} was edited from other weights than model "
+                f"{settings.model_name!r} has now (did its files change?); rerun with "
+                "force=true to start over"
+            )
+        with torch.no_grad():  # exactly the matrices the interrupted attempt had edited
+            for layer, weight in progress.weights.items():
+                loaded.weight(layer).copy_(weight)
         if progress.past_keys is not None:  # a resumed run continues the same sums
             editor.past_keys = progress.past_keys
         progress.past_keys = editor.past_keys
@@ -263,13 +372,17 @@ def run(
             for layer, delta in update.deltas.items():
                 previous = progress.deltas.get(layer)
                 progress.deltas[layer] = delta if previous is None else previous + delta
+            progress.weights = {
+                layer: loaded.weight(layer).detach().cpu().clone() for layer in settings.layers
+            }
             stats = UpdateStats(update.delta_norm, update.preservation_error, update.value_steps)
             record_update(index, results, stats)
 
         record = run_record(settings, editor, facts, pre, progress, run_dir, elapsed())
         if cfg.save_deltas and progress.deltas:
             save_deltas(run_dir / "deltas.pt", loaded, progress.deltas)
-        record.write(summary_path)
+        write_hydra_files(own_hydra_files)
+        record.write(directory.summary_path)
         tracker.log_summary(record.to_json())
     print(record.table())
     return record
@@ -344,20 +457,32 @@ def run_record(
         timing={**progress.timing, "total": elapsed},
         run_dir=str(run_dir),
         values=dict(progress.values),
+        config_hash=progress.config_hash,
+        data_hash=progress.data_hash,
     )
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
-    try:
-        run(cfg, run_dir, list(hydra_cfg.overrides.task), sweep_dir)
-    except ConfigError as error:
-        if sweep_dir is not None:
-            raise  # an Exception: Hydra records the failed grid point and runs the others
-        raise SystemExit(f"editexp: {error}") from None
+    if hydra_cfg.mode.name == "MULTIRUN":
+        # An Exception (not SystemExit): Hydra records the failed grid point and runs the
+        # others; `main` prints a user error of the first failed point as one line.
+        try:
+            run(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir)
+        except Exception as error:
+            log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
+            raise
+    else:
+        with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
+            run(cfg, run_dir, list(hydra_cfg.overrides.task), None)
+
+
+def main() -> None:
+    """The ``editexp`` console script: user errors as one line on stderr and exit status 2."""
+    with cli_errors("editexp"):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from editexp.cache import atomic_torch_save, cache_root, file_lock, stable_hash
 from editexp.capture import ActivationCapture
 from editexp.data.corpus import CorpusSource, corpus_batches
+from editexp.errors import UserError
 from editexp.models import DTYPES, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _CACHE_FORMAT = 1
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-class StatsError(ValueError):
+class StatsError(UserError):
     """Statistics cannot be collected as configured; the message says why."""
 
 
@@ -304,10 +305,35 @@ def _read_record(path: Path, payload: dict[str, Any]) -> dict[str, Any] | None:
     except Exception as error:  # a file from another torch version, or damaged by hand
         log.warning("ignoring unreadable cache file %s (%s)", path, error)
         return None
-    if record.get("payload") != payload:
+    if not isinstance(record, dict) or record.get("payload") != payload:
         log.warning("ignoring cache file %s: it was written for other settings", path)
         return None
+    problem = _record_problem(record)
+    if problem is not None:
+        log.warning("ignoring cache file %s: %s; computing it again", path, problem)
+        return None
     return record
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a cached record's tensors (C0 square and finite, the mean and the
+    held-out keys of its width), or None."""
+    if "keys" in record:
+        keys = record["keys"]
+        if not isinstance(keys, torch.Tensor) or keys.ndim != 2 or keys.shape[1] == 0:
+            return "its held-out keys are not a (d_k, n) tensor"
+        return None
+    second, mean = record.get("second_moment"), record.get("mean")
+    if not isinstance(second, torch.Tensor) or second.ndim != 2:
+        return "it has no C0 matrix"
+    d_k = second.shape[0]
+    if second.shape != (d_k, d_k) or not bool(torch.isfinite(second).all()):
+        return f"its C0 of shape {tuple(second.shape)} is not a finite square matrix"
+    if not isinstance(mean, torch.Tensor) or mean.shape != (d_k,):
+        return "its mean key does not match C0"
+    if not isinstance(record.get("n_tokens"), int) or record["n_tokens"] < d_k:
+        return f"it counts {record.get('n_tokens')!r} tokens, fewer than d_k={d_k}"
+    return None
 
 
 def _load_or_compute_records(
@@ -391,6 +417,15 @@ def load_or_compute_stats(
             progress=progress,
             dtype=settings.torch_dtype,
         )
+        for layer, item in stats.items():
+            d_k = item.second_moment.shape[0]
+            if item.n_tokens < d_k:  # C0 would be singular: refuse it, cache nothing
+                raise StatsError(
+                    f"the statistics corpus ({source.describe()}) gave {item.n_tokens} tokens, "
+                    f"fewer than d_k={d_k} at layer {layer}, so C0 would be singular; give "
+                    "it more text (stats.corpus.files, <data.dir>/corpus) and stats.n_tokens "
+                    f">= {d_k}"
+                )
         return {
             layer: {
                 "layer": layer,

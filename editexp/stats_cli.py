@@ -3,8 +3,9 @@
     editexp-stats model=smollm2-135m layer=[0,1,2] stats.n_tokens=100000
 
 prints, per layer, the cache file, the token count, the trace and the condition number of C0,
-and whether it was computed now or read from the cache. Layers are checked against the model
-before anything is loaded or computed.
+and whether it was computed now or read from the cache. The config, the layers and the corpus
+are checked before anything is loaded or computed; a user error is one line on stderr and
+exit status 2. It writes nothing but the cache (``conf/stats.yaml``: no outputs/ folder).
 
 Before computing it prints how long the statistics take: the forward work (2 FLOPs per weight
 of every layer up to the deepest requested one, per token; the pass stops there) over the
@@ -21,8 +22,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from editexp.config import CONFIG_DIR, parse_layers
+from editexp.config import CONFIG_DIR, check_inputs, parse_layers
 from editexp.data.corpus import CorpusSource
+from editexp.errors import cli_errors
 from editexp.models import ModelSpec, load_model
 from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
 
@@ -81,9 +83,11 @@ def describe(stats: LayerStats) -> str:
 def run(cfg: DictConfig) -> dict[int, LayerStats]:
     """Check the layers and the corpus, then load or compute the statistics and print them."""
     layers = list(parse_layers(cfg.layer))
+    check_inputs(cfg)
     ModelSpec.from_config(cfg.model).check_layers(layers)
     StatsSettings.from_config(cfg.stats)
     source = CorpusSource.from_config(cfg.stats, cfg.data)
+    source.check()
     print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
     start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.device)
@@ -107,9 +111,16 @@ def run(cfg: DictConfig) -> dict[int, LayerStats]:
     return all_stats
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@hydra.main(config_path=CONFIG_DIR, config_name="stats", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    with cli_errors("editexp-stats"):  # exits here: Hydra would add a line of its own
+        run(cfg)
+
+
+def main() -> None:
+    """The ``editexp-stats`` console script: user errors as one line and exit status 2."""
+    with cli_errors("editexp-stats"):
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def record(case_id=1, **rewrite):
 @pytest.mark.parametrize(
     "broken,message",
     [
-        ({"prompt": "The mother tongue of Danielle is"}, r"case_id=7.*no '\{\}' slot"),
+        ({"prompt": "The mother tongue of Danielle is"}, r"case_id=7.*exactly one '\{\}'"),
         ({"target_new": {"str": "  ", "id": "x"}}, r"case_id=7.*target_new.str"),
         (
             {"target_true": {"id": "x"}},

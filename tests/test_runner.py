@@ -9,6 +9,7 @@ import torch
 from conftest import compose_config
 
 from editexp.config import ConfigError
+from editexp.run_dir import RunDirError
 from editexp.runner import SimulatedCrash, run
 
 FAST = [
@@ -124,7 +125,7 @@ def test_finished_run_is_skipped_and_other_config_in_same_dir_refused(tmp_path, 
     assert again == first
     assert "skipping" in capsys.readouterr().out
     (tmp_path / "once" / "summary.json").unlink()
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(RunDirError, match="different config"):
         run_config(tmp_path, "once", "mode=batch", "n_edits=2", "seed=5")
 
 

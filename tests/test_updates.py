@@ -130,7 +130,7 @@ def test_rome_satisfies_its_constraint() -> None:
     assert torch.linalg.matrix_rank(delta) == 1
 
 
-@pytest.mark.parametrize("n_facts", [1, 5, 16, 32])
+@pytest.mark.parametrize("n_facts", [1, 5, 16, 31])  # E = d_k = 32 is refused
 def test_emmet_exact_satisfies_all_constraints(n_facts: int) -> None:
     problem = make_problem(3, d_k=32, d_v=12, n_facts=n_facts)
     delta = emmet_delta(problem.keys, problem.residuals, problem.covariance, 0.0)

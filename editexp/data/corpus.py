@@ -23,6 +23,7 @@ holds the same tokens, whatever ``n_tokens`` or the batch size.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editexp.cache import file_sha256
+from editexp.errors import UserError
 from editexp.tokens import pad_sequences
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ WINDOW_FORMAT = "paragraph-lines/window-bos/v1"
 _TOKENIZE_CHUNK = 256  # paragraphs per call of the (batched, fast) tokenizer
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """No usable corpus: the message names the path or setting and what would be accepted."""
 
 
@@ -91,6 +93,12 @@ class CorpusSource:
             "stats.corpus.dataset (a datasets corpus such as wikitext), or data.dir / "
             "$EDITEXP_DATA_DIR (a folder holding corpus/*.txt)"
         )
+
+    def check(self) -> None:
+        """Refuse files that are not text, before any model is loaded (a ``datasets`` corpus is
+        checked when it is read)."""
+        for path in self.files:
+            check_text_file(path)
 
     def identity(self) -> str:
         """Names what the text is (file names and contents, or dataset coordinates)."""
@@ -163,6 +171,34 @@ def _existing_file(path: str | Path, data_dir: str | None = None) -> Path:
             "to use <data.dir>/corpus/*.txt)"
         )
     return path
+
+
+_TEXT_PROBE_BYTES = 1 << 16
+
+
+def check_text_file(path: Path) -> None:
+    """A corpus file must be readable UTF-8 text with some words in it (its first 64 KiB are
+    checked: no NUL byte, valid UTF-8, not only white space)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(_TEXT_PROBE_BYTES)
+    except OSError as error:
+        raise CorpusError(f"cannot read statistics corpus file {path}: {error.strerror}") from None
+    problem = None
+    if not head.strip():
+        problem = "it is empty"
+    elif b"\0" in head:
+        problem = "it holds NUL bytes (a binary file?)"
+    else:
+        try:  # incremental: a character cut at the end of the probe is not an error
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as error:
+            problem = f"it is not UTF-8 text (byte {error.start})"
+    if problem is not None:
+        raise CorpusError(
+            f"statistics corpus file {path} is not usable: {problem}; the corpus is plain "
+            "text files (stats.corpus.files, or <data.dir>/corpus/*.txt)"
+        )
 
 
 def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:

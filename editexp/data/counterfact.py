@@ -11,19 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import random
+import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from editexp.cache import atomic_write, cache_root, file_sha256
+from editexp.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ORDERS = ("seeded", "file", "case_ids")
 
 
-class CounterFactError(ValueError):
+class CounterFactError(UserError):
     """A record or a selection that cannot be used, naming the case and the field."""
 
 
@@ -70,19 +74,34 @@ def _prompt_list(record: dict, key: str, case: Any) -> tuple[str, ...]:
     return tuple(_nonempty_str(p, f"{key}[{i}]", case) for i, p in enumerate(prompts))
 
 
-def parse_record(record: dict) -> Fact:
-    """Validate one record of the original format and turn it into a :class:`Fact`."""
-    if not isinstance(record, dict):
-        raise CounterFactError(f"CounterFact record must be a JSON object, got {type(record)}")
-    case = _require(record, "case_id", "?")
-    if not isinstance(case, int):
-        raise CounterFactError(f"CounterFact record case_id={case!r}: case_id must be an int")
-    prompt = _nonempty_str(_require(record, "requested_rewrite.prompt", case), "prompt", case)
-    if "{}" not in prompt:
+def _check_template(prompt: str, case: Any) -> None:
+    """The rewrite prompt is filled with ``prompt.format(subject)``: exactly one ``{}`` and no
+    other brace (``{x}``, ``{0}`` or a lone ``{`` would fail or fill the wrong slot)."""
+    if (
+        prompt.count("{}") != 1
+        or "{" in prompt.replace("{}", "")
+        or "}" in prompt.replace("{}", "")
+    ):
         raise CounterFactError(
-            f"CounterFact record case_id={case}: field 'requested_rewrite.prompt' has no '{{}}' "
-            f"slot for the subject: {prompt!r}"
+            f"CounterFact record case_id={case}: field 'requested_rewrite.prompt' must hold "
+            f"exactly one '{{}}' (the subject's slot) and no other brace, got {prompt!r}"
         )
+
+
+def parse_record(record: dict, index: int | None = None) -> Fact:
+    """Validate one record of the original format and turn it into a :class:`Fact`."""
+    where = "" if index is None else f" #{index}"
+    if not isinstance(record, dict):
+        raise CounterFactError(
+            f"CounterFact record{where} must be a JSON object, got {type(record).__name__}"
+        )
+    case = _require(record, "case_id", f"?{where}")
+    if not isinstance(case, int) or isinstance(case, bool):
+        raise CounterFactError(
+            f"CounterFact record{where} case_id={case!r}: case_id must be an integer"
+        )
+    prompt = _nonempty_str(_require(record, "requested_rewrite.prompt", case), "prompt", case)
+    _check_template(prompt, case)
     subject = _nonempty_str(_require(record, "requested_rewrite.subject", case), "subject", case)
     target_new = _require(record, "requested_rewrite.target_new.str", case)
     target_true = _require(record, "requested_rewrite.target_true.str", case)
@@ -102,13 +121,19 @@ def parse_record(record: dict) -> Fact:
 
 
 def parse_records(records: list[dict]) -> list[Fact]:
-    facts = [parse_record(r) for r in records]
+    facts = [parse_record(record, index) for index, record in enumerate(records)]
     seen: set[int] = set()
     for fact in facts:
         if fact.case_id in seen:
             raise CounterFactError(f"CounterFact: case_id={fact.case_id} occurs twice")
         seen.add(fact.case_id)
     return facts
+
+
+NO_DATA_HINT = (
+    "set data.dir to a folder holding counterfact/counterfact.json (or data.counterfact to "
+    "the file; $EDITEXP_DATA_DIR sets data.dir)"
+)
 
 
 def counterfact_path(data_cfg: Any) -> Path:
@@ -128,20 +153,47 @@ def counterfact_path(data_cfg: Any) -> Path:
         return path
     path = cache_root() / "data" / "counterfact.json"
     if path.is_file():
-        return path
+        try:
+            _read_records(path)
+            return path
+        except CounterFactError as error:  # a damaged download: fetch it again
+            log.warning("cached CounterFact %s is bad (%s); downloading it again", path, error)
+            path.unlink(missing_ok=True)
+    return _download(data_cfg, path)
+
+
+def _download(data_cfg: Any, path: Path) -> Path:
+    """The canonical file, else the ``datasets`` copy; checked before it is cached."""
     url = data_cfg.get("download_url")
+    hf_name = data_cfg.get("hf_dataset")
     try:
         log.info("Downloading CounterFact from %s", url)
-
-        def download(tmp: Path) -> None:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                tmp.write_bytes(response.read())
-
-        return atomic_write(path, download)
-    except OSError as error:
-        hf_name = data_cfg.get("hf_dataset")
-        log.warning("Download of %s failed (%s); trying datasets %s", url, error, hf_name)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            payload = response.read()
+        _records_from_text(payload.decode("utf-8"), url)
+        return atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+    except (OSError, UnicodeDecodeError, CounterFactError, ValueError) as error:
+        url_error = error
+    if isinstance(url_error, urllib.error.URLError) and not isinstance(
+        url_error, urllib.error.HTTPError
+    ):  # no connection at all (DNS, refused, timeout): the hub would only retry and fail
+        raise CounterFactError(
+            f"no CounterFact data: downloading {url} failed ({_reason(url_error)}), no "
+            f"network?; {NO_DATA_HINT}"
+        ) from url_error
+    log.warning("Download of %s failed (%s); trying datasets %s", url, url_error, hf_name)
+    try:
         return _from_hf_dataset(hf_name, path)
+    except Exception as error:  # datasets raises many kinds: connection, missing data set
+        raise CounterFactError(
+            f"no CounterFact data: downloading {url} failed ({_reason(url_error)}) and so did "
+            f"datasets {hf_name!r} ({_reason(error)}); {NO_DATA_HINT}"
+        ) from error
+
+
+def _reason(error: BaseException) -> str:
+    reason = getattr(error, "reason", None) or error
+    return " ".join(f"{type(error).__name__}: {reason}".split())[:200]
 
 
 def _from_hf_dataset(name: str, path: Path) -> Path:
@@ -152,26 +204,101 @@ def _from_hf_dataset(name: str, path: Path) -> Path:
     for split in splits.values():
         records.extend(dict(row) for row in split)
     records.sort(key=lambda r: r["case_id"])
+    parse_records(records)
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(records)))
+
+
+def _records_from_text(text: str, source: str | Path) -> list[dict]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CounterFactError(
+            f"{source} is not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}); is the file complete? CounterFact is a JSON list of records"
+        ) from None
+    if not isinstance(records, list):
+        raise CounterFactError(
+            f"{source}: expected a JSON list of CounterFact records, got a JSON "
+            f"{type(records).__name__}"
+        )
+    return records
+
+
+def _read_records(path: Path) -> list[Fact]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CounterFactError(f"cannot read CounterFact file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise CounterFactError(
+            f"CounterFact file {path} is not UTF-8 text (byte {error.start}): expected a JSON "
+            "list of records"
+        ) from None
+    try:
+        return parse_records(_records_from_text(text, path))
+    except CounterFactError as error:
+        message = str(error)
+        raise CounterFactError(message if str(path) in message else f"{path}: {message}") from None
 
 
 def load_counterfact(data_cfg: Any) -> tuple[list[Fact], str]:
     """All facts of the configured file, validated, and the file's sha256."""
     path = counterfact_path(data_cfg)
-    records = json.loads(path.read_text())
-    if not isinstance(records, list):
-        raise CounterFactError(f"{path}: expected a JSON list of CounterFact records")
-    return parse_records(records), file_sha256(path)
+    return _read_records(path), file_sha256(path)
 
 
 def _read_case_ids(case_ids: Any) -> list[int]:
+    """``data.case_ids``: a list of integers or a file of integers (commas or white space)."""
     if isinstance(case_ids, str):
         path = Path(case_ids).expanduser()
         if not path.is_file():
             raise CounterFactError(f"data.case_ids={case_ids!r} is neither a list nor a file")
-        tokens = path.read_text().replace(",", " ").split()
-        return [int(token) for token in tokens]
-    return [int(case_id) for case_id in case_ids]
+        try:
+            tokens = path.read_text().replace(",", " ").split()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CounterFactError(f"cannot read data.case_ids file {path}: {error}") from None
+        bad = [token for token in tokens if not token.lstrip("-").isdigit()]
+        if bad:
+            raise CounterFactError(
+                f"data.case_ids file {path} holds {bad[0]!r}; expected integer case_ids "
+                "separated by white space or commas"
+            )
+        wanted = [int(token) for token in tokens]
+    else:
+        wanted = list(case_ids)
+        bad = [item for item in wanted if not isinstance(item, int) or isinstance(item, bool)]
+        if bad:
+            raise CounterFactError(f"data.case_ids has {bad[0]!r}; expected integer case_ids")
+    if not wanted:
+        raise CounterFactError(f"data.case_ids={case_ids!r} names no case_id")
+    repeated = sorted(case_id for case_id, n in Counter(wanted).items() if n > 1)
+    if repeated:
+        raise CounterFactError(
+            f"data.case_ids repeats {repeated[:10]}; each fact may be edited once per run"
+        )
+    return wanted
+
+
+def check_prompt_lengths(
+    facts: Sequence[Fact], tokenizer: Any, max_positions: int | None, reserve: int = 0
+) -> None:
+    """Every scored or edited text of ``facts`` (prompt plus its longer target, after a context
+    prefix of up to ``reserve`` tokens) must fit the model's ``max_positions``."""
+    if not max_positions:
+        return
+    for fact in facts:
+        target = max((fact.target_new, fact.target_true), key=len)
+        prompts = [fact.rewrite_prompt, *fact.paraphrase_prompts, *fact.neighborhood_prompts]
+        texts = [f"{prompt} {target}" for prompt in prompts]
+        lengths = [len(ids) for ids in tokenizer(texts).input_ids]
+        longest = max(range(len(texts)), key=lengths.__getitem__)
+        if lengths[longest] + reserve > max_positions:
+            raise CounterFactError(
+                f"CounterFact record case_id={fact.case_id}: the prompt {prompts[longest][:60]!r}"
+                f" with its target is {lengths[longest]} tokens (+{reserve} for a context "
+                f"prefix), more than the model's {max_positions} positions; leave this fact out "
+                "(data.case_ids) or shorten the prompt"
+            )
 
 
 def select_facts(
@@ -190,6 +317,14 @@ def select_facts(
     """
     if order not in ORDERS:
         raise CounterFactError(f"data.order={order!r}; expected one of {ORDERS}")
+    if case_ids is not None and order != "case_ids":  # data.case_ids implies order=case_ids
+        if order == "file":
+            raise CounterFactError(
+                "data.case_ids is set but data.order=file; data.case_ids implies "
+                "data.order=case_ids (set it, or leave data.case_ids null)"
+            )
+        log.info("data.case_ids is set: taking the facts in its order (data.order=case_ids)")
+        order = "case_ids"
     if n_edits < 1:
         raise CounterFactError(f"n_edits={n_edits}; expected a positive number of facts")
     if order == "case_ids":

@@ -8,7 +8,9 @@ with epsilon > 0 (the paper's "lambda") the Gram matrix is regularised:
 For epsilon > 0 this is the exact minimiser of  epsilon tr(Delta C0 Delta^T) + ||Delta K - R||_F^2,
 i.e. MEMIT with lambda = epsilon (Woodbury identity). The E x E system is Cholesky-factored;
 C0 is solved with the per-layer ``CovarianceFactor``. With epsilon = 0 the Gram matrix
-K^T C0^{-1} K must be invertible: at most d_k facts, no duplicate or dependent keys.
+K^T C0^{-1} K must be invertible: fewer than d_k facts, no duplicate or dependent keys (at
+E = d_k the constraints pin Delta down completely and the update degenerates); above a
+condition number of 1e8 it is close to singular and a warning suggests lambda > 0.
 
 With ``keep_edits`` in a sequential run, the earlier updates' keys join the equality
 constraints: Delta K_past = 0, so W keeps mapping them to what it outputs for them now. Only
@@ -27,6 +29,8 @@ keys move into the preservation term instead, each weighing as much as the whole
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from editexp.editing.linalg import (
@@ -44,13 +48,18 @@ from editexp.editing.linalg import (
     prepare_batch,
 )
 
+log = logging.getLogger(__name__)
+
+# cond(K^T C0^-1 K) above which EMMET with lambda = 0 warns that its update is ill-conditioned.
+WARN_GRAM_CONDITION = 1e8
+
 
 def _check_exact_constraints_possible(keys: torch.Tensor, dim: int) -> None:
     """Fail early when (W + Delta) K = V cannot be imposed exactly (EMMET with lambda=0)."""
     n_keys = keys.shape[1]
-    if n_keys > dim:
+    if n_keys >= dim:
         raise EditingError(
-            f"EMMET with lambda=0 needs at most d_k={dim} facts per batch, got E={n_keys}; "
+            f"EMMET with lambda=0 needs fewer than d_k={dim} facts per batch, got E={n_keys}; "
             "use lambda > 0, e.g. 1e-4"
         )
     duplicates = duplicate_columns(keys)
@@ -61,6 +70,16 @@ def _check_exact_constraints_possible(keys: torch.Tensor, dim: int) -> None:
             f"key columns {listed} are identical (the same subject twice?); deduplicate the "
             "batch or use lambda > 0, e.g. 1e-4"
         )
+
+
+def _rayleigh_largest(matrix: torch.Tensor, steps: int = 16) -> float:
+    """A lower bound on the largest eigenvalue of an SPD matrix (power iteration, a few
+    matrix-vector products): sharpens ``condition_lower_bound``, which uses max_i A_ii."""
+    vector = torch.ones(matrix.shape[0], 1, dtype=matrix.dtype, device=matrix.device)
+    for _ in range(steps):
+        vector = matrix @ vector
+        vector = vector / torch.linalg.vector_norm(vector)
+    return float(vector.T @ matrix @ vector)
 
 
 def emmet_delta(
@@ -109,6 +128,18 @@ def _constrained_delta(
                 "EMMET with lambda=0: the Gram matrix K^T C0^-1 K is numerically singular "
                 f"(condition number >= {condition:.3g}): some keys are (nearly) linearly "
                 f"dependent{also}, e.g. the same subject twice; use lambda > 0, e.g. 1e-4"
+            )
+        condition *= max(1.0, _rayleigh_largest(system) / float(system.diagonal().max()))
+        if condition > WARN_GRAM_CONDITION:
+            log.warning(
+                "EMMET with lambda=0: K^T C0^-1 K has condition number >= %.3g (> %.0e) for %d "
+                "facts (%d earlier keys) with d_k=%d; the update may be far larger than needed, "
+                "consider lambda > 0 (e.g. 1e-4)",
+                condition,
+                WARN_GRAM_CONDITION,
+                keys.shape[1] - n_past,
+                n_past,
+                covariance.dim,
             )
     elif factor is None:
         raise EditingError(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from editexp.errors import UserError
+
 # Relative asymmetry max|C - C^T| / max|C| tolerated in C0 (float32 accumulation noise).
 SYMMETRY_TOLERANCE = 1e-4
 # Condition number above which C0 is treated as numerically singular.
@@ -35,7 +37,7 @@ _INVERSE_ITERATION_STEPS = 8
 PAST_KEYS_RANK_TOLERANCE = 1e-10
 
 
-class EditingError(ValueError):
+class EditingError(UserError):
     """An update cannot be computed (or would be garbage); the message says why and what to do."""
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from editexp.cache import atomic_write_json, cache_root, stable_hash
+from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.evaluation.generation import SAMPLER_VERSION, sample_continuation_ids
 from editexp.models import LoadedModel
 from editexp.tokens import encode_prompt
@@ -44,15 +45,33 @@ def context_prefixes(
         return [""]
     key = stable_hash([_FORMAT, SAMPLER_VERSION, loaded.identity, count, length, seed])
     path = cache_root() / "prefixes" / f"{loaded.spec.name}-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    tokenizer = loaded.tokenizer
-    starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
-    continuations = sample_continuation_ids(
-        loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
+
+    def sample() -> list[str]:
+        tokenizer = loaded.tokenizer
+        starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
+        continuations = sample_continuation_ids(
+            loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
+        )
+        prefixes = [""]
+        for starter, continuation in zip(starters, continuations):
+            ids = encode_prompt(tokenizer, starter) + continuation
+            prefixes.append(prefix_text(tokenizer, ids))
+        return prefixes
+
+    return load_or_compute(  # checked on read: a damaged entry is sampled again
+        path,
+        load=lambda p: json.loads(p.read_text()),
+        save=atomic_write_json,
+        compute=sample,
+        problem=lambda prefixes: prefixes_problem(prefixes, count),
+        what="prefixes cache",
     )
-    prefixes = [""]
-    for starter, continuation in zip(starters, continuations):
-        prefixes.append(prefix_text(tokenizer, encode_prompt(tokenizer, starter) + continuation))
-    atomic_write_json(path, prefixes)
-    return prefixes
+
+
+def prefixes_problem(prefixes: Any, count: int) -> str | None:
+    """What is wrong with a cached list of context prefixes (None when it is usable)."""
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        return "not a list of strings"
+    if len(prefixes) != count + 1 or prefixes[0] != "":
+        return f"{len(prefixes)} prefixes, expected the bare prompt '' and {count} more"
+    return None

@@ -11,13 +11,14 @@ order asked; they become JSON only when written (``FactScores.to_json``).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig
 
-from editexp.cache import atomic_write_json, cache_root, file_lock, stable_hash
+from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.data.counterfact import Fact
 from editexp.editing.rank_one import RankOneEdits, RowEdits
 from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts, scored_prompts
@@ -157,14 +158,22 @@ class Evaluator:
             ]
         )
         path = cache_root() / "pre_edit" / f"{self.model.spec.name.replace('/', '--')}-{key}.json"
-        with file_lock(path):
-            if path.is_file():
-                import json
+        case_ids = [fact.case_id for fact in facts]
 
-                return [FactScores.from_json(row) for row in json.loads(path.read_text())]
-            results = self.score(facts, generate_for, record_states=self.layer_states is not None)
-            atomic_write_json(path, [result.to_json() for result in results])
-            return results
+        def problem(results: list[FactScores]) -> str | None:  # the facts asked, in order
+            found = [result.case_id for result in results]
+            return None if found == case_ids else f"{len(found)} facts, not the {len(case_ids)}"
+
+        return load_or_compute(  # checked on read: a bad entry is computed again
+            path,
+            load=lambda p: [FactScores.from_json(row) for row in json.loads(p.read_text())],
+            save=lambda p, results: atomic_write_json(p, [r.to_json() for r in results]),
+            compute=lambda: self.score(
+                facts, generate_for, record_states=self.layer_states is not None
+            ),
+            problem=problem,
+            what="pre-edit score cache",
+        )
 
     def compare(self, prompt: str, target_a: str, target_b: str) -> Comparison:
         """Which of two continuations of ``prompt`` the model prefers, and by how much."""
