@@ -227,7 +227,13 @@ def check_inputs(cfg: DictConfig) -> None:
     _positive_int("editing.batch_size", cfg.editing.batch_size)
     evaluation = cfg.eval
     _positive_int("eval.batch_size", evaluation.batch_size)
-    _int("eval.generation_facts", evaluation.generation_facts, minimum=0)
+    generation_facts = evaluation.generation_facts
+    if not (isinstance(generation_facts, str) and generation_facts.strip().lower() == "all"):
+        if not _is_int(generation_facts) or generation_facts < 0:
+            raise ConfigError(
+                f"eval.generation_facts={generation_facts!r}; expected a number of facts >= 0 "
+                "or 'all'"
+            )
     _positive_int("eval.generation_length", evaluation.generation_length)
     _int("eval.held_out_keys", evaluation.held_out_keys, minimum=0)
     data = cfg.data

@@ -495,7 +495,7 @@ def test_a_populated_cache_is_read_without_writing_to_it(tmp_path, finished, mon
         (["n_edits=2.0"], "n_edits=2.0; expected a positive integer"),
         (["editing.batch_size=0"], "editing.batch_size=0; expected a positive integer"),
         (["eval.batch_size=0"], "eval.batch_size=0; expected a positive integer"),
-        (["eval.generation_facts=-1"], "eval.generation_facts=-1; expected an integer >= 0"),
+        (["eval.generation_facts=-1"], "eval.generation_facts=-1; expected a number of facts"),
         (["stats.n_tokens=abc"], "stats.n_tokens='abc'; expected a positive integer"),
         (["stats.dtype=float8"], "stats.dtype='float8'; expected one of"),
         (["seed=abc"], "seed='abc'; expected an integer"),
