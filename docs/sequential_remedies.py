@@ -33,6 +33,7 @@ class SequentialRun:
     batches: list[dict]  # rows of batches.jsonl
     facts: list[dict]  # rows of facts.jsonl, in edit order
     finished: bool
+    pre: dict[str, float]  # pre-edit means over all the run's facts (finished runs)
 
     @property
     def schedule(self) -> str:
@@ -77,10 +78,12 @@ def load_run(directory: Path) -> SequentialRun | None:
         summary = json.loads(summary_path.read_text())
         algorithm, keep = summary["algorithm"], bool(summary.get("keep_edits"))
         batch_size, n_edits, lam = summary["batch_size"], summary["n_edits"], summary["lambda"]
+        pre = {metric: summary["pre"][metric]["mean"] for metric in METRICS}
     elif (directory / ".hydra" / "config.yaml").is_file():
         cfg = OmegaConf.load(directory / ".hydra" / "config.yaml")
         algorithm, keep = cfg.algorithm.name, bool(cfg.sequential.keep_edits)
         batch_size, n_edits, lam = cfg.batch_size, cfg.n_edits, cfg["lambda"]
+        pre = {}
     else:
         return None
     return SequentialRun(
@@ -92,6 +95,7 @@ def load_run(directory: Path) -> SequentialRun | None:
         batches=read_jsonl(directory / "batches.jsonl"),
         facts=read_jsonl(directory / "facts.jsonl"),
         finished=summary_path.is_file(),
+        pre=pre,
     )
 
 
@@ -105,7 +109,7 @@ def collect(root: Path) -> list[SequentialRun]:
 
 
 def figure(runs: list[SequentialRun], title: str) -> Figure:
-    fig = Figure(figsize=(4.0 * len(METRICS), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.0 * len(METRICS), 4.2), layout="constrained")
     axes = fig.subplots(1, len(METRICS))
     styles = ["-", "--", ":", "-."]
     sizes = sorted({run.batch_size for run in runs})
@@ -123,12 +127,16 @@ def figure(runs: list[SequentialRun], title: str) -> Figure:
                 linestyle=styles[sizes.index(run.batch_size) % len(styles)],
                 label=f"{run.method}, {run.schedule}",
             )
+        pre = next((run.pre[metric] for run in runs if run.pre), None)
+        if pre is not None:
+            ax.axhline(pre, color="0.5", linewidth=1, linestyle=":", label="unedited model")
         ax.set_title(metric)
         ax.set_xlabel("edits done")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("% of all facts edited so far")
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
     fig.suptitle(title)
     return fig
 
