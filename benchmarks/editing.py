@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from editexp.config import run_settings
+from editexp.config import CONFIG_DIR, run_settings
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.editing.editor import closed_form_delta
 from editexp.editing.keys_values import EditRequest, compute_keys, compute_values
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("EDITEXP_DATA_DIR", str(PROJECT.parent / "shared" / "data"))
 
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "config",
             overrides=[

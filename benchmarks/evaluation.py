@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 from hydra import compose, initialize_config_dir
 
+from editexp.config import CONFIG_DIR
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.evaluation.counterfact_eval import evaluate_facts, fact_prompts
 from editexp.evaluation.scoring import score_continuation_unbatched
@@ -101,7 +102,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "config", overrides=[f"model={args.model}", f"data.dir={data_dir}", "~logger"]
         )

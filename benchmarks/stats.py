@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from editexp.config import CONFIG_DIR
 from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.models import LoadedModel, load_model
 from editexp.stats import collect_layer_stats
@@ -132,7 +133,7 @@ def layer1_keys(loaded: LoadedModel, batch, layer: int) -> torch.Tensor:
 def main() -> None:
     args = parse_args()
     data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", f"+data.dir={data_dir}"])
     loaded = load_model(cfg.model, "cpu")
     source = CorpusSource.from_config(cfg.stats, cfg.data)

@@ -391,6 +391,7 @@ def in_process_units(args: argparse.Namespace, bench: Bench) -> dict[str, float]
     import torch
     from hydra import compose, initialize_config_dir
 
+    from editexp.config import CONFIG_DIR
     from editexp.data.counterfact import load_counterfact, select_facts
     from editexp.editing.rank_one import RankOneEdits, RowEdits
     from editexp.evaluation.counterfact_eval import evaluate_facts
@@ -399,7 +400,7 @@ def in_process_units(args: argparse.Namespace, bench: Bench) -> dict[str, float]
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ["EDITEXP_CACHE_DIR"] = str(bench.base_cache)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", "~logger"])
     loaded = load_model(cfg.model, "auto")
     facts, _ = load_counterfact(cfg.data)

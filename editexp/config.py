@@ -20,10 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from editexp.errors import UserError
 
-# The repository's conf/ as an absolute path: Hydra resolves a relative "../conf" against the
-# calling *module* when started from a console script (pkg://conf, which does not exist), and
-# against this file only when the file is run directly.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The configs ship inside the package (editexp/conf/, package data), so a wheel has them too.
+# An absolute path: Hydra resolves a relative config_path against the calling *module* when
+# started from a console script, and against the file only when the file is run directly.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
 MODES = ("singular", "batch", "sequential")
@@ -47,15 +47,16 @@ class ValueHparams:
 
 
 def model_names() -> list[str]:
-    """The models with a config in ``conf/model``."""
+    """The models with a config in ``editexp/conf/model``."""
     return sorted(path.stem for path in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
 
 def compose(
     model: str | Mapping[str, Any] = "smollm2-135m", algorithm: str = "memit", **overrides: Any
 ) -> DictConfig:
-    """The run config of ``conf/`` without a Hydra app: ``model`` (a name in ``conf/model``,
-    or a whole model config), ``algorithm``, then ``overrides`` by config key.
+    """The run config of ``editexp/conf/`` without a Hydra app: ``model`` (a name in
+    ``editexp/conf/model``, or a whole model config), ``algorithm``, then ``overrides`` by
+    config key.
 
     Keys with dots go in as ``**{"editing.prefixes.count": 2}``; ``lam`` stands for
     ``lambda`` (a Python keyword). ``logger`` is ``none``: a library user tracks nothing.

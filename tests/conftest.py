@@ -9,8 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from editexp.config import CONFIG_DIR
+
 PROJECT = Path(__file__).resolve().parents[1]
-CONF_DIR = str(PROJECT / "conf")
+CONF_DIR = CONFIG_DIR
 DEFAULT_DATA_DIR = PROJECT.parent / "shared" / "data"
 
 # Tests read the shared data set unless the environment points elsewhere.

@@ -9,10 +9,10 @@ from pathlib import Path
 import hydra
 import torch
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from editexp.config import CONFIG_DIR
 
 
-@hydra.main(config_path=CONF, config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg) -> None:
     start = time.time()
     time.sleep(float(cfg.probe.sleep))

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import PROJECT, compose_config
 
-from editexp.config import ConfigError, run_settings
+from editexp.config import CONFIG_DIR, ConfigError, run_settings
 from editexp.models import ModelSpec
 
-MODELS = sorted(path.stem for path in (PROJECT / "conf" / "model").glob("*.yaml"))
+MODELS = sorted(path.stem for path in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 ALGORITHMS = ["rome", "memit", "emmet", "alphaedit"]
 
 
@@ -114,5 +114,5 @@ def test_cli_prints_the_composed_config(model):
 def test_every_conf_file_parses():
     from omegaconf import OmegaConf
 
-    for path in Path(PROJECT / "conf").rglob("*.yaml"):
+    for path in Path(CONFIG_DIR).rglob("*.yaml"):
         OmegaConf.load(path)

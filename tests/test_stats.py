@@ -18,6 +18,7 @@ from torch import nn
 
 import editexp.stats as stats_module
 import editexp.stats_cli as stats_cli
+from editexp.config import CONFIG_DIR
 from editexp.data.corpus import (
     CorpusError,
     CorpusSource,
@@ -40,7 +41,7 @@ N_TOKENS = 1000
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

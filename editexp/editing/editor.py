@@ -358,10 +358,10 @@ class Editor:
         modules: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Editor:
-        """An Editor for ``model``: a name in ``conf/model``, a Hugging Face id, a loaded
+        """An Editor for ``model``: a name in ``editexp/conf/model``, a Hugging Face id, a loaded
         :class:`LoadedModel`, or a ``transformers`` causal LM with its ``tokenizer`` (and
-        ``modules`` for an architecture that ``conf/model`` does not know). ``overrides`` are
-        run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``, ``**{"stats.n_tokens": 10**6}``."""
+        ``modules`` for an architecture that ``editexp/conf/model`` does not know). ``overrides``
+        are run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``, ``**{"stats.n_tokens": 10**6}``."""
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
                 raise EditingError("Editor.from_pretrained(model, tokenizer): pass the tokenizer")
