@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +30,12 @@ from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.evaluation.metrics import aggregate
 from editexp.runner import run
 
-REFERENCE_DIR = PROJECT.parent / "shared" / "reference"
+# UME's per-fact numbers live next to the shared data (../shared/reference from the project).
+REFERENCE_DIR = Path(
+    os.environ.get("EDITEXP_REFERENCE_DIR")
+    or Path(os.environ.get("EDITEXP_DATA_DIR") or PROJECT.parent / "shared" / "data").parent
+    / "reference"
+)
 UME_HPARAMS = ValueHparams(  # UME's Llama files; no early stop, so every step is compared
     v_lr=0.5, v_steps=25, v_weight_decay=1e-3, kl_factor=0.0625, clamp_norm_factor=4.0
 )
@@ -202,7 +209,10 @@ def test_prefixes_keep_the_space_after_the_starter_with_a_llama2_tokenizer(tmp_p
 @pytest.mark.slow
 def test_pre_edit_scores_equal_umes_on_64_facts(smollm2):
     """ES/PS/NS per fact exactly, magnitudes (NS: p(true) - p(new)) within 0.01 points."""
-    reference = json.loads((REFERENCE_DIR / "ume-smollm2-pre-edit-64.json").read_text())
+    path = REFERENCE_DIR / "ume-smollm2-pre-edit-64.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing (set EDITEXP_REFERENCE_DIR)")
+    reference = json.loads(path.read_text())
     wanted = [row["case_id"] for row in reference["facts"]]
     assert len(wanted) == 64
     facts, _ = load_counterfact(compose_config().data)
