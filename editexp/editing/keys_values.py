@@ -302,6 +302,7 @@ def _tail_groups(rows: list[_Row], head_width: int, device: torch.device) -> lis
 class _Chunk:
     """What stays fixed while one chunk of facts is optimised."""
 
+    model: nn.Module  # the causal LM (its base model runs the tails)
     n_facts: int
     n_contexts: int  # contexts per fact (the NLL is their mean)
     row_fact: torch.Tensor  # (n_rows,) fact of every row
@@ -316,6 +317,21 @@ class _Chunk:
     start_layer: int  # the optimised passes start here: the edited layer
     tail_states: torch.Tensor  # (n_rows, T - head_width, d) hidden states entering
     # layers[start_layer] at the tail columns (right-padded), computed once
+
+
+@dataclass
+class _Progress:
+    """What changes while one chunk of facts is optimised."""
+
+    deltas: list[torch.Tensor]  # n_facts x (d_v,), the optimised parameters
+    active: torch.Tensor  # (n_facts,) bool: facts still optimised
+    row_outputs: torch.Tensor  # (n_rows, d_v) value site's output before any delta (step 0)
+    kl_reference: torch.Tensor | None = None  # (n_facts, vocab) log P_0 of the KL rows
+    step: int = 0  # Adam steps so far: step 0 records h and P_0
+
+    @property
+    def first_step(self) -> bool:
+        return self.step == 0
 
 
 class _AddDelta:
@@ -378,6 +394,7 @@ def _prepare_chunk(
     # The optimised passes start at `layer`: the layers below need no cache.
     head_cache = [kv if index >= layer else None for index, kv in enumerate(head_cache)]
     return _Chunk(
+        model=model,
         n_facts=len(requests),
         n_contexts=len(prefixes),
         row_fact=torch.tensor([row.fact for row in rows], device=device),
@@ -408,34 +425,31 @@ def _optimise_chunk(
     """
     device = loaded.device
     chunk = _prepare_chunk(loaded, requests, prefixes, layer)
-    n_facts, n_rows = chunk.n_facts, len(chunk.row_fact)
+    n_facts = chunk.n_facts
     d_v = loaded.weight(layer).shape[0]
-    deltas = [torch.zeros(d_v, device=device, requires_grad=True) for _ in range(n_facts)]
-    optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    active = torch.ones(n_facts, dtype=torch.bool, device=device)  # (n_facts,)
-    steps = torch.zeros(n_facts, dtype=torch.long)
     dtype = torch.promote_types(loaded.model.dtype, torch.float32)  # of losses and h
+    progress = _Progress(
+        deltas=[torch.zeros(d_v, device=device, requires_grad=True) for _ in range(n_facts)],
+        active=torch.ones(n_facts, dtype=torch.bool, device=device),
+        row_outputs=torch.zeros(len(chunk.row_fact), d_v, device=device, dtype=dtype),
+    )
+    deltas = progress.deltas
+    optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
+    steps = torch.zeros(n_facts, dtype=torch.long)
     losses = torch.zeros(n_facts, dtype=dtype)
-    row_outputs = torch.zeros(n_rows, d_v, device=device, dtype=dtype)  # value site, step 0
-    kl_reference = torch.zeros(0, device=device, dtype=dtype)  # (n_facts, vocab) log P_0
     hook = _AddDelta()
     handle = value_site(loaded, layer).register_forward_hook(hook)
     try:
         for step in range(hparams.v_steps):
             optimizer.zero_grad(set_to_none=True)
+            progress.step = step
             fact_loss = torch.zeros(n_facts, device=device, dtype=dtype)
             for group in chunk.groups:
-                loss, kl_log_probs = _group_loss(
-                    loaded, chunk, group, active, deltas, hook, kl_reference, hparams, step == 0
-                )
-                fact_loss += loss
-                if step == 0:
-                    row_outputs[group.rows] = hook.recorded
-                    if kl_log_probs is not None:
-                        kl_reference = _store_kl(kl_reference, kl_log_probs, n_facts)
+                fact_loss += _group_loss(chunk, group, progress, hook, hparams.kl_factor)
             if step == 0:
-                h = row_outputs[chunk.is_bare]  # (n_facts, d_v) UME's target_init
+                h = progress.row_outputs[chunk.is_bare]  # (n_facts, d_v) UME's target_init
                 h_norm = h.norm(dim=1)  # (n_facts,)
+            active = progress.active
             stacked = torch.stack(deltas)  # (n_facts, d_v)
             decay = hparams.v_weight_decay * stacked.norm(dim=1) / h_norm**2  # (n_facts,)
             fact_loss = fact_loss + decay.detach()
@@ -458,7 +472,7 @@ def _optimise_chunk(
                     norm = deltas[index].norm()
                     if norm > max_norms[index]:
                         deltas[index].mul_(max_norms[index] / norm)
-            active = still
+            progress.active = still
     finally:
         handle.remove()
     return Values(
@@ -469,53 +483,32 @@ def _optimise_chunk(
     )
 
 
-def _store_kl(
-    reference: torch.Tensor, kl_log_probs: dict[int, torch.Tensor], n_facts: int
-) -> torch.Tensor:
-    """Put step 0's KL log-probabilities {fact: (vocab,)} into the (n_facts, vocab) table."""
-    if reference.numel() == 0:
-        vocab = next(iter(kl_log_probs.values())).shape[0]
-        reference = reference.new_zeros(n_facts, vocab)
-    for fact, log_probs in kl_log_probs.items():
-        reference[fact] = log_probs
-    return reference
-
-
 def _group_loss(
-    loaded: LoadedModel,
-    chunk: _Chunk,
-    group: _TailGroup,
-    active: torch.Tensor,
-    deltas: list[torch.Tensor],
-    hook: _AddDelta,
-    kl_reference: torch.Tensor,
-    hparams: ValueHparams,
-    first_step: bool,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
-    """Forward and backward of one tail group's rows of active facts.
-
-    Returns their loss per fact, detached, (n_facts,), and on the first step the KL rows'
-    log-probabilities {fact: (vocab,)} (the reference of the KL term, detached).
-    """
-    device = active.device
-    keep = active[chunk.row_fact[group.rows]]  # (G,) rows of facts still optimised
+    chunk: _Chunk, group: _TailGroup, progress: _Progress, hook: _AddDelta, kl_factor: float
+) -> torch.Tensor:
+    """Forward and backward of one tail group's rows of active facts; returns their loss per
+    fact, detached, (n_facts,). On the first step it also records the rows' value-site outputs
+    and the KL rows' log-probabilities (the reference of the KL term) into ``progress``."""
+    first_step = progress.first_step
+    device = progress.active.device
+    keep = progress.active[chunk.row_fact[group.rows]]  # (G,) rows of facts still optimised
     if not keep.any():
-        return torch.zeros(chunk.n_facts, device=device), None
+        return torch.zeros(chunk.n_facts, device=device)
     rows = group.rows[keep]  # (G',) chunk rows
     local = torch.full((len(group.rows),), -1, dtype=torch.long, device=device)
     local[keep] = torch.arange(len(rows), device=device)  # group position -> row in rows
-    hook.row_deltas = torch.stack(deltas)[chunk.row_fact[rows]]  # (G', d_v)
+    hook.row_deltas = torch.stack(progress.deltas)[chunk.row_fact[rows]]  # (G', d_v)
     hook.recorded = None
     cache = None
     if chunk.head_cache:
-        cache = DynamicCache(config=loaded.model.config)
+        cache = DynamicCache(config=chunk.model.config)
         for index, kv in enumerate(chunk.head_cache):
             if kv is not None:  # layers from start_layer on; the skipped ones hold none
                 cache.update(kv[0][rows], kv[1][rows], index)
     batch = chunk.batch
     length = group.columns.stop - group.columns.start
     hidden = forward_from_layer(
-        loaded.model.base_model,
+        chunk.model.base_model,
         chunk.layers,
         chunk.start_layer,
         chunk.tail_states[rows, :length],  # (G', L, d) entering the edited layer
@@ -525,15 +518,17 @@ def _group_loss(
         cache=cache,
         use_cache=cache is not None,
     ).last_hidden_state  # (G', L, d)
+    if first_step:
+        progress.row_outputs[rows] = hook.recorded
     read_keep = keep[group.read_rows]  # (R,) reads of kept rows
     read_local = local[group.read_rows[read_keep]]  # (R',) row in rows of every read
-    unembedding = loaded.model.get_output_embeddings()
+    unembedding = chunk.model.get_output_embeddings()
     logits = unembedding(hidden[read_local, group.read_cols[read_keep]])  # (R', vocab)
     log_probs = F.log_softmax(at_least_float32(logits), dim=-1)
     read_rows = rows[read_local]  # (R',) chunk row of every read
     tokens = group.read_tokens[read_keep]  # (R',)
     read_is_kl = chunk.is_kl[read_rows]  # (R',)
-    row_loss = torch.zeros(len(chunk.row_fact), device=device, dtype=log_probs.dtype)  # (n_rows,)
+    row_loss = torch.zeros(len(chunk.row_fact), device=device, dtype=log_probs.dtype)
     # NLL: mean over a row's target tokens, divided by the number of contexts of its fact.
     token_reads = ~read_is_kl
     if token_reads.any():
@@ -541,18 +536,16 @@ def _group_loss(
         target_rows = read_rows[token_reads]
         counts = torch.zeros_like(row_loss).index_add(0, target_rows, torch.ones_like(nll))
         row_loss = row_loss.index_add(0, target_rows, nll / counts[target_rows] / chunk.n_contexts)
-    kl_log_probs = None
     if read_is_kl.any():
         kl_rows = read_rows[read_is_kl]  # (F',) one KL row per active fact in this group
         kl_facts = chunk.row_fact[kl_rows]  # (F',)
         current = log_probs[read_is_kl]  # (F', vocab) log P_delta
-        if first_step:
-            kl_log_probs = dict(zip(kl_facts.tolist(), current.detach()))
-            reference = current.detach()
-        else:
-            reference = kl_reference[kl_facts]  # (F', vocab) log P_0
+        if first_step:  # delta is 0: this is P_0
+            if progress.kl_reference is None:
+                progress.kl_reference = current.new_zeros(chunk.n_facts, current.shape[1])
+            progress.kl_reference[kl_facts] = current.detach()
+        reference = progress.kl_reference[kl_facts]  # (F', vocab) log P_0
         kl = F.kl_div(reference, current, log_target=True, reduction="none").sum(dim=1)
-        row_loss = row_loss.index_add(0, kl_rows, hparams.kl_factor * kl)
+        row_loss = row_loss.index_add(0, kl_rows, kl_factor * kl)
     row_loss.sum().backward()
-    fact_loss = row_loss.new_zeros(chunk.n_facts).index_add(0, chunk.row_fact, row_loss.detach())
-    return fact_loss, kl_log_probs
+    return row_loss.new_zeros(chunk.n_facts).index_add(0, chunk.row_fact, row_loss.detach())
