@@ -43,6 +43,8 @@ def forward_flops_per_token(model: torch.nn.Module, layers_module: str, deepest:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
