@@ -20,7 +20,7 @@ import torch
 from conftest import PROJECT, cached_model, compose_config
 
 from editexp.config import run_settings
-from editexp.data.corpus import CorpusError, CorpusSource
+from editexp.data.corpus import CorpusError, CorpusSource, token_windows
 from editexp.data.counterfact import load_counterfact
 from editexp.editing.keys_values import EditRequest, ValueHparams, compute_values
 from editexp.editing.plain_values import plain_values
@@ -286,3 +286,29 @@ def test_llama_value_hparams_are_umes():
             assert settings.hparams == ValueHparams(
                 v_lr=0.5, v_steps=25, v_weight_decay=1e-3, kl_factor=0.0625, clamp_norm_factor=4.0
             )
+
+
+def test_documents_layout_starts_every_paragraph_at_position_zero(tiny_llama3, tmp_path):
+    """stats.corpus.documents=true reads the corpus as UME's layer_stats does: one sequence per
+    paragraph (BOS first, as every prompt), cut at seq_len; held-out windows come after."""
+    text = tmp_path / "three.txt"
+    text.write_text("Alpha beta gamma.\n\nDelta epsilon.\nZeta eta theta iota kappa lambda mu.\n")
+    stats_cfg = {"corpus": {"files": [str(text)], "documents": True}}
+    source = CorpusSource.from_config(stats_cfg, None)
+    tokenizer = tiny_llama3.tokenizer
+    paragraphs = [line + "\n" for line in text.read_text().split("\n") if line]
+    expected = [tokenizer(p).input_ids[:6] for p in paragraphs]  # BOS + text, cut at 6
+    assert list(token_windows(tokenizer, source, 6, 1000)) == expected
+    cut = expected[1][: 8 - len(expected[0])]  # n_tokens=8 cuts the second paragraph short
+    assert list(token_windows(tokenizer, source, 6, 8)) == [expected[0], cut]
+    # held-out windows skip the paragraphs that fill first_window * (seq_len - BOS) text ids
+    skipped, text_ids = 0, 0
+    while text_ids < 5:
+        text_ids += len(expected[skipped]) - 1
+        skipped += 1
+    held_out = list(token_windows(tokenizer, source, 6, 1000, first_window=1))
+    assert held_out == expected[skipped:] and 0 < skipped < len(expected)
+    running = CorpusSource.from_config({"corpus": {"files": [str(text)]}}, None)
+    assert running.identity() != source.identity()
+    with pytest.raises(CorpusError, match="documents"):
+        CorpusSource.from_config({"corpus": {"files": [str(text)], "documents": "yes"}}, None)

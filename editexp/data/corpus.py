@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,15 @@ class CorpusSource:
     dataset_config: str | None = None
     split: str = "train"
     text_field: str = "text"
+    documents: bool = False  # each paragraph its own sequence (UME), not running-text windows
 
     @classmethod
     def from_config(cls, stats_cfg: Any, data_cfg: Any) -> CorpusSource:
         corpus_cfg = stats_cfg.get("corpus") or {}
         data_dir = data_cfg.get("dir") if data_cfg is not None else None
+        documents = corpus_cfg.get("documents", False)
+        if not isinstance(documents, bool):
+            raise CorpusError(f"stats.corpus.documents={documents!r}; expected true or false")
         if corpus_cfg.get("files") and corpus_cfg.get("dataset"):
             raise CorpusError(
                 f"stats.corpus.files={list(corpus_cfg['files'])} and "
@@ -69,13 +73,15 @@ class CorpusSource:
                 "one to null (e.g. stats.corpus.files=null stats.corpus.dataset=...)"
             )
         if corpus_cfg.get("files"):
-            return cls(files=tuple(_existing_file(path, data_dir) for path in corpus_cfg["files"]))
+            files = tuple(_existing_file(path, data_dir) for path in corpus_cfg["files"])
+            return cls(files=files, documents=documents)
         if corpus_cfg.get("dataset"):
             return cls(
                 dataset=str(corpus_cfg["dataset"]),
                 dataset_config=corpus_cfg.get("dataset_config"),
                 split=str(corpus_cfg.get("split") or "train"),
                 text_field=str(corpus_cfg.get("text_field") or "text"),
+                documents=documents,
             )
         if data_dir:
             corpus_dir = Path(data_dir).expanduser() / "corpus"
@@ -87,7 +93,7 @@ class CorpusSource:
                     "put text files there, or set stats.corpus.files=[...] or "
                     "stats.corpus.dataset (e.g. wikitext)"
                 )
-            return cls(files=tuple(files))
+            return cls(files=tuple(files), documents=documents)
         raise CorpusError(
             "no statistics corpus configured: set stats.corpus.files (a list of .txt files), "
             "stats.corpus.dataset (a datasets corpus such as wikitext), or data.dir / "
@@ -101,19 +107,21 @@ class CorpusSource:
             check_text_file(path)
 
     def identity(self) -> str:
-        """Names what the text is (file names and contents, or dataset coordinates)."""
+        """Names what the text is (file names and contents, or dataset coordinates) and how
+        it becomes sequences."""
+        layout = f"{WINDOW_FORMAT}|documents" if self.documents else WINDOW_FORMAT
         if self.files:
             parts = [f"{path.name}:{file_sha256(path)}" for path in self.files]
-            return f"files[{','.join(parts)}]|{WINDOW_FORMAT}"
+            return f"files[{','.join(parts)}]|{layout}"
         return (
-            f"dataset[{self.dataset}:{self.dataset_config}:{self.split}:{self.text_field}]"
-            f"|{WINDOW_FORMAT}"
+            f"dataset[{self.dataset}:{self.dataset_config}:{self.split}:{self.text_field}]|{layout}"
         )
 
     def describe(self) -> str:
+        layout = ", paragraph by paragraph" if self.documents else ""
         if self.files:
-            return ", ".join(str(path) for path in self.files)
-        return f"datasets {self.dataset} ({self.dataset_config}, split {self.split})"
+            return ", ".join(str(path) for path in self.files) + layout
+        return f"datasets {self.dataset} ({self.dataset_config}, split {self.split}){layout}"
 
     def paragraphs(self) -> Iterator[str]:
         """Every non-blank line of the corpus, stripped, in a fixed order."""
@@ -212,21 +220,22 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
-def token_stream(tokenizer: PreTrainedTokenizerBase, source: CorpusSource) -> Iterator[int]:
-    """The ids of the corpus as running text: every paragraph followed by its newline."""
+def paragraph_ids(tokenizer: PreTrainedTokenizerBase, source: CorpusSource) -> Iterator[list[int]]:
+    """The ids of every paragraph followed by its newline, without special tokens."""
     chunk: list[str] = []
-
-    def encode(texts: list[str]) -> Iterator[int]:
-        for ids in tokenizer(texts, add_special_tokens=False).input_ids:
-            yield from ids
-
     for paragraph in source.paragraphs():
         chunk.append(paragraph + "\n")
         if len(chunk) == _TOKENIZE_CHUNK:
-            yield from encode(chunk)
+            yield from tokenizer(chunk, add_special_tokens=False).input_ids
             chunk = []
     if chunk:
-        yield from encode(chunk)
+        yield from tokenizer(chunk, add_special_tokens=False).input_ids
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, source: CorpusSource) -> Iterator[int]:
+    """The ids of the corpus as running text: every paragraph followed by its newline."""
+    for ids in paragraph_ids(tokenizer, source):
+        yield from ids
 
 
 def token_windows(
@@ -238,15 +247,38 @@ def token_windows(
 ) -> Iterator[list[int]]:
     """Windows of ``seq_len`` ids (the tokenizer's BOS, then running text), starting at window
     ``first_window``, until ``n_tokens`` ids in total; the last window is cut short to fit.
+    With ``source.documents``, one window per paragraph instead (see :func:`_document_windows`).
 
     Logs a warning if the corpus runs out first (the windows then hold fewer tokens).
     """
     prefix = special_prefix(tokenizer)
-    text_len = seq_len - len(prefix)
-    if text_len < 1:
+    if seq_len - len(prefix) < 1:
         raise CorpusError(f"stats.seq_len={seq_len} leaves no room for text after {prefix}")
     if n_tokens <= len(prefix):
         raise CorpusError(f"stats.n_tokens={n_tokens} is too small for one window of text")
+    if source.documents:
+        produced = yield from _document_windows(tokenizer, source, seq_len, n_tokens, first_window)
+    else:
+        produced = yield from _running_windows(tokenizer, source, seq_len, n_tokens, first_window)
+    if produced < n_tokens:
+        log.warning(
+            "statistics corpus (%s) ran out after %d of %d tokens",
+            source.describe(),
+            produced,
+            n_tokens,
+        )
+
+
+def _running_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    source: CorpusSource,
+    seq_len: int,
+    n_tokens: int,
+    first_window: int,
+) -> Generator[list[int], None, int]:
+    """Running text cut into windows; returns the number of ids produced."""
+    prefix = special_prefix(tokenizer)
+    text_len = seq_len - len(prefix)
     stream = token_stream(tokenizer, source)
     for _ in range(first_window * text_len):  # skip the windows before first_window
         if next(stream, None) is None:
@@ -255,7 +287,7 @@ def token_windows(
     window = list(prefix)
     for token in stream:
         if produced >= n_tokens:
-            return
+            return produced
         window.append(token)
         if len(window) == seq_len or produced + len(window) == n_tokens:
             produced += len(window)
@@ -264,13 +296,37 @@ def token_windows(
     if produced < n_tokens and len(window) > len(prefix):
         produced += len(window)
         yield window
-    if produced < n_tokens:
-        log.warning(
-            "statistics corpus (%s) ran out after %d of %d tokens",
-            source.describe(),
-            produced,
-            n_tokens,
-        )
+    return produced
+
+
+def _document_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    source: CorpusSource,
+    seq_len: int,
+    n_tokens: int,
+    first_window: int,
+) -> Generator[list[int], None, int]:
+    """Each paragraph its own sequence from position 0 (the tokenizer's BOS, then the paragraph
+    cut at ``seq_len``), as UME's ``layer_stats`` reads a corpus record by record. The
+    paragraphs that fill the first ``first_window * seq_len`` ids are skipped (held-out keys
+    come after the C0 sample). Returns the number of ids produced."""
+    prefix = special_prefix(tokenizer)
+    text_len = seq_len - len(prefix)
+    to_skip = first_window * text_len
+    produced = 0
+    for ids in paragraph_ids(tokenizer, source):
+        ids = ids[:text_len]
+        if to_skip > 0:
+            to_skip -= len(ids)
+            continue
+        window = (prefix + ids)[: n_tokens - produced]
+        if len(window) <= len(prefix):
+            break
+        produced += len(window)
+        yield window
+        if produced >= n_tokens:
+            break
+    return produced
 
 
 def padded_batches(
