@@ -117,3 +117,10 @@ def test_residual_reading_differs_from_module_output(model64):
     output = read_at_subject(model64, REQUESTS[:1], [""], [1], "output")[1]
     assert residual.shape == output.shape
     assert not torch.allclose(residual, output)
+
+
+def test_contexts_must_start_with_the_bare_prompt(model64):
+    with pytest.raises(ValueError, match="bare prompt"):
+        compute_keys(model64, REQUESTS, PREFIXES[1:], [1])
+    with pytest.raises(ValueError, match="bare prompt"):
+        compute_values(model64, REQUESTS, PREFIXES[1:], 1, HPARAMS, progress=False)

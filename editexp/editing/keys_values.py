@@ -113,6 +113,12 @@ def context_texts(request: EditRequest, prefixes: Sequence[str]) -> list[str]:
     return [prefix + request.prompt.format(request.subject) for prefix in prefixes]
 
 
+def check_prefixes(prefixes: Sequence[str]) -> None:
+    """Context 0 must be the bare prompt: h is read there and k* weighs it 1/2."""
+    if not prefixes or prefixes[0] != "":
+        raise ValueError(f"prefixes must start with the bare prompt '', got {list(prefixes)[:2]}")
+
+
 def context_mean(readings: torch.Tensor) -> torch.Tensor:
     """UME's two-level mean over contexts: (E, N + 1, d) -> (E, d), the bare prompt (context 0)
     one group, the N prefixes another, each group weighing 1/2."""
@@ -187,6 +193,7 @@ def compute_keys(
     batch_size: int = 64,
 ) -> dict[int, torch.Tensor]:
     """k* for every request at every layer: {layer: (d_k, E)} (columns are keys)."""
+    check_prefixes(prefixes)
     keys = read_at_subject(loaded, requests, prefixes, layers, "input", batch_size)
     return {layer: value.T.contiguous() for layer, value in keys.items()}
 
@@ -246,8 +253,7 @@ def compute_values(
 ) -> Values:
     """delta* and h for every request at ``layer``, ``batch_size`` facts at a time (each
     fact's result does not depend on the others in its batch)."""
-    if not prefixes or prefixes[0] != "":
-        raise ValueError(f"prefixes must start with the bare prompt '', got {list(prefixes)[:2]}")
+    check_prefixes(prefixes)
     parts = []
     bar = tqdm(
         total=len(requests), desc=f"values (layer {layer})", unit="fact", disable=not progress
