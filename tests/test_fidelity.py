@@ -246,7 +246,8 @@ def test_stats_estimate_counts_the_weights_up_to_the_deepest_layer(tiny_llama3):
 
 
 def test_large_models_default_to_wikipedia_scale_statistics():
-    for name, d_k in (("llama3-8b", 14336), ("llama2-7b", 11008), ("gpt-j-6b", 16384)):
+    large = {"llama3-8b": 14336, "llama2-7b": 11008, "gpt-j-6b": 16384, "gpt2-xl": 6400}
+    for name, d_k in large.items():
         cfg = compose_config(f"model={name}")
         assert cfg.stats.corpus.dataset == "Salesforce/wikitext" and not cfg.stats.corpus.files
         assert cfg.stats.corpus.dataset_config == "wikitext-103-raw-v1"
