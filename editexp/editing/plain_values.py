@@ -115,7 +115,7 @@ def ume_compute_z(
             )
             decay = hparams.v_weight_decay * (torch.norm(delta) / torch.norm(target_init) ** 2)
             loss = nll + kl + decay
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if loss < hparams.early_stop_loss or step == hparams.v_steps - 1:
                 break
             loss.backward()
