@@ -22,7 +22,14 @@ from conftest import PROJECT, cached_model, compose_config
 from editexp.config import run_settings
 from editexp.data.corpus import CorpusError, CorpusSource, token_windows
 from editexp.data.counterfact import load_counterfact
-from editexp.editing.keys_values import EditRequest, ValueHparams, compute_values
+from editexp.editing.keys_values import (
+    KL_PROMPT,
+    EditRequest,
+    ValueHparams,
+    _value_rows,
+    compute_keys,
+    compute_values,
+)
 from editexp.editing.plain_values import plain_values
 from editexp.editing.prefixes import STARTERS, context_prefixes, prefix_text
 from editexp.evaluation.counterfact_eval import evaluate_facts
@@ -229,6 +236,57 @@ def test_pre_edit_scores_equal_umes_on_64_facts(smollm2):
     means = aggregate([result.metrics() for result in results])
     for key in ("ES", "PS", "NS"):
         assert round(means[key]["mean"], 2) == reference["aggregate_pre"][key]
+
+
+@pytest.mark.slow
+def test_rows_and_keys_tokenise_as_ume_on_64_facts(smollm2):
+    """On the 64 reference facts with SmolLM2's seed-0 prefixes, every rewriting prompt's ids,
+    lookup index and target ids equal UME's full-string tokenisation (``compute_z``), and k*
+    equals UME's ``compute_ks`` (lookups in the re-tokenised context, two-level mean)."""
+    tok = smollm2.tokenizer
+    case_ids = [int(line) for line in (REFERENCE_DIR / "ume-smollm2-case-ids-64.txt").open()]
+    facts, _ = load_counterfact(compose_config().data)
+    by_case = {fact.case_id: fact for fact in facts}
+    requests = [
+        EditRequest(case, by_case[case].prompt, by_case[case].subject, by_case[case].target_new)
+        for case in case_ids
+    ]
+    prefixes = context_prefixes(smollm2, count=5, length=10, seed=0)
+    rows = iter(_value_rows(smollm2, requests, prefixes))
+    for request in requests:
+        target_ids = tok(" " + request.target_new).input_ids
+        for prefix in prefixes:
+            template = prefix + request.prompt + tok.decode(target_ids[:-1])
+            before = template.split("{}")[0] + request.subject
+            row = next(rows)
+            assert row.ids == tok(template.format(request.subject)).input_ids, template
+            assert row.split == len(tok.encode(before)) - 1 and row.targets == target_ids
+        kl_row = next(rows)
+        assert kl_row.is_kl and kl_row.split == len(tok.encode(request.subject)) - 1
+        assert kl_row.ids == tok(KL_PROMPT.format(request.subject)).input_ids[: kl_row.split + 1]
+
+    keys = compute_keys(smollm2, requests, prefixes, [1])[1].T  # (64, d_k)
+    inputs: list[torch.Tensor] = []
+    hook = smollm2.edit_module(1).register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    ume_keys = []
+    try:
+        with torch.no_grad():
+            for request in requests:
+                templates = [prefix + request.prompt for prefix in prefixes]
+                texts = [template.format(request.subject) for template in templates]
+                batch = tok(texts, return_tensors="pt", padding=True, padding_side="right")
+                inputs.clear()
+                smollm2.model(**batch)
+                lookups = [
+                    len(tok.encode(t.split("{}")[0] + request.subject)) - 1 for t in templates
+                ]
+                read = torch.stack([inputs[0][i, index] for i, index in enumerate(lookups)])
+                ume_keys.append((read[0] + read[1:].mean(dim=0)) / 2)  # compute_ks' two groups
+    finally:
+        hook.remove()
+    ume_keys = torch.stack(ume_keys)
+    relative = (keys - ume_keys).norm(dim=1) / ume_keys.norm(dim=1)
+    assert relative.max() < 1e-5
 
 
 # --- statistics cost (item 5) ------------------------------------------------------------------
