@@ -226,8 +226,11 @@ def check_inputs(cfg: DictConfig) -> None:
     _positive_int("editing.prefixes.length", prefixes.length)
     _int("editing.prefixes.seed", prefixes.seed)
     _positive_int("editing.batch_size", cfg.editing.batch_size)
+    _bool("editing.cache", cfg.editing.get("cache", True))
     evaluation = cfg.eval
     _positive_int("eval.batch_size", evaluation.batch_size)
+    if evaluation.get("layer_states_gb") is not None:
+        _number("eval.layer_states_gb", evaluation.layer_states_gb)
     generation_facts = evaluation.generation_facts
     if not (isinstance(generation_facts, str) and generation_facts.strip().lower() == "all"):
         if not _is_int(generation_facts) or generation_facts < 0:

@@ -20,6 +20,7 @@ module paths and hyperparameters of the known config with the same module layout
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -321,12 +322,17 @@ def _dequantize(path: Path, cached: Path, dtype: torch.dtype) -> None:
             os.replace(staging, cached)  # atomic: a killed job never leaves a half-written model
 
 
-def _build_random(spec: ModelSpec, dtype: torch.dtype):
-    tokenizer = build_tokenizer(spec.tokenizer)
+def _random_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase):
+    """The transformers config of a random model and the architecture it was made from."""
     architecture = dict(spec.architecture)
     architecture.setdefault("vocab_size", len(tokenizer))
     model_type = architecture.pop("model_type")
-    config = AutoConfig.for_model(model_type, **architecture)
+    return AutoConfig.for_model(model_type, **architecture), model_type, architecture
+
+
+def _build_random(spec: ModelSpec, dtype: torch.dtype):
+    tokenizer = build_tokenizer(spec.tokenizer)
+    config, model_type, architecture = _random_config(spec, tokenizer)
     torch.manual_seed(spec.init_seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     identity = (
@@ -334,6 +340,52 @@ def _build_random(spec: ModelSpec, dtype: torch.dtype):
         f"seed{spec.init_seed}:{spec.dtype}"
     )
     return model, tokenizer, identity
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's config and tokenizer say without its weights: enough to check a run's
+    input (layers, d_k, context length, prompt lengths) before the model loads."""
+
+    tokenizer: PreTrainedTokenizerBase
+    d_k: int  # the edited matrix's input size (the keys' dimension) at the layer asked for
+    positions: int | None  # the context length (max_position_embeddings / n_positions)
+
+
+def model_shape(model_cfg: Any, layer: int) -> ModelShape:
+    """The :class:`ModelShape` of a model config, from its ``config.json`` (or architecture)
+    and tokenizer only: the modules are built on the meta device, no weight is read."""
+    spec = ModelSpec.from_config(model_cfg)
+    spec.check_layers([layer])
+    if spec.source == "random":
+        tokenizer = build_tokenizer(spec.tokenizer)
+        config = _random_config(spec, tokenizer)[0]
+    else:
+        if spec.source == "hf":
+            where: dict[str, Any] = {"pretrained_model_name_or_path": spec.path}
+            where["revision"] = spec.revision
+        else:
+            path = gguf_path(spec)
+            cached = cache_root() / "models" / f"{spec.name}-{file_sha256(path)[:16]}-{spec.dtype}"
+            if (cached / "config.json").is_file():
+                where = {"pretrained_model_name_or_path": cached}
+            else:  # not dequantized yet: the GGUF file's metadata
+                where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
+        config = AutoConfig.from_pretrained(**where)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    actual_layers = len(skeleton.get_submodule(spec.layers_module))
+    if actual_layers != spec.n_layers:
+        raise ModelConfigError(
+            f"model.n_layers={spec.n_layers} but {spec.name!r} has {actual_layers} layers"
+        )
+    weight = skeleton.get_submodule(spec.edit_module.format(layer)).weight
+    d_k = weight.shape[0] if spec.conv1d else weight.shape[1]  # Conv1D stores (d_in, d_out)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    return ModelShape(tokenizer, int(d_k), int(positions) if positions else None)
 
 
 def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -346,6 +398,20 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """
     if name not in ("llama3", "llama3-nobos"):
         return AutoTokenizer.from_pretrained(name)
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(_llama3_backend(name))  # a fresh object per call
+    if name == "llama3":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end_of_text|>")
+
+
+@functools.cache
+def _llama3_backend(name: str) -> str:
+    """The converted Llama-3 tokenizer (``tokenizers`` JSON), built once per process: the
+    conversion takes seconds, and a run builds it twice (to check its input, then to load)."""
     from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -368,10 +434,7 @@ def build_tokenizer(name: str) -> PreTrainedTokenizerBase:
             pair="<|begin_of_text|> $A <|begin_of_text|> $B",
             special_tokens=[("<|begin_of_text|>", bos_id)],
         )
-        return PreTrainedTokenizerFast(
-            tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
-        )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end_of_text|>")
+    return backend.to_str()
 
 
 def _plain(value: Any) -> Any:

@@ -53,7 +53,7 @@ from editexp.evaluation.counterfact_eval import FactScores
 from editexp.evaluation.evaluator import Evaluator
 from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.evaluation.metrics import aggregate
-from editexp.models import LoadedModel, load_model
+from editexp.models import ModelShape, load_model, model_shape
 from editexp.record import (
     HEADLINE,
     BatchRecord,
@@ -161,10 +161,11 @@ def read_inputs(cfg: DictConfig, settings: RunSettings) -> tuple[list[Fact], Run
 
 
 def check_against_model(
-    cfg: DictConfig, settings: RunSettings, loaded: LoadedModel, facts: list[Fact]
+    cfg: DictConfig, settings: RunSettings, shape: ModelShape, facts: list[Fact]
 ) -> None:
-    """What needs the model's sizes, checked before statistics or edits: d_k, its positions."""
-    d_k = loaded.weight(settings.layers[0]).shape[1]
+    """What needs the model's sizes, checked from its config and tokenizer before it loads:
+    d_k (EMMET's batch, the statistics' tokens), its positions (prompts, generations)."""
+    d_k = shape.d_k
     settings.check_model(d_k=d_k)
     if cfg.stats.n_tokens < d_k:
         raise ConfigError(
@@ -172,17 +173,15 @@ def check_against_model(
             f"{settings.model_name!r}: C0 would be singular; use stats.n_tokens >= {d_k} "
             "(the default is 100000)"
         )
-    config = loaded.model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None
-    )
+    positions = shape.positions
     if positions and cfg.eval.generation_length > positions:
         raise ConfigError(
             f"eval.generation_length={cfg.eval.generation_length} is more than model "
             f"{settings.model_name!r}'s {positions} positions"
         )
     prefix_tokens = cfg.editing.prefixes.length + 8 if cfg.editing.prefixes.count else 0
-    check_prompt_lengths(facts, loaded.tokenizer, positions, prefix_tokens)
+    check_prompt_lengths(facts, shape.tokenizer, positions, prefix_tokens)
+    CorpusSource.from_config(cfg.stats, cfg.data).check_tokens(shape.tokenizer, d_k)
 
 
 def fingerprint(weight: torch.Tensor) -> tuple[float, float]:
@@ -225,12 +224,15 @@ def run(
 ) -> RunRecord:
     """Run (or resume, or skip) one grid point; returns its record.
 
-    The config, the facts and the corpus are checked first; then the run directory is locked
+    The config, the facts and the corpus are checked first (against the model's config and
+    tokenizer, before its weights load); then the run directory is locked
     for the whole run and what it holds is checked against this run's config and data.
     """
     started = time.perf_counter()
     settings = run_settings(cfg)  # validates the config before any expensive work
     facts, identity = read_inputs(cfg, settings)
+    shape = model_shape(cfg.model, settings.layers[0])  # its config and tokenizer, no weights
+    check_against_model(cfg, settings, shape, facts)
     directory = RunDirectory(run_dir)
     with directory.owned():
         progress = claim(directory, identity, cfg.force, hydra_files(cfg))
@@ -292,7 +294,6 @@ def edit_and_evaluate(
     resolved = OmegaConf.to_container(cfg, resolve=True)
     with tracking(cfg.logger, resolved, run_dir, name, group) as tracker:
         loaded = load_model(cfg.model, cfg.device)
-        check_against_model(cfg, settings, loaded, facts)
         base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
         if progress.batches:
             log.info("Resuming after update %d of %d", progress.updates_done, settings.n_updates)

@@ -5,7 +5,9 @@
 prints, per layer, the cache file, the token count, the trace and the condition number of C0,
 and whether it was computed now or read from the cache. The config, the layers and the corpus
 are checked before anything is loaded or computed; a user error is one line on stderr and
-exit status 2. It writes nothing but the cache (``editexp/conf/stats.yaml``: no outputs/ folder).
+exit status 2 (the statistics' size against d_k from the model's config and tokenizer, before
+its weights load). It writes nothing but the cache (``editexp/conf/stats.yaml``: no outputs/
+folder).
 
 Before computing it prints how long the statistics take: the forward work (2 FLOPs per weight
 of every layer up to the deepest requested one, per token; the pass stops there) over the
@@ -22,10 +24,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from editexp.config import CONFIG_DIR, check_inputs, parse_layers
+from editexp.config import CONFIG_DIR, ConfigError, check_inputs, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.errors import cli_errors
-from editexp.models import ModelSpec, load_model
+from editexp.models import ModelSpec, load_model, model_shape
 from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
 
 # Forward rates (FLOP/s) to estimate from: one measured here, one assumed for a GPU.
@@ -87,9 +89,16 @@ def run(cfg: DictConfig) -> dict[int, LayerStats]:
     layers = list(parse_layers(cfg.layer))
     check_inputs(cfg)
     ModelSpec.from_config(cfg.model).check_layers(layers)
-    StatsSettings.from_config(cfg.stats)
+    n_tokens = StatsSettings.from_config(cfg.stats).n_tokens
     source = CorpusSource.from_config(cfg.stats, cfg.data)
     source.check()
+    shape = model_shape(cfg.model, layers[0])  # its config and tokenizer, no weights
+    if n_tokens < shape.d_k:
+        raise ConfigError(
+            f"stats.n_tokens={n_tokens} is less than d_k={shape.d_k} of model "
+            f"{cfg.model.name!r}: C0 would be singular; use stats.n_tokens >= {shape.d_k}"
+        )
+    source.check_tokens(shape.tokenizer, shape.d_k)
     print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
     start = time.perf_counter()
     loaded = load_model(cfg.model, cfg.device)

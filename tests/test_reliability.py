@@ -23,12 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cached_model, compose_config
 
 import editexp.runner as runner_module
 import editexp.stats_cli as stats_cli
 from editexp import report
 from editexp.cache import load_or_compute
+from editexp.models import model_shape
 from editexp.run_dir import ATTEMPTS_DIR, RunDirectory
+from editexp.stats import StatsError, load_or_compute_stats
 
 DATA_DIR = Path(os.environ["EDITEXP_DATA_DIR"])
 COUNTERFACT = DATA_DIR / "counterfact" / "counterfact.json"
@@ -495,6 +498,8 @@ def test_a_populated_cache_is_read_without_writing_to_it(tmp_path, finished, mon
         (["n_edits=2.0"], "n_edits=2.0; expected a positive integer"),
         (["editing.batch_size=0"], "editing.batch_size=0; expected a positive integer"),
         (["eval.batch_size=0"], "eval.batch_size=0; expected a positive integer"),
+        (["editing.cache=no"], "editing.cache='no'; expected true or false"),
+        (["eval.layer_states_gb=abc"], "eval.layer_states_gb='abc'; expected a finite number >= 0"),
         (["eval.generation_facts=-1"], "eval.generation_facts=-1; expected a number of facts"),
         (["stats.n_tokens=abc"], "stats.n_tokens='abc'; expected a positive integer"),
         (["stats.dtype=float8"], "stats.dtype='float8'; expected one of"),
@@ -565,7 +570,7 @@ def test_bad_counterfact_files_are_one_line_naming_the_file(tmp_path, no_model, 
     assert str(path) in line and says in line
 
 
-def test_a_prompt_longer_than_the_model_is_refused_naming_its_case(tmp_path, cache):
+def test_a_prompt_longer_than_the_model_is_refused_naming_its_case(tmp_path, cache, no_model):
     data = records(4)
     data[0]["requested_rewrite"]["prompt"] = "{} " + "went on and on " * 200 + "to"
     path = write_counterfact(tmp_path / "long.json", data)
@@ -573,7 +578,7 @@ def test_a_prompt_longer_than_the_model_is_refused_naming_its_case(tmp_path, cac
     line = user_error(editexp(tmp_path / "run", *args))
     case_id = data[0]["case_id"]
     assert f"case_id={case_id}" in line and "more than the model's 512 positions" in line
-    assert not (cache / "stats").exists()  # before any statistics
+    assert not (cache / "stats").exists()  # before the model loads, so before any statistics
 
 
 def test_data_case_ids_implies_their_order(tmp_path, finished, monkeypatch):
@@ -604,22 +609,38 @@ def test_a_binary_corpus_is_refused_before_the_model_loads(tmp_path, no_model, c
     assert f"statistics corpus file {corpus} is not usable: it {says}" in line
 
 
-def test_a_corpus_shorter_than_d_k_is_refused_and_not_cached(tmp_path, cache):
+def test_a_corpus_shorter_than_d_k_is_refused_before_the_model_loads(tmp_path, cache, no_model):
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("Five tokens or so.\n")
-    result = editexp(tmp_path / "run", *TWO_UPDATES, f"stats.corpus.files=[{corpus}]")
-    line = error_line(result)
-    assert re.search(r"tiny.txt\) gave \d tokens, fewer than d_k=128 at layer 1, so C0 would", line)
+    line = user_error(editexp(tmp_path / "run", *TWO_UPDATES, f"stats.corpus.files=[{corpus}]"))
+    assert re.search(r"tiny.txt\) holds \d tokens, fewer than d_k=128, so C0 would be", line)
+    assert not (cache / "stats").exists()
+
+
+def test_statistics_refuse_a_corpus_shorter_than_d_k_and_cache_nothing(
+    tiny_llama3, tmp_path, cache
+):
+    """The check the statistics themselves make (for a datasets corpus, counted only as it is
+    read): a singular C0 is an error, never a cache entry."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("Five tokens or so.\n")
+    cfg = compose_config(
+        "model=tiny-llama3", f"stats.corpus.files=[{corpus}]", "stats.n_tokens=300"
+    )
+    with pytest.raises(StatsError, match=r"gave \d tokens, fewer than d_k=128 at layer 1"):
+        load_or_compute_stats(tiny_llama3, [1], cfg.stats, cfg.data, held_out_keys=0)
     assert not list((cache / "stats").rglob("*.pt"))
 
 
-def test_n_tokens_below_d_k_is_refused_before_the_statistics(tmp_path, cache):
+def test_n_tokens_below_d_k_is_refused_before_the_model_loads(tmp_path, cache, no_model):
     line = user_error(editexp(tmp_path / "run", *TWO_UPDATES, "stats.n_tokens=100"))
     assert "stats.n_tokens=100 is less than d_k=128" in line
     assert not (cache / "stats").exists()
 
 
-def test_emmet_lambda_0_refuses_a_batch_of_d_k_facts(tmp_path, cache):
+def test_emmet_lambda_0_refuses_a_batch_of_d_k_facts_before_the_model_loads(
+    tmp_path, cache, no_model
+):
     args = ["algorithm=emmet", "lambda=0", "mode=batch", "n_edits=128"]
     line = user_error(editexp(tmp_path / "run", *args))
     assert "EMMET with lambda=0 needs fewer than d_k=128 facts per update" in line
@@ -702,6 +723,39 @@ def test_editexp_stats_errors_are_one_line_and_leave_no_outputs_tree(tmp_path, m
         line = user_error(cli(stats_cli.main, "model=tiny-llama3", *args), "editexp-stats")
         assert says in line
     assert list(tmp_path.iterdir()) == [cache] or not list(tmp_path.iterdir())
+
+
+def test_editexp_stats_refuses_too_few_tokens_before_the_model_loads(tmp_path, monkeypatch, cache):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stats_cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("Five tokens or so.\n")
+    for args, says in (
+        (["stats.n_tokens=100"], "stats.n_tokens=100 is less than d_k=128 of model 'tiny-llama3'"),
+        ([f"stats.corpus.files=[{corpus}]"], "tokens, fewer than d_k=128, so C0 would be singular"),
+    ):
+        line = user_error(
+            cli(stats_cli.main, "model=tiny-llama3", "layer=1", *args), "editexp-stats"
+        )
+        assert says in line
+    assert not (cache / "stats").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3", "tiny-gpt2", "smollm2-135m"])
+def test_the_shape_checked_before_loading_is_the_loaded_models(name):
+    """d_k and the context length read from the config (modules built on the meta device)
+    are the loaded model's: the checks before loading see the model that then runs."""
+    loaded = cached_model(name)
+    model_cfg = compose_config(f"model={name}").model
+    for layer in (0, model_cfg.n_layers - 1):
+        shape = model_shape(model_cfg, layer)
+        assert shape.d_k == loaded.weight(layer).shape[1]
+        config = loaded.model.config
+        assert shape.positions == getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        text = "The Eiffel Tower is in"
+        assert shape.tokenizer(text).input_ids == loaded.tokenizer(text).input_ids
 
 
 def test_editexp_stats_writes_only_the_cache(tmp_path, monkeypatch, cache):

@@ -24,6 +24,7 @@ holds the same tokens, whatever ``n_tokens`` or the batch size.
 from __future__ import annotations
 
 import codecs
+import itertools
 import logging
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -105,6 +106,20 @@ class CorpusSource:
         checked when it is read)."""
         for path in self.files:
             check_text_file(path)
+
+    def check_tokens(self, tokenizer: PreTrainedTokenizerBase, d_k: int) -> None:
+        """Refuse local files with fewer than ``d_k`` tokens in all (C0 would be singular),
+        before any model is loaded; only the first ``d_k`` tokens are read. A ``datasets``
+        corpus is counted when the statistics read it."""
+        if not self.files:
+            return
+        count = sum(1 for _ in itertools.islice(token_stream(tokenizer, self), d_k))
+        if count < d_k:
+            raise CorpusError(
+                f"the statistics corpus ({self.describe()}) holds {count} tokens, fewer than "
+                f"d_k={d_k}, so C0 would be singular; give it more text (stats.corpus.files, "
+                "<data.dir>/corpus)"
+            )
 
     def identity(self) -> str:
         """Names what the text is (file names and contents, or dataset coordinates) and how
