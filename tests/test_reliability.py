@@ -751,9 +751,8 @@ def test_the_shape_checked_before_loading_is_the_loaded_models(name):
         shape = model_shape(model_cfg, layer)
         assert shape.d_k == loaded.weight(layer).shape[1]
         config = loaded.model.config
-        assert shape.positions == getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        positions = getattr(config, "max_position_embeddings", None)
+        assert shape.positions == (positions or config.n_positions) > 0
         text = "The Eiffel Tower is in"
         assert shape.tokenizer(text).input_ids == loaded.tokenizer(text).input_ids
 
