@@ -778,6 +778,11 @@ def test_editexp_debug_shows_the_traceback(tmp_path, no_model, monkeypatch):
     assert result.code == 1 and "Traceback" in result.err and "ConfigError" in result.err
 
 
+def test_hydra_verbose_shows_the_traceback(tmp_path, no_model):
+    result = editexp(tmp_path / "run", *TWO_UPDATES, "layer=1.5", "hydra.verbose=true")
+    assert result.code == 1 and "Traceback" in result.err and "ConfigError" in result.err
+
+
 def test_the_console_script_exits_2_with_one_line(tmp_path):
     """The real entry point, as a shell sees it."""
     process = subprocess.run(
