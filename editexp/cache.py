@@ -82,12 +82,32 @@ def stable_hash(payload: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` atomically."""
+    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` atomically.
+
+    The file gets the permissions of any file the user creates (0666 minus the umask), not
+    the owner-only 0600 of a temporary file, so lab-mates can read results on a shared disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what open() would give
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
