@@ -48,6 +48,8 @@ class BatchRecord:
     metrics: dict[str, float]  # headline means over those facts
     update: UpdateStats
     timing: dict[str, float]  # seconds so far, per phase
+    # mean, std, n over every fact edited so far as last scored ({} when nothing was scored)
+    edited_so_far: Aggregate = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

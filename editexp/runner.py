@@ -33,6 +33,7 @@ so far after every k-th update (the last one included) and reports the final sco
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,14 @@ from editexp.record import (
     write_jsonl,
 )
 from editexp.run_dir import RunDirectory, RunDirError, RunIdentity, hydra_files, write_hydra_files
-from editexp.tracking import run_identity, tracking
+from editexp.tracking import (
+    Tracker,
+    WandbIdentity,
+    flat_axes,
+    run_id_for,
+    run_identity,
+    tracking,
+)
 
 log = logging.getLogger("editexp")
 
@@ -214,19 +222,61 @@ def scorings_per_fact(settings: RunSettings) -> int:
     return -(-settings.n_updates // settings.every_k)  # ceil: the last update scores too
 
 
+def edited_so_far(progress: Progress) -> dict[str, dict[str, float]]:
+    """Mean, std, n of each headline metric over every fact edited so far, as last scored
+    (each_batch: the running mean of the batches' scorings; every_k / final: this one)."""
+    aggregated = aggregate([scores.metrics() for _, scores in progress.post.values()])
+    return {key: aggregated[key] for key in HEADLINE if key in aggregated}
+
+
+def log_update(tracker: Tracker, batch: BatchRecord) -> None:
+    tracker.log_update(
+        step=batch.batch + 1,
+        edits_done=batch.edits_done,
+        scored=batch.metrics,
+        so_far={key: stats["mean"] for key, stats in batch.edited_so_far.items()},
+        update=asdict(batch.update),
+    )
+
+
+def show(text: str) -> None:
+    """Text for the user: logged when logging reaches a console (under Hydra: the console and
+    the job's log file, <run dir>/<job name>.log), else printed."""
+    if log.isEnabledFor(logging.INFO) and _logs_to_console(log):
+        log.info(text)
+    else:
+        print(text, flush=True)
+
+
+def _logs_to_console(logger: logging.Logger) -> bool:
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            stream = getattr(handler, "stream", None)
+            if not isinstance(handler, logging.FileHandler) and stream in (sys.stdout, sys.stderr):
+                return True
+        current = current.parent if current.propagate else None
+    return False
+
+
 def headline(results: list[FactScores]) -> dict[str, float]:
     aggregated = aggregate([result.metrics() for result in results]) if results else {}
     return {key: aggregated[key]["mean"] for key in HEADLINE if key in aggregated}
 
 
 def run(
-    cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sweep_dir: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    sweep_dir: str | None = None,
+    experiment: str | None = None,
 ) -> RunRecord:
     """Run (or resume, or skip) one grid point; returns its record.
 
     The config, the facts and the corpus are checked first (against the model's config and
     tokenizer, before its weights load); then the run directory is locked
     for the whole run and what it holds is checked against this run's config and data.
+    ``experiment``: the preset this run belongs to (``+experiment=...``), for W&B.
     """
     started = time.perf_counter()
     settings = run_settings(cfg)  # validates the config before any expensive work
@@ -237,11 +287,13 @@ def run(
     with directory.owned():
         progress = claim(directory, identity, cfg.force, hydra_files(cfg))
         if isinstance(progress, RunRecord):
-            print(f"{directory.summary_path} exists; skipping (force=true reruns)")
-            print(progress.table())
+            skipping = f"{directory.summary_path} exists; skipping (force=true reruns)"
+            show(skipping + "\n" + progress.table())
             return progress
-        wandb_name = run_identity(overrides or [], sweep_dir)
-        return edit_and_evaluate(cfg, settings, facts, progress, directory, wandb_name, started)
+        name, group = run_identity(overrides or [], sweep_dir)
+        run_id = run_id_for(directory.path, fresh=bool(cfg.force))
+        wandb = WandbIdentity(run_id, name, group, experiment)
+        return edit_and_evaluate(cfg, settings, facts, progress, directory, wandb, started)
 
 
 def claim(
@@ -283,16 +335,27 @@ def edit_and_evaluate(
     facts: list[Fact],
     progress: Progress,
     directory: RunDirectory,
-    wandb_name: tuple[str, str | None],
+    wandb: WandbIdentity,
     started: float,
 ) -> RunRecord:
     """The run's updates from where ``progress`` stands, in the directory ``run`` holds."""
     run_dir, checkpoint = directory.path, directory.checkpoint_path
     own_hydra_files = hydra_files(cfg)
     write_hydra_files(own_hydra_files)  # a refused job may have overwritten them
-    name, group = wandb_name
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    with tracking(cfg.logger, resolved, run_dir, name, group) as tracker:
+    axes = flat_axes(
+        model=settings.model_name,
+        algorithm=settings.algorithm,
+        layers=settings.layers,
+        batch_size=settings.batch_size,
+        n_edits=settings.n_edits,
+        lam=settings.lam,
+        mode=settings.mode,
+        experiment=wandb.experiment,
+        eval_schedule=settings.schedule,
+    )
+    config = {**axes, "cfg": OmegaConf.to_container(cfg, resolve=True)}
+    tags = [settings.model_name, settings.algorithm]
+    with tracking(cfg.logger, wandb, config, run_dir, tags) as tracker:
         loaded = load_model(cfg.model, cfg.device)
         base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
         if progress.batches:
@@ -322,8 +385,9 @@ def edit_and_evaluate(
         if progress.past_keys is not None:  # a resumed run continues the same sums
             editor.past_keys = progress.past_keys
         progress.past_keys = editor.past_keys
-        for batch in progress.batches:  # a resumed run's W&B curve starts at update 1
-            tracker.log_update({**batch.metrics, **asdict(batch.update)}, batch.edits_done)
+        if not tracker.continues:  # no earlier attempt logged them: the curve starts at 1
+            for batch in progress.batches:
+                log_update(tracker, batch)
 
         def elapsed() -> float:
             return progress.elapsed_before + time.perf_counter() - started
@@ -348,12 +412,13 @@ def edit_and_evaluate(
                 metrics=headline(results),
                 update=stats,
                 timing=dict(progress.timing),
+                edited_so_far=edited_so_far(progress) if results else {},
             )
             progress.batches.append(batch)
             if save:
                 progress.save(checkpoint, elapsed())
                 write_rows(run_dir, facts, pre, progress)
-            tracker.log_update({**batch.metrics, **asdict(batch.update)}, batch.edits_done)
+            log_update(tracker, batch)
             stop_after = cfg.get("debug", {}).get("stop_after_updates")
             last = index == settings.n_updates - 1
             if save and stop_after is not None and progress.updates_done >= stop_after and not last:
@@ -380,12 +445,24 @@ def edit_and_evaluate(
             record_update(index, results, stats)
 
         record = run_record(settings, editor, facts, pre, progress, run_dir, elapsed())
+        files = [directory.summary_path, run_dir / "facts.jsonl", run_dir / "batches.jsonl"]
         if cfg.save_deltas and progress.deltas:
             save_deltas(run_dir / "deltas.pt", loaded, progress.deltas)
+            files.append(run_dir / "deltas.pt")
         write_hydra_files(own_hydra_files)
         record.write(directory.summary_path)
-        tracker.log_summary(record.to_json())
-    print(record.table())
+        fact_text = {
+            fact.case_id: {
+                "prompt": fact.rewrite_prompt,
+                "target_true": fact.target_true,
+                "target_new": fact.target_new,
+            }
+            for fact in facts
+        }
+        fact_rows = [row.to_json() for row in fact_records(facts, pre, progress)]
+        step = progress.updates_done + 1
+        tracker.log_results(record.to_json(), step, fact_rows, files, fact_text)
+    show("Results:\n" + record.table())
     return record
 
 
@@ -413,16 +490,22 @@ def run_singular(cfg, editor, evaluator, facts, generate_for, progress, record_u
             record_update(start + offset, [result], UpdateStats(norm, error, steps), save)
 
 
-def write_rows(
-    run_dir: Path, facts: list[Fact], pre: dict[int, FactScores], progress: Progress
-) -> None:
-    rows = [
+def fact_records(
+    facts: list[Fact], pre: dict[int, FactScores], progress: Progress
+) -> list[FactRecord]:
+    """The lines of facts.jsonl: per edited fact, its update, pre and post scores."""
+    return [
         FactRecord(fact.case_id, index, pre[fact.case_id].to_json(), post.to_json())
         for fact in facts
         if fact.case_id in progress.post
         for index, post in [progress.post[fact.case_id]]
     ]
-    write_jsonl(run_dir / "facts.jsonl", rows)
+
+
+def write_rows(
+    run_dir: Path, facts: list[Fact], pre: dict[int, FactScores], progress: Progress
+) -> None:
+    write_jsonl(run_dir / "facts.jsonl", fact_records(facts, pre, progress))
     write_jsonl(run_dir / "batches.jsonl", progress.batches)
 
 
@@ -467,17 +550,18 @@ def run_record(
 def _hydra_main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    experiment = hydra_cfg.runtime.choices.get("experiment")
     if hydra_cfg.mode.name == "MULTIRUN":
         # An Exception (not SystemExit): Hydra records the failed grid point and runs the
         # others; `main` prints a user error of the first failed point as one line.
         try:
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir)
+            run(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir, experiment)
         except Exception as error:
             log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
             raise
     else:
         with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), None)
+            run(cfg, run_dir, list(hydra_cfg.overrides.task), None, experiment)
 
 
 def main() -> None:

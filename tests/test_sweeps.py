@@ -54,7 +54,11 @@ SLURM_LAUNCHER = [
     "hydra.launcher.cpus_per_task=1",
     "hydra.launcher.mem_gb=4",
 ]
-UPDATE_KEYS = {"ES", "PS", "NS", "S", "delta_norm", "preservation_error", "edits_done"}
+UPDATE_KEYS = {
+    *(f"per_update/{key}" for key in ("ES", "PS", "NS", "S", "delta_norm", "preservation_error")),
+    *(f"edited_so_far/{key}" for key in ("ES", "PS", "NS", "S")),
+    "edits_done",
+}
 
 
 # --------------------------------------------------------------------------- the SLURM cluster
@@ -185,21 +189,23 @@ def check_tracked_grid_point(job_dir: Path, sweep_dir: Path, layer: int, swept: 
 
     run = read_run(job_dir)  # exactly one offline run, under this job's directory
     assert run["exit_code"] == 0
-    assert run["summary"]["layer"] == [layer]
+    assert run["config"]["layer"] == layer
     assert run["summary"]["edits_done"] == 2
     for block in ("pre", "post"):
         for metric in ("ES", "PS", "NS", "S"):
             expected = summary[block][metric]["mean"]
             assert run["summary"][f"{block}/{metric}/mean"] == pytest.approx(expected)
+    assert run["summary"]["ES"] == pytest.approx(summary["post"]["ES"]["mean"])
     assert run["summary"]["update_mean/delta_norm"] == pytest.approx(
         summary["update_mean"]["delta_norm"]
     )
 
-    assert [row["edits_done"] for row in run["history"]] == [1, 2]
-    for row, batch in zip(run["history"], batches, strict=True):
+    updates = [row for row in run["history"] if "edits_done" in row]
+    assert [row["edits_done"] for row in updates] == [1, 2]
+    for row, batch in zip(updates, batches, strict=True):
         assert UPDATE_KEYS <= set(row)
-        assert row["ES"] == pytest.approx(batch["metrics"]["ES"])
-        assert row["delta_norm"] == pytest.approx(batch["update"]["delta_norm"])
+        assert row["per_update/ES"] == pytest.approx(batch["metrics"]["ES"])
+        assert row["per_update/delta_norm"] == pytest.approx(batch["update"]["delta_norm"])
 
     meta = run["run"]
     assert swept in meta.display_name.split(",")
@@ -348,7 +354,7 @@ def test_crashing_grid_point_does_not_stop_the_sweep_and_finishes_its_wandb_run(
     assert not (crashed / "summary.json").exists()
     crashed_run = read_run(crashed)
     assert crashed_run["exit_code"] == 1
-    assert [row["edits_done"] for row in crashed_run["history"]] == [1]
+    assert [row["edits_done"] for row in crashed_run["history"] if "edits_done" in row] == [1]
     check_tracked_grid_point(completed, sweep_dir, 1, "+debug.stop_after_updates=null")
     assert_unfinished_wandb_runs_none(sweep_dir)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def read_records(path: Path) -> Iterator[object]:
             pos += room
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == FIRST:
@@ -46,10 +49,30 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(run_dir: Path) -> dict:
-    """History rows, final summary, run metadata and exit code of the single offline run."""
-    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    run = {"history": [], "summary": {}, "exit_code": None, "run": None}
+def read_wandb_file(wandb_file: Path, wait_s: float = 30.0) -> dict:
+    """History rows, final summary, config, artifacts, run metadata and exit code of one
+    .wandb file (one attempt at a run).
+
+    wandb 0.31's `run.finish()` can return before wandb-core has written the last records
+    of an offline run; read again until the exit record is there or ``wait_s`` passed.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = _read_wandb_file(wandb_file)
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _read_wandb_file(wandb_file: Path) -> dict:
+    run = {
+        "history": [],
+        "summary": {},
+        "config": {},
+        "artifacts": [],
+        "exit_code": None,
+        "run": None,
+    }
     for record in read_records(wandb_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -61,4 +84,30 @@ def read_run(run_dir: Path) -> dict:
             run["exit_code"] = record.exit.exit_code
         elif kind == "run":
             run["run"] = record.run
+            for item in record.run.config.update:
+                run["config"][_key(item)] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                run["config"][_key(item)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            artifact = record.artifact
+            run["artifacts"].append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "files": {c.path: c.local_path for c in artifact.manifest.contents},
+                }
+            )
     return run
+
+
+def read_runs(run_dir: Path) -> list[dict]:
+    """Every attempt at the run under ``run_dir`` (a resumed run has several), oldest first."""
+    runs = [read_wandb_file(path) for path in run_dir.glob("wandb/offline-run-*/run-*.wandb")]
+    return sorted(runs, key=lambda run: run["run"].start_time.ToNanoseconds())
+
+
+def read_run(run_dir: Path) -> dict:
+    """The single offline run under ``run_dir`` (fails when there are several attempts)."""
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return read_wandb_file(wandb_file)
