@@ -8,10 +8,13 @@ Every ``summary.json`` below the multirun directory (recursively) is one row, re
 - ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE, and the
   directory holding the summary (relative to the multirun directory);
 - ``results.md``: the same as Markdown tables (post-edit, then pre-edit), cells "mean (std)";
-- figures, each only when its axis varies in the sweep: ``metric_vs_layer.png``
-  (mode=singular, single-layer runs), ``metric_vs_batch_size.png`` (mode=batch, log2 x
-  axis), ``sequential.png`` (mode=sequential, metrics from ``batches.jsonl`` vs edits done);
-- ``lambda_<algorithm>.md`` for every algorithm run with more than one lambda.
+- figures (``editexp/figures.py``; each as PNG at 200 dpi and PDF): ``metric_vs_<axis>``
+  for every axis that varies among the runs of a mode (layer, batch size, number of edits,
+  lambda; suffixed ``_<mode>`` when the sweep mixes modes), and ``sequential`` (mode=
+  sequential: the mean over all facts edited so far vs edits done, one line per batch
+  size). Post-edit means with +-1 standard error over facts, the pre-edit value dashed;
+- ``lambda_<algorithm>.md`` and ``.tex`` for every algorithm run with more than one lambda
+  (the paper's Tables 3-4).
 
 Lines in a figure are labelled by algorithm plus whichever other grid fields vary among the
 plotted runs; runs that share a line and an x value (e.g. seeds) are averaged.
@@ -32,21 +35,25 @@ import itertools
 import json
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullLocator
 from omegaconf import OmegaConf
 
-from editexp.cache import atomic_write, atomic_write_text
+from editexp import figures
+from editexp.cache import atomic_write_text
 from editexp.errors import cli_errors
 from editexp.record import BatchRecord, RunRecord
 from editexp.run_dir import ATTEMPTS_DIR, summary_problem
 
 METRICS = ("ES", "PS", "NS", "S", "GE")
+STAT_NOTE = (
+    "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
+    "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means.\n"
+)
 GRID_FIELDS = (
     "algorithm",
     "model",
@@ -337,7 +344,7 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
         ]
         parts.append(f"\n## {title}\n")
         parts.append(markdown_table(header, rows))
-    parts.append("\nMetric cells: mean (std) over facts; ES/PS/NS/S in percent, GE x100.\n")
+    parts.append("\n" + STAT_NOTE)
     return "\n".join(parts)
 
 
@@ -345,19 +352,9 @@ def _varying(runs: Sequence[FinishedRun], names: Iterable[str]) -> list[str]:
     return [name for name in names if len({run.field(name) for run in runs}) > 1]
 
 
-def _varying_within_algorithm(runs: Sequence[FinishedRun], names: Iterable[str]) -> list[str]:
-    """Fields that vary among the runs of at least one algorithm (so a lambda that only
-    differs between algorithms, e.g. each one's default, does not label the lines)."""
-    names = list(names)
-    by_algorithm: dict[str, list[FinishedRun]] = {}
-    for run in runs:
-        by_algorithm.setdefault(str(run.field("algorithm")), []).append(run)
-    varying = {name for group in by_algorithm.values() for name in _varying(group, names)}
-    return [name for name in names if name in varying]
-
-
 def lambda_tables(sweep: Sweep) -> dict[str, str]:
-    """``lambda_<algorithm>.md`` contents for algorithms run with more than one lambda."""
+    """Tables 3-4: ``lambda_<algorithm>.md`` and ``.tex`` (booktabs, best S in bold) for
+    algorithms run with more than one lambda."""
     tables = {}
     for algorithm in sorted({str(run.field("algorithm")) for run in sweep.runs}):
         runs = [run for run in sweep.runs if str(run.field("algorithm")) == algorithm]
@@ -373,138 +370,95 @@ def lambda_tables(sweep: Sweep) -> dict[str, str]:
             for run in runs
         ]
         title = f"# {algorithm}: post-edit metrics vs λ\n\n"
-        tables[f"lambda_{algorithm}.md"] = title + markdown_table(header, rows)
+        tables[f"lambda_{algorithm}.md"] = title + markdown_table(header, rows) + STAT_NOTE
+        scores = [run.metric("post", "S") for run in runs]
+        best = max(
+            (i for i, score in enumerate(scores) if score is not None),
+            key=lambda i: scores[i],
+            default=None,
+        )
+        caption = (
+            f"{algorithm.upper()}: post-edit metrics for each λ, mean (std) over facts; "
+            "ES, PS, NS, S in percent, GE in bits x 100; best S in bold."
+        )
+        tables[f"lambda_{algorithm}.tex"] = figures.latex_table(header, rows, caption, best)
     return tables
 
 
 # --------------------------------------------------------------------------- figures
 
-Point = tuple[float, float]
+
+def run_result(run: FinishedRun) -> figures.RunResult:
+    """What the figures need of a run: its axes and its pre / post metric statistics."""
+    return figures.RunResult(
+        axes={name: run.field(name) for name in GRID_FIELDS},
+        pre=figures.stats_of(run.record.pre),
+        post=figures.stats_of(run.record.post),
+    )
 
 
-def _line_label(run: FinishedRun, names: Sequence[str], lead: str | None = "algorithm") -> str:
-    parts = [str(run.field(lead))] if lead else []
-    parts += [f"{name}={format_value(name, run.field(name)) or 'none'}" for name in names]
-    return ", ".join(parts)
+def sequential_curve(run: FinishedRun) -> figures.Curve:
+    """After each scored update, the mean over all facts edited so far.
 
-
-def _average(points: Iterable[Point]) -> list[Point]:
-    """Average the y values of points sharing an x, sorted by x."""
-    grouped: dict[float, list[float]] = {}
-    for x, y in points:
-        grouped.setdefault(x, []).append(y)
-    return [(x, sum(ys) / len(ys)) for x, ys in sorted(grouped.items())]
-
-
-def _draw(
-    panels: dict[str, dict[str, dict[str, list[Point]]]],
-    xlabel: str,
-    log2_x: bool = False,
-    integer_x: bool = False,
-) -> Figure:
-    """One row of subplots per panel key (e.g. algorithm), one column per metric; lines in
-    insertion order, legend in the first column. ``log2_x`` ticks exactly the data x values."""
-    metrics = [m for m in METRICS if any(m in lines for lines in panels.values())]
-    figure = Figure(figsize=(3.6 * len(metrics), 3.0 * len(panels) + 0.6), layout="constrained")
-    axes = figure.subplots(len(panels), len(metrics), squeeze=False)
-    labels = [label for lines in panels.values() for by in lines.values() for label in by]
-    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
-    for row, (panel, by_metric) in enumerate(panels.items()):
-        for col, metric in enumerate(metrics):
-            ax = axes[row][col]
-            xs: set[float] = set()
-            for label, points in by_metric.get(metric, {}).items():
-                points = _average(points)
-                xs.update(p[0] for p in points)
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    marker="o",
-                    label=label,
-                    color=colors[label],
-                )
-            if log2_x:
-                ax.set_xscale("log", base=2)
-                if xs:
-                    ticks = sorted(xs)
-                    ax.set_xticks(ticks, labels=[format_value("x", x) for x in ticks])
-                    ax.xaxis.set_minor_locator(NullLocator())
-            if integer_x:
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel(xlabel)
-            ax.set_title(f"{metric}" + (f" ({panel})" if panel else ""))
-            ax.grid(alpha=0.3)
-            if col == 0 and ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize="small")
-    return figure
-
-
-def _summary_panels(
-    runs: Sequence[FinishedRun], x_of: Callable[[FinishedRun], float], exclude: Sequence[str]
-):
-    """Post-edit metric lines: one per algorithm (+ varying context), single panel."""
-    names = [n for n in GRID_FIELDS if n not in ("algorithm", *exclude)]
-    context = _varying_within_algorithm(runs, names)
-    by_metric: dict[str, dict[str, list[Point]]] = {}
-    for run in sorted_runs(runs):
-        for metric in METRICS:
-            value = run.metric("post", metric)
-            if value is not None:
-                line = by_metric.setdefault(metric, {}).setdefault(_line_label(run, context), [])
-                line.append((x_of(run), value))
-    return {"": by_metric}
-
-
-def layer_figure(runs: Sequence[FinishedRun]) -> Figure | None:
-    """Fig. 1: post metrics vs the edited layer (mode=singular, single-layer runs)."""
-    runs = [r for r in runs if r.field("mode") == "singular" and len(r.field("layer") or ()) == 1]
-    if len({run.field("layer") for run in runs}) < 2:
-        return None
-    panels = _summary_panels(runs, lambda run: run.field("layer")[0], exclude=("layer", "mode"))
-    return _draw(panels, "layer", integer_x=True)
-
-
-def batch_size_figure(runs: Sequence[FinishedRun]) -> Figure | None:
-    """Figs. 2-3: post metrics vs batch size (mode=batch), log2 x axis.
-
-    A batch-mode run makes one update with all its edits, so if ``batch_size`` is constant
-    while ``n_edits`` varies (a runner recording the configured, unused batch size), the
-    x axis is ``n_edits`` instead.
+    From ``edited_so_far`` in batches.jsonl; for runs written before it existed, the running
+    mean of facts.jsonl (``each_batch``: each fact keeps its own batch's scoring) or the
+    scoring's means (``every_k`` / ``final`` score every fact edited so far).
     """
-    runs = [r for r in runs if r.field("mode") == "batch"]
-    axis = "batch_size"
-    if len({run.field(axis) for run in runs}) < 2:
-        axis = "n_edits"
-    runs = [run for run in runs if run.field(axis) is not None]
-    if len({run.field(axis) for run in runs}) < 2:
-        return None
-    exclude = ("batch_size", "mode", "n_edits")  # in batch mode one follows the other
-    panels = _summary_panels(runs, lambda run: run.field(axis), exclude=exclude)
-    label = "batch size" + (" (= edits)" if axis == "n_edits" else "")
-    return _draw(panels, label, log2_x=True)
+    rows = run.batches()
+    edits_done: list[int] = []
+    so_far: list[dict[str, figures.Stat]] = []
+    if any(row.edited_so_far for row in rows):
+        for row in rows:
+            if row.edited_so_far:
+                edits_done.append(row.edits_done)
+                so_far.append(figures.stats_of(row.edited_so_far))
+    elif run.field("eval_schedule") == "each_batch" and (run.directory / "facts.jsonl").is_file():
+        edits_done, so_far = _running_means(run, rows)
+    else:
+        for row in rows:
+            if row.metrics:
+                edits_done.append(row.edits_done)
+                so_far.append({k: figures.Stat(float(v)) for k, v in row.metrics.items()})
+    return figures.Curve(
+        axes={name: run.field(name) for name in GRID_FIELDS},
+        edits_done=edits_done,
+        so_far=so_far,
+        pre=figures.stats_of(run.record.pre),
+    )
 
 
-def sequential_figure(runs: Sequence[FinishedRun]) -> Figure | None:
-    """Figs. 4-5: metrics vs edits done (mode=sequential), one line per batch size, one row
-    of subplots per algorithm."""
-    runs = [r for r in runs if r.field("mode") == "sequential"]
-    context = _varying_within_algorithm(runs, [n for n in GRID_FIELDS if n != "mode"])
-    context = ["batch_size"] + [name for name in context if name != "batch_size"]
-    panels: dict[str, dict[str, dict[str, list[Point]]]] = {}
-    for run in sorted_runs(runs):
-        label = _line_label(run, context, lead=None)
-        by_metric = panels.setdefault(str(run.field("algorithm")), {})
-        for row in run.batches():
-            for metric in METRICS:
-                if row.metrics.get(metric) is not None:
-                    line = by_metric.setdefault(metric, {}).setdefault(label, [])
-                    line.append((float(row.edits_done), float(row.metrics[metric])))
-    panels = {name: by_metric for name, by_metric in panels.items() if by_metric}
-    return _draw(panels, "edits done") if panels else None
+def _running_means(
+    run: FinishedRun, rows: list[BatchRecord]
+) -> tuple[list[int], list[dict[str, figures.Stat]]]:
+    from editexp.evaluation.metrics import aggregate
+
+    by_update: dict[int, list[dict]] = {}
+    for line in (run.directory / "facts.jsonl").read_text().splitlines():
+        try:
+            fact = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        post = fact.get("post") or {}
+        values = {k: v for k, v in post.items() if isinstance(v, int | float) and k != "case_id"}
+        by_update.setdefault(int(fact.get("batch", 0)), []).append(values)
+    edits_done, so_far, seen = [], [], []
+    for row in rows:
+        seen += by_update.get(row.batch, [])
+        if seen:
+            edits_done.append(row.edits_done)
+            so_far.append(figures.stats_of(aggregate(seen)))
+    return edits_done, so_far
 
 
-def save_figure(figure: Figure, path: Path) -> Path:
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+def report_figures(runs: Sequence[FinishedRun]) -> dict[str, Figure]:
+    """Every figure of the sweep by file stem: metric vs each varying axis, and the
+    sequential runs' curves."""
+    out = figures.axis_figures([run_result(run) for run in runs])
+    sequential = [sequential_curve(run) for run in runs if run.field("mode") == "sequential"]
+    figure = figures.sequential_figure(sequential)
+    if figure is not None:
+        out["sequential"] = figure
+    return out
 
 
 # --------------------------------------------------------------------------- the command
@@ -539,14 +493,8 @@ def write_report(sweep: Sweep, out: Path) -> tuple[list[Path], list[str]]:
         atomic_write_text(out / "results.csv", results_csv(sweep)),
         atomic_write_text(out / "results.md", results_markdown(sweep, lines)),
     ]
-    figures = {
-        "metric_vs_layer.png": layer_figure(sweep.runs),
-        "metric_vs_batch_size.png": batch_size_figure(sweep.runs),
-        "sequential.png": sequential_figure(sweep.runs),
-    }
-    for name, figure in figures.items():
-        if figure is not None:
-            written.append(save_figure(figure, out / name))
+    for stem, figure in report_figures(sweep.runs).items():
+        written += figures.save(figure, out / stem)
     for name, text in lambda_tables(sweep).items():
         written.append(atomic_write_text(out / name, text))
     return written, lines
