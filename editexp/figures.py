@@ -271,6 +271,27 @@ def _set_x_scale(ax, axis: str, xs: Sequence[Any]) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
 
 
+def _dodge(axis: str, xs: Sequence[Any], n_lines: int) -> Callable[[Any, int], Any]:
+    """Shift line ``i`` of ``n_lines`` sideways by a few percent of the spacing of the x
+    values, so that error bars of lines with equal values stay apart (log axes: a factor)."""
+    numeric = sorted({float(x) for x in xs if isinstance(x, int | float)})
+    if n_lines < 2 or len(numeric) < 1:
+        return lambda x, i: x
+    base = LOG_BASE.get(axis)
+    logarithmic = base is not None and numeric[0] > 0
+    points = [math.log(x, base) for x in numeric] if logarithmic else numeric
+    gaps = [b - a for a, b in zip(points, points[1:])]
+    width = 0.12 * (min(gaps) if gaps else 1.0)
+
+    def shift(x: Any, i: int) -> Any:
+        offset = (i / (n_lines - 1) - 0.5) * width
+        if not isinstance(x, int | float):
+            return x
+        return x * base**offset if logarithmic else x + offset
+
+    return shift
+
+
 def _panel(
     ax, axis: str, metric: str, lines: Sequence[Line], colors: Mapping[str, str], band: bool
 ) -> None:
@@ -282,10 +303,10 @@ def _panel(
         return order.index(x) if categorical else x
 
     pre_lines: dict[str, list[tuple[Any, float]]] = {}
-    for line in lines:
+    drawn = [line for line in lines if any(metric in s for _, s in line.points)]
+    shift = _dodge(axis, [position(x) for line in drawn for x, _ in line.points], len(drawn))
+    for index, line in enumerate(drawn):
         points = [(x, s[metric]) for x, s in _collapse(line.points) if metric in s]
-        if not points:
-            continue
         xs = [position(x) for x, _ in points]
         xs_all += [x for x, _ in points]
         means = [stat.mean for _, stat in points]
@@ -300,10 +321,10 @@ def _panel(
                 high = [m + (s or 0.0) for m, s in zip(means, sems)]
                 ax.fill_between(xs, low, high, where=known, color=color, alpha=0.2, lw=0)
         else:
-            yerr = [s if s is not None else 0.0 for s in sems]
+            yerr = [s if s is not None else 0.0 for s in sems] if any(sems) else []
             ax.errorbar(
-                xs, means, yerr=yerr if any(yerr) else None, color=color, marker=marker,
-                markersize=4, capsize=3, lw=1.5,
+                xs if band else [shift(x, index) for x in xs], means, yerr=yerr or None,
+                color=color, marker=marker, markersize=4, capsize=3, lw=1.5,
             )  # fmt: skip
         pre = [(position(x), s[metric].mean) for x, s in _collapse(line.pre) if metric in s]
         if pre:

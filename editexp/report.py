@@ -511,6 +511,14 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     parser.add_argument("multirun_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
     parser.add_argument("--out", type=Path, help="output directory (default: <dir>/report)")
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the figures and tables to W&B, in the sweep's group ($WANDB_MODE, "
+        "default offline: upload with `wandb sync <out>/wandb/offline-run-*`)",
+    )
+    parser.add_argument("--wandb-project", help="W&B project (default: the runs' project)")
+    parser.add_argument("--wandb-group", help="W&B group (default: the runs' group)")
     args = parser.parse_args(argv)
     root: Path = args.multirun_dir
     if not root.is_dir():
@@ -527,7 +535,40 @@ def _main(argv: Sequence[str] | None) -> int:
     for line in lines:
         print(line)
     print(f"Wrote {', '.join(path.name for path in written)} to {out}")
+    if args.wandb:
+        log_to_wandb(sweep, out, written, args.wandb_project, args.wandb_group)
     return 0
+
+
+def log_to_wandb(
+    sweep: Sweep, out: Path, written: list[Path], project: str | None, group: str | None
+) -> None:
+    """The report's figures and tables in a W&B run of the sweep's group."""
+    from editexp import tracking
+
+    identities = [tracking.read_identity(run.directory) or {} for run in sweep.runs]
+    project = project or next((i["project"] for i in identities if i.get("project")), None)
+    if group is None:
+        group = tracking.report_group([run.directory for run in sweep.runs], sweep.root)
+    reader = csv.reader(io.StringIO(results_csv(sweep)))
+    header, *rows = list(reader)
+    tables = {"results": (header, [[_number(cell) for cell in row] for row in rows])}
+    for name, text in lambda_tables(sweep).items():
+        if name.endswith(".md"):
+            lines = [line for line in text.splitlines() if line.startswith("| ")]
+            cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+            tables[name.removesuffix(".md")] = (cells[0], cells[1:])
+    run_id = tracking.log_report(out, written, tables, group, project)
+    print(f"Logged the report to W&B run {run_id} (group {group})")
+
+
+def _number(cell: str) -> float | str | None:
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 if __name__ == "__main__":

@@ -420,3 +420,54 @@ def read_identity(run_dir: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+# --------------------------------------------------------------------------- the sweep report
+
+
+def report_group(run_dirs: Sequence[Path], sweep_dir: Path) -> str | None:
+    """The W&B group of a sweep's runs: the one their trackers recorded when they all agree,
+    else the group of the sweep directory itself (e.g. lambda_search's two sweeps)."""
+    groups = {(read_identity(d) or {}).get("group") for d in run_dirs} - {None}
+    return groups.pop() if len(groups) == 1 else sweep_group(Path(sweep_dir).resolve())
+
+
+def log_report(
+    out_dir: Path,
+    files: Sequence[Path],
+    tables: Mapping[str, tuple[list[str], list[list[Any]]]],
+    group: str | None,
+    project: str | None = None,
+) -> str:
+    """Log a report's figures (PNG) and tables to a W&B run of job type ``report`` in the
+    sweep's group, and every report file as a ``report`` artifact. Mode: $WANDB_MODE, else
+    offline (as the runs); the run's files go to ``<out_dir>/wandb``. Returns the run id."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or DEFAULT_MODE
+    run = wandb.init(
+        project=project or "editexp",
+        mode=mode,
+        dir=str(out_dir),
+        group=group,
+        job_type="report",
+        name=f"report {group}" if group else "report",
+        reinit="create_new",
+    )
+    try:
+        media: dict[str, Any] = {}
+        for path in files:
+            if path.suffix == ".png":
+                media[f"figures/{path.stem}"] = wandb.Image(str(path))
+        for name, (columns, data) in tables.items():
+            media[f"tables/{name}"] = wandb.Table(columns=columns, data=data)
+        run.log(media)
+        artifact = wandb.Artifact(f"report-{stable_hash(str(group), 12)}", type="report")
+        for path in files:
+            artifact.add_file(str(path), name=path.name)
+        run.log_artifact(artifact)
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    return run.id

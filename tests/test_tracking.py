@@ -403,3 +403,61 @@ def test_runner_singular_run_headline_is_the_result(tmp_path: Path) -> None:
     assert run["run"].job_type == "run"
     updates = [row for row in run["history"] if "edits_done" in row]
     assert [row["edits_done"] for row in updates] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _job(root: Path, num: int, group: str | None, layer: int) -> Path:
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    block = {m: {"mean": 50.0 + layer, "std": 5.0, "n": 8} for m in ("ES", "PS", "NS", "GE")}
+    summary = {"algorithm": "memit", "model": "tiny", "layer": [layer], "mode": "batch",
+               "batch_size": 8, "n_edits": 8, "lambda": 10.0 * (num + 1),
+               "eval_schedule": "each_batch", "pre": block, "post": block}  # fmt: skip
+    (job / "summary.json").write_text(json.dumps(summary))
+    if group is not None:
+        identity = {"id": f"x{num}", "group": group, "project": "editexp-test"}
+        (job / "wandb").mkdir()
+        (job / "wandb" / "editexp-identity.json").write_text(json.dumps(identity))
+    return job
+
+
+def test_report_logs_figures_and_tables_to_the_sweeps_group(tmp_path: Path) -> None:
+    from editexp.report import main
+
+    root = tmp_path / "multirun" / "layers"
+    for num, layer in enumerate((1, 2)):
+        _job(root, num, "layers-group", layer)
+    assert main([str(root), "--wandb"]) == 0
+    report = root / "report"
+    run = read_run(report)
+    meta = run["run"]
+    assert (meta.run_group, meta.job_type, meta.project) == (
+        "layers-group",
+        "report",
+        "editexp-test",
+    )
+    (row,) = run["history"]
+    assert row["figures/metric_vs_layer/_type"] == "image-file"
+    assert row["figures/metric_vs_lambda/_type"] == "image-file"
+    assert row["tables/results/_type"] == "table-file"
+    assert row["tables/results/nrows"] == 2
+    assert row["tables/lambda_memit/_type"] == "table-file"
+    (artifact,) = [a for a in run["artifacts"] if a["type"] == "report"]
+    assert {"results.csv", "results.md", "metric_vs_layer.png", "metric_vs_layer.pdf"} <= set(
+        artifact["files"]
+    )
+    assert run["exit_code"] == 0
+
+
+def test_report_group_without_one_common_group(tmp_path: Path) -> None:
+    """lambda_search: one sweep per algorithm below one directory, each its own group."""
+    from editexp.tracking import report_group
+
+    root = tmp_path / "multirun" / "lambda_search" / "tiny"
+    dirs = [_job(root / "memit", 0, "lambda_search/tiny/memit", 1)]
+    dirs.append(_job(root / "emmet", 0, "lambda_search/tiny/emmet", 1))
+    assert report_group(dirs, root) == "lambda_search/tiny"
+    assert report_group(dirs[:1], root) == "lambda_search/tiny/memit"
+    assert report_group([tmp_path], root) == "lambda_search/tiny"  # no W&B runs recorded
