@@ -297,7 +297,8 @@ def _run(tmp_path: Path, run_dir: Path, *overrides: str, experiment: str | None 
     from editexp.runner import run
 
     cfg = compose_config(*FAST, "logger=wandb", "logger.project=editexp-test", *overrides)
-    return run(cfg, run_dir, list(overrides), str(tmp_path / "multirun" / "s1"), experiment)
+    record = run(cfg, run_dir, list(overrides), str(tmp_path / "multirun" / "s1"), experiment)
+    return record.to_json()
 
 
 def test_runner_wandb_run_holds_the_result(tmp_path: Path) -> None:
@@ -412,9 +413,13 @@ def _job(root: Path, num: int, group: str | None, layer: int) -> Path:
     job = root / str(num)
     (job / ".hydra").mkdir(parents=True)
     block = {m: {"mean": 50.0 + layer, "std": 5.0, "n": 8} for m in ("ES", "PS", "NS", "GE")}
-    summary = {"algorithm": "memit", "model": "tiny", "layer": [layer], "mode": "batch",
-               "batch_size": 8, "n_edits": 8, "lambda": 10.0 * (num + 1),
-               "eval_schedule": "each_batch", "pre": block, "post": block}  # fmt: skip
+    summary = {
+        "algorithm": "memit", "model": "tiny", "layer": [layer], "mode": "batch",
+        "batch_size": 8, "n_edits": 8, "lambda": 10.0 * (num + 1), "keep_edits": False,
+        "nullspace_threshold": None, "null_space_dim": None, "eval_schedule": "each_batch",
+        "every_k": None, "edits_done": 8, "seed": 0, "hparams": {}, "pre": block,
+        "post": block, "update_mean": None, "timing": {}, "run_dir": str(job),
+    }  # fmt: skip
     (job / "summary.json").write_text(json.dumps(summary))
     if group is not None:
         identity = {"id": f"x{num}", "group": group, "project": "editexp-test"}
