@@ -1,14 +1,19 @@
-"""Results others can read (output files follow the umask) and SLURM job names."""
+"""Results others can read (output files follow the umask), SLURM job names, and a built
+wheel installed into a fresh venv: configs inside the package, a run and a multirun."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT
 
 from editexp.cache import atomic_torch_save, atomic_write_json, atomic_write_text, current_umask
 
@@ -62,3 +67,126 @@ def test_slurm_job_name_is_the_experiment(tmp_path: Path, preset, job_name) -> N
     assert "refused by the test" in result.stdout + result.stderr
     (script,) = sweep.glob(".submitit/.submission_file_*.sh")
     assert f"#SBATCH --job-name={job_name}\n" in script.read_text()
+
+
+# --------------------------------------------------------------------------- a built wheel
+
+SMALL = [
+    "model=tiny-llama3",
+    "n_edits=1",
+    "logger=none",
+    "stats.n_tokens=3000",
+    "stats.seq_len=64",
+    "eval.generation_facts=0",
+    "eval.held_out_keys=32",
+    "editing.prefixes.count=2",
+    "editing.prefixes.length=5",
+    "model.hparams.memit.v_steps=2",
+]
+
+
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    venv: Path
+
+    def bin(self, name: str) -> str:
+        return str(self.venv / "bin" / name)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The package built as a wheel from a copy of the source (the files pyproject names)
+    and installed, without dependencies, into a fresh venv that sees this interpreter's
+    packages (torch & co. are not installed again; no network)."""
+    root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    for name in ("pyproject.toml", "README.md", "editexp", "hydra_plugins"):
+        if (PROJECT / name).is_dir():
+            shutil.copytree(PROJECT / name, source / name, ignore=ignore)
+        else:
+            shutil.copy(PROJECT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    dist = root / "dist"
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", dist, source]
+    subprocess.run(build, check=True, timeout=300)
+    (wheel,) = dist.glob("editexp-*.whl")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
+                   check=True, timeout=120)  # fmt: skip
+    install = [*pip, "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index"]
+    subprocess.run([*install, wheel], check=True, timeout=300)
+    return Installed(wheel, venv)
+
+
+def test_wheel_holds_the_configs_and_the_launcher_plugin(installed: Installed) -> None:
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
+    configs = {
+        path.relative_to(PROJECT).as_posix() for path in (PROJECT / "editexp" / "conf").rglob("*")
+    }
+    configs = {name for name in configs if name.endswith(".yaml")}
+    assert "editexp/conf/hydra/launcher/local.yaml" in configs
+    assert configs <= names, sorted(configs - names)
+    plugin = {
+        "hydra_plugins/editexp_launcher/__init__.py",
+        "hydra_plugins/editexp_launcher/launcher.py",
+    }
+    assert plugin <= names, sorted(plugin - names)
+
+
+@pytest.mark.slow  # about a minute of CPU: a tiny run, a 2-point multirun, 5 CLI starts
+def test_wheel_runs_from_any_directory(installed: Installed, tmp_path: Path) -> None:
+    """Outside the repository, with the installed package only: its configs, the job config,
+    the launcher plugin, tab completion, a run (results in its log file, files readable by
+    others) and a multirun with its report."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    env["PATH"] = f"{installed.venv / 'bin'}{os.pathsep}{env['PATH']}"
+
+    def call(*args: str | Path) -> str:
+        result = subprocess.run(
+            [str(a) for a in args], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    where = call(
+        installed.bin("python"),
+        "-c",
+        "import editexp.config, hydra_plugins.editexp_launcher as p;"
+        "print(editexp.config.CONFIG_DIR); print(p.__file__)",
+    )
+    conf, plugin = (Path(line) for line in where.strip().splitlines()[-2:])
+    site = installed.venv / "lib"
+    assert site in conf.parents and site in plugin.parents, where  # not the source tree's
+    assert (conf / "config.yaml").is_file() and (conf / "model" / "tiny-llama3.yaml").is_file()
+
+    assert "name: tiny-llama3" in call("editexp", "--cfg", "job", "model=tiny-llama3")
+    launcher = call("editexp", "--cfg", "hydra", "hydra/launcher=local", "+experiment=layer_search")
+    assert "_target_: hydra_plugins.editexp_launcher.launcher.ParallelLocalLauncher" in launcher
+
+    # tab completion as bash runs it: the installed script, then a completion request
+    completion = call(
+        "bash",
+        "-c",
+        'eval "$(editexp -sc install=bash)"; COMP_LINE="editexp algorithm=em" COMP_CWORD=1;'
+        'hydra_bash_completion; echo "${COMPREPLY[@]}"',
+    )
+    assert completion.split() == ["algorithm=emmet"], completion
+
+    old = os.umask(0o022)
+    try:
+        call("editexp", *SMALL, "hydra.run.dir=single")
+    finally:
+        os.umask(old)
+    run_dir = tmp_path / "single"
+    log = (run_dir / "runner.log").read_text()
+    assert "Results:" in log and "post" in log, log
+    for name in ("summary.json", "facts.jsonl", "batches.jsonl", "deltas.pt", "checkpoint.pt"):
+        assert _mode(run_dir / name) == 0o644, name
+
+    call("editexp", "-m", *SMALL, "layer=0,1", "hydra.sweep.dir=sweep")
+    assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2
+    assert "2 of 2 grid points complete" in call("editexp-report", tmp_path / "sweep")
