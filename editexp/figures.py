@@ -329,10 +329,15 @@ def _panel(
         pre = [(position(x), s[metric].mean) for x, s in _collapse(line.pre) if metric in s]
         if pre:
             pre_lines[line.label] = pre
-    # the pre-edit baseline: one dashed line when every run shares it, else one per line
+    # the pre-edit baseline: one grey dashed line when every run shares it (a level, or the
+    # same values at the same x: the same facts), else one per line in the line's colour
     pre_values = {round(v, 9): v for pre in pre_lines.values() for _, v in pre}
+    shared = {tuple((x, round(v, 9)) for x, v in pre) for pre in pre_lines.values()}
     if len(pre_values) == 1:
         ax.axhline(*pre_values.values(), color="0.35", ls="--", lw=1.2, zorder=1)
+    elif len(shared) == 1:
+        pre = next(iter(pre_lines.values()))
+        ax.plot([p[0] for p in pre], [p[1] for p in pre], color="0.35", ls="--", lw=1.2, zorder=1)
     else:
         for label, pre in pre_lines.items():
             ax.plot([p[0] for p in pre], [p[1] for p in pre], color=colors[label], ls="--",

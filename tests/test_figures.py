@@ -151,6 +151,20 @@ def test_pre_edit_baseline_per_line_when_runs_differ() -> None:
     ax = data_axes(F.axis_figures(runs)["metric_vs_batch_size"])[0]
     (dashed,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert list(dashed.get_ydata()) == [10.0, 20.0]
+    assert dashed.get_color() == "0.35"  # one line's: the legend's grey pre-edit dashes
+
+    # two algorithms on the same facts share the values: still one grey line
+    emmet = [F.RunResult({**r.axes, "algorithm": "emmet"}, r.pre, stats(80)) for r in runs]
+    ax = data_axes(F.axis_figures(runs + emmet)["metric_vs_batch_size"])[0]
+    (dashed,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert list(dashed.get_ydata()) == [10.0, 20.0] and dashed.get_color() == "0.35"
+
+    # other facts for EMMET: a dashed line per algorithm, in its colour
+    emmet = [F.RunResult(r.axes, {**r.pre, "ES": F.Stat(30.0, 1.0, 16)}, r.post) for r in emmet]
+    ax = data_axes(F.axis_figures(runs + emmet)["metric_vs_batch_size"])[0]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(tuple(line.get_ydata()) for line in dashed) == [(10.0, 20.0), (30.0, 30.0)]
+    assert {line.get_color() for line in dashed} == {"C0", "C1"}
 
 
 def test_lambda_figure_rows_per_algorithm_with_symlog_for_zero() -> None:
