@@ -343,8 +343,10 @@ def _holder() -> str:
 # --------------------------------------------------------------------------- Hydra's files
 
 
-def hydra_files(cfg: DictConfig) -> dict[Path, str] | None:
-    """The ``.hydra/*.yaml`` files of the running job, as Hydra writes them, from memory.
+def hydra_files(cfg: DictConfig, run_dir: Path) -> dict[Path, str] | None:
+    """The ``.hydra/*.yaml`` files of the job Hydra runs in ``run_dir``, as Hydra writes them,
+    from memory; None when Hydra is not running a job there (the Python API, or a Hydra
+    config left behind by an earlier ``compose``/``hydra.main`` call in the same process).
 
     A job refused for this directory (the lock, another config) has already had Hydra
     overwrite them: it puts back the owner's (kept in ``run.json``), and the owner writes its
@@ -355,9 +357,12 @@ def hydra_files(cfg: DictConfig) -> dict[Path, str] | None:
     if not HydraConfig.initialized():
         return None
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir is None:
+    if hydra_cfg.output_subdir is None or OmegaConf.is_missing(hydra_cfg.runtime, "output_dir"):
         return None
-    folder = Path(hydra_cfg.runtime.output_dir) / str(hydra_cfg.output_subdir)
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    if output_dir.resolve() != Path(run_dir).resolve():
+        return None
+    folder = output_dir / str(hydra_cfg.output_subdir)
     return {
         folder / "config.yaml": OmegaConf.to_yaml(cfg),
         folder / "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),

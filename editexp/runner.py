@@ -285,7 +285,7 @@ def run(
     check_against_model(cfg, settings, shape, facts)
     directory = RunDirectory(run_dir)
     with directory.owned():
-        progress = claim(directory, identity, cfg.force, hydra_files(cfg))
+        progress = claim(directory, identity, cfg.force, hydra_files(cfg, run_dir))
         if isinstance(progress, RunRecord):
             skipping = f"{directory.summary_path} exists; skipping (force=true reruns)"
             show(skipping + "\n" + progress.table())
@@ -340,7 +340,7 @@ def edit_and_evaluate(
 ) -> RunRecord:
     """The run's updates from where ``progress`` stands, in the directory ``run`` holds."""
     run_dir, checkpoint = directory.path, directory.checkpoint_path
-    own_hydra_files = hydra_files(cfg)
+    own_hydra_files = hydra_files(cfg, run_dir)
     write_hydra_files(own_hydra_files)  # a refused job may have overwritten them
     axes = flat_axes(
         model=settings.model_name,

@@ -783,6 +783,32 @@ def test_hydra_verbose_shows_the_traceback(tmp_path, no_model):
     assert result.code == 1 and "Traceback" in result.err and "ConfigError" in result.err
 
 
+@pytest.mark.parametrize("left_behind", ["no output_dir", "another job's output_dir"])
+def test_a_python_run_ignores_a_hydra_config_left_in_the_process(tmp_path, cache, left_behind):
+    """A Hydra job that failed in this process (``hydra.verbose=true`` leaves its config set)
+    or any earlier job must not be taken for this run: the run succeeds and writes no
+    ``.hydra/`` files, neither in its own directory nor in the other job's."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from editexp.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        stale = compose("config", return_hydra_config=True)
+    other = tmp_path / "other-job"
+    if left_behind != "no output_dir":
+        with open_dict(stale):
+            stale.hydra.runtime.output_dir = str(other)
+    HydraConfig.instance().set_config(stale)
+    try:
+        record = runner_module.run(compose_config(*TINY, *TWO_UPDATES), tmp_path / "api")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert record.edits_done == 2
+    assert not (tmp_path / "api" / ".hydra").exists() and not other.exists()
+
+
 def test_the_console_script_exits_2_with_one_line(tmp_path):
     """The real entry point, as a shell sees it."""
     process = subprocess.run(
