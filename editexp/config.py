@@ -239,6 +239,7 @@ def check_inputs(cfg: DictConfig) -> None:
                 "or 'all'"
             )
     _positive_int("eval.generation_length", evaluation.generation_length)
+    _positive_int("eval.generation_batch_size", evaluation.generation_batch_size)
     _int("eval.held_out_keys", evaluation.held_out_keys, minimum=0)
     data = cfg.data
     _choice("data.order", data.order, ("seeded", "file", "case_ids"))

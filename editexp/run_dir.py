@@ -60,6 +60,7 @@ NOT_RESULTS = (
     "device",
     "debug",
     "save_deltas",
+    "eval.generation_batch_size",  # every prompt samples the same text in any batch
     "data.dir",
     "data.counterfact",
     "data.download_url",

@@ -498,6 +498,10 @@ def test_a_populated_cache_is_read_without_writing_to_it(tmp_path, finished, mon
         (["n_edits=2.0"], "n_edits=2.0; expected a positive integer"),
         (["editing.batch_size=0"], "editing.batch_size=0; expected a positive integer"),
         (["eval.batch_size=0"], "eval.batch_size=0; expected a positive integer"),
+        (
+            ["eval.generation_batch_size=-2"],
+            "eval.generation_batch_size=-2; expected a positive integer",
+        ),
         (["editing.cache=no"], "editing.cache='no'; expected true or false"),
         (["eval.layer_states_gb=abc"], "eval.layer_states_gb='abc'; expected a finite number >= 0"),
         (["eval.generation_facts=-1"], "eval.generation_facts=-1; expected a number of facts"),

@@ -243,6 +243,32 @@ def test_a_prompt_samples_the_same_alone_or_in_any_batch(tiny):
     assert generation_seed(0, 1, 2) != generation_seed(0, 2, 1) != generation_seed(1, 1, 2)
 
 
+def test_generation_batch_size_from_the_config_changes_no_text(tiny, facts, monkeypatch):
+    """``eval.generation_batch_size`` reaches the sampler and changes only the speed."""
+    import editexp.evaluation.counterfact_eval as counterfact_eval
+    from editexp.evaluation.evaluator import Evaluator
+
+    sampler_batch_sizes = []
+
+    def spy(*args, batch_size, **kwargs):
+        sampler_batch_sizes.append(batch_size)
+        return generate_texts(*args, batch_size=batch_size, **kwargs)
+
+    generate_texts = counterfact_eval.generate_texts
+    monkeypatch.setattr(counterfact_eval, "generate_texts", spy)
+    chosen = facts[:3]
+    results = {}
+    for size in (1, 4, 256):
+        cfg = compose_config("eval.generation_length=16", f"eval.generation_batch_size={size}")
+        scored = Evaluator.from_config(tiny, cfg).score(
+            chosen, generate_for={fact.case_id for fact in chosen}
+        )
+        results[size] = [(fact.generation_texts, fact.GE) for fact in scored]
+    assert sampler_batch_sizes == [1, 4, 256]
+    assert all(texts for texts, _ in results[1])
+    assert results[1] == results[4] == results[256]
+
+
 # --- the whole singular procedure ----------------------------------------------------------
 
 

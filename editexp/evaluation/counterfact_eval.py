@@ -110,9 +110,13 @@ def evaluate_facts(
     edits: RowEdits | None = None,
     start_states: LayerStates | None = None,
     record_states: LayerStates | None = None,
+    generation_batch_size: int = 256,
 ) -> list[FactScores]:
     """Scores of every fact's prompts, and generated texts and GE for the first few facts.
 
+    ``batch_size`` prompts are scored together, ``generation_batch_size`` sampled together
+    (sampling is one token of every prompt per step: bigger batches use the CPU's matrix
+    units better, and every prompt samples the same text in any batch).
     ``edits``: fact i is evaluated with edit i only (``len(edits) == len(facts)``).
     """
     if edits is not None and edits.n_edits != len(facts):
@@ -154,7 +158,7 @@ def evaluate_facts(
         generation_prompts,
         generation_length,
         seed=seeds,
-        batch_size=batch_size,
+        batch_size=generation_batch_size,
         edits=edits,
         prompt_edits=None if edits is None else prompt_edits,
     )

@@ -57,10 +57,12 @@ class Evaluator:
         batch_size: int = 64,
         generation_length: int = 100,
         seed: int = 0,
+        generation_batch_size: int = 256,
     ) -> None:
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # prompts per scoring batch
         self.generation_length = generation_length
+        self.generation_batch_size = generation_batch_size  # prompts sampled together (GE)
         self.seed = seed
         self.seconds = 0.0  # spent scoring and generating so far
         self.layer_states: LayerStates | None = None  # see keep_layer_states
@@ -68,7 +70,13 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, model: LoadedModel, cfg: DictConfig) -> Evaluator:
-        return cls(model, cfg.eval.batch_size, cfg.eval.generation_length, int(cfg.seed))
+        return cls(
+            model,
+            cfg.eval.batch_size,
+            cfg.eval.generation_length,
+            int(cfg.seed),
+            cfg.eval.generation_batch_size,
+        )
 
     def keep_layer_states(
         self, layer: int, record_missing: bool = False, max_bytes: int | None = None
@@ -112,6 +120,7 @@ class Evaluator:
             generation_length=self.generation_length,
             seed=self.seed,
             progress=len(facts) > 8,
+            generation_batch_size=self.generation_batch_size,
             edits=row_edits,
             start_states=states,
             record_states=self.layer_states if record_states else None,
