@@ -141,8 +141,8 @@ def figure(runs: list[SequentialRun], title: str) -> Figure:
     return fig
 
 
-def cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def cell(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def table(runs: list[SequentialRun]) -> str:
@@ -162,7 +162,7 @@ def table(runs: list[SequentialRun]) -> str:
             delta_ns = run.final("NS") - best.final("NS")
         status = "" if run.finished else " (running)"
         lines.append(
-            f"| {run.method}{status} | {run.schedule} | {run.lam:g} | "
+            f"| {run.method}{status} | {run.schedule} | {cell(run.lam, 'g')} | "
             + " | ".join(cell(run.final(metric)) for metric in METRICS)
             + f" | {cell(first_own)} → {cell(first_last)} | {cell(delta_s)} | {cell(delta_ns)} |"
         )
