@@ -154,6 +154,27 @@ def test_selection_is_deterministic_and_reproducible(tmp_path):
         select_facts(facts, 5000)
 
 
+def test_listed_case_ids_are_never_skipped_and_extra_ones_are_named(caplog):
+    facts, _ = load_counterfact(compose_config().data)
+    by_subject: dict[str, list[int]] = {}
+    for fact in facts:
+        by_subject.setdefault(fact.subject, []).append(fact.case_id)
+    first, second = next(ids for ids in by_subject.values() if len(ids) > 1)[:2]
+    other = facts[0].case_id if facts[0].case_id not in (first, second) else facts[1].case_id
+    with pytest.raises(CounterFactError, match=rf"subject .* case_ids \[{second}\]; drop them"):
+        select_facts(facts, 3, order="case_ids", case_ids=[first, other, second])
+    kept = select_facts(
+        facts, 3, order="case_ids", case_ids=[first, other, second], unique_subjects=False
+    )
+    assert [f.case_id for f in kept] == [first, other, second]
+    # more listed ids than edits: the first n_edits, said in the log; a repeat beyond them is
+    # not edited, so it is not refused
+    with caplog.at_level("WARNING", logger="editexp"):
+        chosen = select_facts(facts, 2, order="case_ids", case_ids=[first, other, second])
+    assert [f.case_id for f in chosen] == [first, other]
+    assert "data.case_ids lists 3 facts; n_edits=2 edits the first 2 of them" in caplog.text
+
+
 def test_explicit_counterfact_file(tmp_path):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([record(5)]))

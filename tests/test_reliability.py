@@ -516,6 +516,7 @@ def test_a_populated_cache_is_read_without_writing_to_it(tmp_path, finished, mon
         (["data.case_ids=[1,x]"], "data.case_ids has 'x'; expected a list of integer"),
         (["data.case_ids=[3]", "data.order=file"], "data.case_ids implies data.order=case_ids"),
         (["data.order=case_ids", "data.case_ids=[3,999999]"], "not in the data set: [999999]"),
+        (["data.case_ids=[70,6698]"], "an earlier listed fact already has: case_ids [6698]"),
         (["model=nonexistent"], "Could not find 'model/nonexistent' Available options"),
         (["mode=sequential", "batch_size=3"], "mode=sequential needs n_edits divisible"),
     ],

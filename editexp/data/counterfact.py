@@ -312,8 +312,9 @@ def select_facts(
     """Choose ``n_edits`` facts deterministically.
 
     ``order=seeded`` shuffles with ``seed``; ``file`` keeps the file's order; ``case_ids``
-    takes exactly the listed facts in the listed order (to reproduce another study's sample).
-    With ``unique_subjects`` a fact whose subject was already chosen is skipped.
+    takes exactly the first ``n_edits`` listed facts in the listed order (to reproduce another
+    study's sample). With ``unique_subjects`` a fact whose subject was already chosen is
+    skipped; a listed fact is never skipped: one that repeats a subject is refused.
     """
     if order not in ORDERS:
         raise CounterFactError(f"data.order={order!r}; expected one of {ORDERS}")
@@ -335,7 +336,27 @@ def select_facts(
         missing = [case_id for case_id in wanted if case_id not in by_id]
         if missing:
             raise CounterFactError(f"data.case_ids: not in the data set: {missing[:10]}")
-        candidates = [by_id[case_id] for case_id in wanted]
+        candidates = [by_id[case_id] for case_id in wanted[:n_edits]]
+        if unique_subjects:
+            seen: set[str] = set()
+            repeats = []
+            for fact in candidates:
+                if fact.subject in seen:
+                    repeats.append(fact.case_id)
+                seen.add(fact.subject)
+            if repeats:
+                raise CounterFactError(
+                    f"data.case_ids lists facts whose subject an earlier listed fact already has: "
+                    f"case_ids {repeats[:10]}; drop them, or set data.unique_subjects=false to "
+                    "edit them all"
+                )
+        if len(wanted) > n_edits:
+            log.warning(
+                "data.case_ids lists %d facts; n_edits=%d edits the first %d of them",
+                len(wanted),
+                n_edits,
+                n_edits,
+            )
     elif order == "seeded":
         candidates = list(facts)
         random.Random(seed).shuffle(candidates)
