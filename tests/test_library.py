@@ -130,7 +130,9 @@ def test_editor_computes_what_edit_batch_computes():
         editor.prefixes,
         progress=False,
     )
-    torch.testing.assert_close(direct.deltas[1], update.deltas[1], rtol=0, atol=0)
+    # float32 rounding only: with one torch thread the two paths' matrix products round
+    # differently (2e-7 at most); with two they are bit-equal
+    torch.testing.assert_close(direct.deltas[1], update.deltas[1], rtol=1e-5, atol=1e-6)
     loaded.weight(1).data.copy_(snapshot)
 
 
