@@ -67,6 +67,9 @@ class FactRecord:
     batch: int  # the update that wrote it
     pre: dict[str, Any]
     post: dict[str, Any]  # from the scoring that counts (the last one that included it)
+    # sequential every_k runs: the scores right after the fact's own update (the paper's
+    # each_batch schedule, from the same run); {} where that is ``post`` or was not scored
+    each_batch: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +105,10 @@ class RunRecord:
     run_dir: str
     # facts whose values this run computed, and read from the sweep's value cache
     values: dict[str, int] = field(default_factory=dict)
+    # every fact as scored right after its own update: the paper's each_batch schedule. The same
+    # as ``post`` except in sequential every_k runs, which also score each batch right after
+    # its update ({} for the final schedule, which does not)
+    each_batch: Aggregate = field(default_factory=dict)
     config_hash: str | None = None  # what the run directory checks before skipping it
     data_hash: str | None = None  # (editexp.run_dir; None in summaries of older versions)
 
@@ -131,7 +138,8 @@ class RunRecord:
         return tuple(value) if isinstance(value, list) else value
 
     def metric(self, stage: str, metric: str, stat: str = "mean") -> float | None:
-        """``stage`` ("pre" or "post") ``metric``'s ``stat``, None when not measured."""
+        """``stage`` ("pre", "post" or "each_batch") ``metric``'s ``stat``, None when not
+        measured."""
         value = getattr(self, stage).get(metric, {}).get(stat)
         return None if value is None else float(value)
 

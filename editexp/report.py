@@ -54,6 +54,9 @@ STAT_NOTE = (
     "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
     "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means.\n"
 )
+# results.csv's metric blocks: before editing, after the run, and every fact right after its
+# own update (the paper's each_batch schedule; the same as post except in sequential runs)
+STAGES = ("pre", "post", "each_batch")
 GRID_FIELDS = (
     "algorithm",
     "model",
@@ -299,7 +302,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def results_csv(sweep: Sweep) -> str:
     header = list(GRID_FIELDS)
-    for stage in ("pre", "post"):
+    for stage in STAGES:
         header += [f"{stage}_{m}_{stat}" for m in METRICS for stat in ("mean", "std")]
     header.append("run_dir")
     buffer = io.StringIO()
@@ -307,7 +310,7 @@ def results_csv(sweep: Sweep) -> str:
     writer.writerow(header)
     for run in sorted_runs(sweep.runs):
         row = [format_value(name, run.field(name)) for name in GRID_FIELDS]
-        for stage in ("pre", "post"):
+        for stage in STAGES:
             for metric in METRICS:
                 for stat in ("mean", "std"):
                     value = run.metric(stage, metric, stat)
@@ -344,8 +347,33 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
         ]
         parts.append(f"\n## {title}\n")
         parts.append(markdown_table(header, rows))
+    # sequential runs scored on another schedule also measured the paper's each_batch numbers
+    both = [
+        run
+        for run in runs
+        if run.field("mode") == "sequential"
+        and run.field("eval_schedule") != "each_batch"
+        and run.record.each_batch
+    ]
+    if both:
+        parts.append(EACH_BATCH_TITLE)
+        rows = [
+            [format_value(name, run.field(name)) for name in GRID_FIELDS]
+            + _metric_cells(run, "each_batch")
+            + [_relative(run.directory, sweep.root)]
+            for run in both
+        ]
+        parts.append(markdown_table(header, rows))
     parts.append("\n" + STAT_NOTE)
     return "\n".join(parts)
+
+
+EACH_BATCH_TITLE = (
+    "\n## Sequential runs on the paper's schedule (each fact right after its own update)\n\n"
+    "The same runs as above, every fact as scored right after the update that wrote it "
+    "(`eval.schedule=each_batch`, the paper's code), not after the last update. GE is left "
+    "out: those runs sampled it on their own schedule.\n"
+)
 
 
 def _varying(runs: Sequence[FinishedRun], names: Iterable[str]) -> list[str]:

@@ -92,6 +92,8 @@ class Progress:
     batches: list[BatchRecord] = field(default_factory=list)  # one per update done
     post: dict[int, tuple[int, FactScores]] = field(default_factory=dict)  # case_id ->
     # (update, scores) of the scoring that counts: the last one that included the fact
+    each_batch: dict[int, FactScores] = field(default_factory=dict)  # case_id -> scores right
+    # after its own update (sequential every_k runs; the paper's each_batch schedule)
     deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> summed Delta
     weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W as edited so
     # far: a resumed run restores it as it was, so it goes on bit for bit (W0 + deltas in order)
@@ -116,6 +118,7 @@ class Progress:
             "post": {
                 case: (index, scores.to_json()) for case, (index, scores) in self.post.items()
             },
+            "each_batch": {case: scores.to_json() for case, scores in self.each_batch.items()},
             "deltas": self.deltas,
             "past_keys": self.past_keys,
             "timing": self.timing,
@@ -136,6 +139,9 @@ class Progress:
             post={
                 case: (index, FactScores.from_json(row))
                 for case, (index, row) in saved["post"].items()
+            },
+            each_batch={
+                case: FactScores.from_json(row) for case, row in saved.get("each_batch", {}).items()
             },
             deltas=saved["deltas"],
             past_keys=saved["past_keys"],
@@ -213,6 +219,19 @@ def scored_after(settings: RunSettings, facts: list[Fact], index: int) -> list[F
     if last or (settings.schedule == "every_k" and (index + 1) % settings.every_k == 0):
         return facts[: (index + 1) * size]
     return []
+
+
+def scores_right_after(
+    evaluator: Evaluator, written: list[Fact], results: list[FactScores]
+) -> dict[int, FactScores]:
+    """The ``written`` facts' scores right after the update that wrote them, i.e. the paper's
+    each_batch schedule inside an every_k run: taken from this update's scoring ``results``
+    when it included them, else scored now (without generation, so GE stays every_k's)."""
+    own = {fact.case_id for fact in written}
+    right_after = [result for result in results if result.case_id in own]
+    if len(right_after) != len(own):
+        right_after = evaluator.score(written)
+    return {result.case_id: FactScores(result.case_id, result.scores) for result in right_after}
 
 
 def scorings_per_fact(settings: RunSettings) -> int:
@@ -434,6 +453,9 @@ def edit_and_evaluate(
             scored = scored_after(settings, facts, index)
             before = evaluator.seconds
             results = evaluator.score(scored, generate_for) if scored else []
+            if settings.schedule == "every_k":
+                written = facts[index * size : (index + 1) * size]
+                progress.each_batch.update(scores_right_after(evaluator, written, results))
             progress.timing["evaluation"] += evaluator.seconds - before
             for layer, delta in update.deltas.items():
                 previous = progress.deltas.get(layer)
@@ -494,8 +516,15 @@ def fact_records(
     facts: list[Fact], pre: dict[int, FactScores], progress: Progress
 ) -> list[FactRecord]:
     """The lines of facts.jsonl: per edited fact, its update, pre and post scores."""
+    each_batch = progress.each_batch
     return [
-        FactRecord(fact.case_id, index, pre[fact.case_id].to_json(), post.to_json())
+        FactRecord(
+            fact.case_id,
+            index,
+            pre[fact.case_id].to_json(),
+            post.to_json(),
+            each_batch[fact.case_id].to_json() if fact.case_id in each_batch else {},
+        )
         for fact in facts
         if fact.case_id in progress.post
         for index, post in [progress.post[fact.case_id]]
@@ -507,6 +536,18 @@ def write_rows(
 ) -> None:
     write_jsonl(run_dir / "facts.jsonl", fact_records(facts, pre, progress))
     write_jsonl(run_dir / "batches.jsonl", progress.batches)
+
+
+def each_batch_aggregate(
+    settings: RunSettings, facts: list[Fact], progress: Progress
+) -> dict[str, dict[str, float]]:
+    """Every edited fact as scored right after its own update (the paper's each_batch
+    numbers): ``post`` itself except in sequential runs scored on another schedule."""
+    if settings.mode != "sequential" or settings.schedule == "each_batch":
+        scores = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
+    else:
+        scores = [progress.each_batch[f.case_id] for f in facts if f.case_id in progress.each_batch]
+    return aggregate([result.metrics() for result in scores]) if scores else {}
 
 
 def run_record(
@@ -537,6 +578,7 @@ def run_record(
         hparams=asdict(settings.hparams),
         pre=aggregate([pre[fact.case_id].metrics() for fact in facts]),
         post=aggregate([result.metrics() for result in post]),
+        each_batch=each_batch_aggregate(settings, facts, progress),
         update_mean=UpdateStats.mean([batch.update for batch in progress.batches]),
         timing={**progress.timing, "total": elapsed},
         run_dir=str(run_dir),

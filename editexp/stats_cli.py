@@ -45,8 +45,13 @@ def forward_flops_per_token(model: torch.nn.Module, layers_module: str, deepest:
 
 
 def duration(seconds: float) -> str:
+    """A rough duration: "under 1 s", "about 40 s", "about 5 min", "about 2.5 h"."""
     if seconds < 1:
         return "under 1 s"
+    return "about " + _rounded(seconds)
+
+
+def _rounded(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
@@ -62,7 +67,7 @@ def estimate(flops_per_token: float, n_tokens: int, d_k: int) -> str:
         f"forward work {work / 1e12:,.1f} TFLOP"
     ]
     for name, rate in REFERENCE_RATES.items():
-        lines.append(f"    about {duration(work / rate)} on {name}")
+        lines.append(f"    {duration(work / rate)} on {name}")
     return "\n".join(lines)
 
 

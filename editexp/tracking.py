@@ -10,7 +10,9 @@ end, `finish` always (`tracking` guarantees it). What a W&B run holds:
   resolved Hydra config under `cfg`. Group a dashboard by any axis.
 - **summary**: the result. `ES`, `PS`, `NS`, `S`, `GE` are the post-edit means over all facts
   of the run; beside them the `pre/<metric>/{mean,std,n}` and `post/...` blocks of
-  summary.json, `update_mean/*` (over the updates), `timing/*` and `edits_done`.
+  summary.json, `each_batch/...` (every fact right after its own update: the paper's
+  schedule, also measured in sequential `every_k` runs), `update_mean/*` (over the updates),
+  `timing/*` and `edits_done`.
 - **history**, against `edits_done`: `per_update/*` (the metrics of the facts scored at that
   update and the update's norms) and `edited_so_far/*` (the mean over all facts edited so
   far: the running mean of what was scored for `eval.schedule=each_batch`, what was scored
@@ -179,7 +181,8 @@ def summary_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     """
     post = summary.get("post") or {}
     headline = {key: post[key]["mean"] for key in HEADLINE if key in post}
-    blocks = {k: summary[k] for k in ("pre", "post", "update_mean", "timing") if summary.get(k)}
+    stages = ("pre", "post", "each_batch", "update_mean", "timing")
+    blocks = {k: summary[k] for k in stages if summary.get(k)}
     extra = {key: summary[key] for key in ("edits_done", "run_dir") if key in summary}
     return {**headline, **flatten(blocks), **extra}
 

@@ -119,6 +119,31 @@ def test_every_k_schedule_scores_all_edited_facts(tmp_path):
     assert summary["eval_schedule"] == "every_k" and summary["every_k"] == 2
 
 
+def test_every_k_run_also_gives_the_each_batch_schedule_numbers(tmp_path):
+    """An every_k run's each_batch block equals a run on the each_batch schedule: every fact
+    right after its own update (taken from the every_k scoring after updates 2 and 3, scored
+    on its own after update 1), for the same updates; a run killed after update 2 keeps them."""
+    sequential = ["mode=sequential", "n_edits=6", "batch_size=2", "eval.generation_facts=0"]
+    every_2 = [*sequential, "eval.schedule=every_k", "eval.every_k=2"]
+    with pytest.raises(SimulatedCrash):
+        run_config(tmp_path, "k", *every_2, "+debug.stop_after_updates=2")
+    every_k = run_config(tmp_path, "k", *every_2)
+    each = run_config(tmp_path, "each", *sequential, "eval.schedule=each_batch")
+    assert each["each_batch"] == each["post"]
+    assert every_k["each_batch"].keys() == each["post"].keys()
+    for metric, stats in each["post"].items():
+        assert every_k["each_batch"][metric] == pytest.approx(stats, rel=1e-6), metric
+    assert every_k["post"] != every_k["each_batch"]  # later updates moved the first facts
+    right_after = {
+        row["case_id"]: row["post"] for row in read_jsonl(tmp_path / "each" / "facts.jsonl")
+    }
+    for row in read_jsonl(tmp_path / "k" / "facts.jsonl"):
+        expected = right_after[row["case_id"]]["scores"]
+        torch.testing.assert_close(row["each_batch"]["scores"], expected, rtol=1e-6, atol=1e-7)
+    evaluated = [b["evaluated_facts"] for b in read_jsonl(tmp_path / "k" / "batches.jsonl")]
+    assert evaluated == [0, 4, 6]  # the extra scoring after update 1 is not every_k's
+
+
 def test_finished_run_is_skipped_and_other_config_in_same_dir_refused(tmp_path, capsys):
     first = run_config(tmp_path, "once", "mode=batch", "n_edits=2")
     again = run_config(tmp_path, "once", "mode=batch", "n_edits=2")
