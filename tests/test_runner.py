@@ -10,7 +10,7 @@ from conftest import compose_config
 
 from editexp.config import ConfigError
 from editexp.run_dir import RunDirError
-from editexp.runner import SimulatedCrash, run
+from editexp.runner import SimulatedCrash, run, use_slurm_cpus
 
 FAST = [
     "model=tiny-llama3",
@@ -157,3 +157,19 @@ def test_finished_run_is_skipped_and_other_config_in_same_dir_refused(tmp_path, 
 def test_emmet_exact_with_more_facts_than_dk_fails_before_editing(tmp_path):
     with pytest.raises(ConfigError, match="d_k=128"):
         run_config(tmp_path, "big", "algorithm=emmet", "lambda=0", "mode=batch", "n_edits=130")
+
+
+def test_a_slurm_job_runs_torch_on_the_cpus_it_was_given(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    try:
+        assert use_slurm_cpus() == 3 and torch.get_num_threads() == 3
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins
+        assert use_slurm_cpus() is None and torch.get_num_threads() == before
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK")  # not a SLURM job
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert use_slurm_cpus() is None
+    finally:
+        torch.set_num_threads(before)
