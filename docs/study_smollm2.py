@@ -1,6 +1,6 @@
 """Tables, figures and findings of docs/study-smollm2.md from the study's sweep directories.
 
-    python docs/study_smollm2.py /work/study/multirun
+    python docs/study_smollm2.py /work/study/multirun [--wandb]
 
 expects one directory per experiment below the given root (``layer_search``, ``lambda_search``,
 ``batch_scaling``, ``sequential``; each a Hydra sweep directory or the parent of several),
@@ -107,9 +107,11 @@ def level(value: float, se: float) -> str:
 # --------------------------------------------------------------------------- the report files
 
 
-def report(directory: Path, name: str) -> None:
-    """editexp-report into <directory>/report; its tables and PNGs into docs/study-smollm2."""
-    assert report_main([str(directory)]) == 0, f"editexp-report {directory} failed"
+def report(directory: Path, name: str, wandb: bool) -> None:
+    """editexp-report into <directory>/report (and to W&B, ``wandb``); its tables and PNGs into
+    docs/study-smollm2."""
+    args = [str(directory)] + (["--wandb"] if wandb else [])
+    assert report_main(args) == 0, f"editexp-report {directory} failed"
     target = OUT / name
     if target.exists():
         shutil.rmtree(target)
@@ -283,6 +285,7 @@ FINDINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the directory holding one folder per experiment")
+    parser.add_argument("--wandb", action="store_true", help="also log each report to W&B")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     parts = ["# Study findings (written by docs/study_smollm2.py)", ""]
@@ -295,7 +298,7 @@ def main() -> None:
         runs = runs_of(directory)
         if not runs:
             continue
-        report(directory, name)
+        report(directory, name, args.wandb)
         parts += FINDINGS[name](runs) + [""]
         costs.append(
             f"| {name} | {len(runs)} | {machine_hours(runs, THREADS[name]):.2f} "

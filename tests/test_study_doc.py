@@ -1,0 +1,34 @@
+"""docs/study_smollm2.py: the numbers it publishes (S, differences, their standard errors)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "docs" / "study_smollm2.py"
+spec = importlib.util.spec_from_file_location("study_smollm2", SCRIPT)
+study = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = study  # dataclasses look their module up there
+spec.loader.exec_module(study)
+
+
+def test_s_is_the_harmonic_mean_of_the_metric_means():
+    values = np.array([[100.0, 50.0, 50.0], [0.0, 50.0, 100.0]])  # means 50, 50, 75
+    assert study.s_of(values) == pytest.approx(3 / (1 / 50 + 1 / 50 + 1 / 75))
+    assert study.s_of(np.array([[0.0, 50.0, 50.0]])) == 0.0
+
+
+def test_paired_difference_of_the_same_facts_has_no_error_and_unpaired_has():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, (64, 3)) * 100.0
+    b = a.copy()
+    b[:, 2] -= 10  # the same facts, NS 10 points lower on every one
+    paired = study.bootstrap_se(a, b, paired=True)
+    assert paired[:2] == pytest.approx([0, 0]) and paired[2] == pytest.approx(0, abs=1e-9)
+    assert study.bootstrap_se(a, b, paired=False)[2] > 5  # independent resamples: +-sqrt(2) SE
+    se = study.bootstrap_se(a)[0]  # a mean's bootstrap SE is about std / sqrt(n)
+    assert se == pytest.approx(a[:, 0].std() / np.sqrt(64), rel=0.1)
