@@ -459,3 +459,49 @@ def test_layer_search_script_groups_statistics_and_runs_them_locally(tmp_path):
         "editexp-stats model=tiny-llama3 model=tiny-llama3 stats.n_tokens=3000 layer=[3]",
     ]
     assert "hydra.launcher.gpus_per_node=null" in commands[2].split()
+
+
+def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
+    """launchers/study_smollm2.sh: stage 1 is the layer search; stages 2-4 use the best layer
+    (MEMIT's, by S) and the best lambdas of the finished runs before them."""
+    from test_report import _job, _summary
+
+    study = tmp_path / "study"
+    _job(study / "layer_search", 0, ["layer=1"], _summary(layer=[1], post=(90, 80, 60)))
+    _job(study / "layer_search", 1, ["layer=5"], _summary(layer=[5], post=(95, 90, 70)))
+    for num, lam in enumerate((100.0, 1000.0)):
+        post = (90, 85, 60 + num)
+        _job(
+            study / "lambda_search" / "memit", num, [f"lambda={lam}"], _summary(lam=lam, post=post)
+        )
+    _job(study / "lambda_search" / "emmet", 0, ["lambda=0"], _summary("emmet", lam=0.0))
+
+    def commands(stages: str) -> list[str]:
+        process = subprocess.run(
+            ["bash", str(PROJECT / "launchers" / "study_smollm2.sh")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={
+                **_environment(tmp_path),
+                "DRY_RUN": "1",
+                "STUDY_DIR": str(study),
+                "STAGES": stages,
+            },
+        )
+        assert process.returncode == 0, process.stdout + process.stderr
+        return [line[2:] for line in process.stdout.splitlines() if line.startswith("+ editexp ")]
+
+    (layer_search,) = commands("1")
+    assert "+experiment=layer_search" in layer_search and "n_edits=40" in layer_search.split()
+    (lambda_memit, lambda_emmet, batch, *sequential) = commands("2 3 4")
+    assert "algorithm=memit" in lambda_memit and "layer=5" in lambda_memit.split()
+    assert "algorithm=emmet" in lambda_emmet
+    chosen = ["layer=5", "model.hparams.memit.lambda=1000", "model.hparams.emmet.lambda=0"]
+    for command in [batch, *sequential]:
+        assert set(chosen) <= set(command.split()), command
+    assert "max_edits=1024" in batch.split() and len(sequential) == 3
+    assert {f"hydra.sweep.dir={study}/sequential/{name}" for name in ("256", "rome", "1024")} == {
+        word for command in sequential for word in command.split() if "sweep.dir" in word
+    }
