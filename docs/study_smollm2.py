@@ -89,11 +89,22 @@ def bootstrap_se(a: np.ndarray, b: np.ndarray | None = None, paired: bool = Fals
     return np.std(draws, axis=0)
 
 
+def on_facts(run: Run, case_ids: np.ndarray, stage: str) -> np.ndarray:
+    """The run's (n, 3) values of ``case_ids`` (all of which it edited), in that order."""
+    row = {case: index for index, case in enumerate(run.case_ids)}
+    return run.values[stage][[row[case] for case in case_ids]]
+
+
 def difference(a: Run, b: Run, stage: str = "post") -> tuple[np.ndarray, np.ndarray]:
-    """(ES, PS, NS, S) of ``a`` minus ``b`` and its SE, paired when both edited the same facts."""
-    paired = len(a.case_ids) == len(b.case_ids) and bool((a.case_ids == b.case_ids).all())
+    """(ES, PS, NS, S) of ``a`` minus ``b`` and its SE. Over the facts both runs edited, paired,
+    when one run's facts are among the other's (two layers, two lambdas, nested batch sizes:
+    the same facts edited in a smaller and a larger batch); else over each run's own facts."""
+    common = np.intersect1d(a.case_ids, b.case_ids)
+    if len(common) in (len(a.case_ids), len(b.case_ids)):
+        va, vb = on_facts(a, common, stage), on_facts(b, common, stage)
+        return with_s(va) - with_s(vb), bootstrap_se(va, vb, paired=True)
     va, vb = a.values[stage], b.values[stage]
-    return with_s(va) - with_s(vb), bootstrap_se(va, vb, paired)
+    return with_s(va) - with_s(vb), bootstrap_se(va, vb)
 
 
 def cell(value: float, se: float) -> str:
@@ -227,17 +238,14 @@ def batch_findings(runs: list[Run]) -> list[str]:
             lines.append(
                 f"| {algorithm.upper()} | {run.field('n_edits')} | " + " | ".join(cells) + " |"
             )
-        if len(done) >= 2:
-            first, last = done[0], done[-1]
-            diff, se = difference(last, first)
+        for smaller, larger in zip(done, done[1:]):  # the same facts in the next larger batch
+            diff, se = difference(larger, smaller)
             changes.append(
-                f"- {algorithm.upper()}, {first.field('n_edits')} → {last.field('n_edits')} facts: "
+                f"- {algorithm.upper()}, the {smaller.field('n_edits')} facts of a batch of "
+                f"{smaller.field('n_edits')} edited in a batch of {larger.field('n_edits')} "
+                "instead (paired): "
                 + ", ".join(f"{m} {cell(d, s)}" for m, d, s in zip((*METRICS, "S"), diff, se))
             )
-            small = {r.field("n_edits"): r for r in done}
-            if 16 in small and 64 in small:
-                d, s = difference(small[64], small[16])
-                changes.append(f"  - PS from 16 to 64 facts: {cell(d[1], s[1])}")
     return lines + [""] + changes
 
 

@@ -32,3 +32,14 @@ def test_paired_difference_of_the_same_facts_has_no_error_and_unpaired_has():
     assert study.bootstrap_se(a, b, paired=False)[2] > 5  # independent resamples: +-sqrt(2) SE
     se = study.bootstrap_se(a)[0]  # a mean's bootstrap SE is about std / sqrt(n)
     assert se == pytest.approx(a[:, 0].std() / np.sqrt(64), rel=0.1)
+
+
+def test_difference_of_nested_runs_is_paired_over_the_smaller_runs_facts():
+    def run(case_ids, values):
+        return study.Run(None, np.array(case_ids), {"post": np.array(values, dtype=float)})
+
+    small = run([7, 3], [[100, 100, 50], [100, 0, 50]])
+    large = run([3, 9, 7], [[100, 0, 40], [0, 0, 0], [100, 100, 40]])  # fact 9 not in small
+    diff, se = study.difference(large, small)
+    assert diff[:3] == pytest.approx([0, 0, -10])  # facts 3 and 7 only, each NS 10 lower
+    assert se[:3] == pytest.approx([0, 0, 0], abs=1e-9)
