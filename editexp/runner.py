@@ -27,7 +27,9 @@ it; ``batch`` makes one update of all facts; ``sequential`` makes n_edits / batc
 one after another. Schedules (``eval.schedule``; published numbers differ by it):
 ``each_batch`` scores each batch's facts right after its own update (the paper's code),
 ``final`` scores all edited facts after the last update, ``every_k`` scores all facts edited
-so far after every k-th update (the last one included) and reports the final scoring.
+so far after every k-th update (the last one included) and reports the final scoring; it also
+keeps each batch's scores right after its own update (scoring the batch alone when the k-th
+update has not come), so the same run gives the paper's each_batch numbers.
 """
 
 from __future__ import annotations
@@ -547,7 +549,8 @@ def each_batch_aggregate(
     if settings.mode != "sequential" or settings.schedule == "each_batch":
         scores = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
     else:
-        scores = [progress.each_batch[f.case_id] for f in facts if f.case_id in progress.each_batch]
+        after = progress.each_batch
+        scores = [after[fact.case_id] for fact in facts if fact.case_id in after]
     return aggregate([result.metrics() for result in scores]) if scores else {}
 
 
