@@ -10,7 +10,8 @@ the paper's claims checked with numbers and standard errors, and what each exper
 
 Standard errors: ES, PS and NS are means over facts (SE = std / sqrt(n)); S, the harmonic mean
 of the three means, and every difference get theirs from 2,000 bootstrap resamples of the facts
-(paired where both runs edited the same facts, e.g. two layers or two sequential schedules).
+(paired over the common facts where one run's facts are among the other's: two layers, two
+lambdas, two sequential schedules, or a batch and the larger batch that contains it).
 """
 
 from __future__ import annotations
