@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from editexp.config import compose
+from editexp.config import CONFIG_DIR, compose
 from editexp.models import build_tokenizer
 from editexp.runner import run
 
@@ -52,6 +53,9 @@ TARGET_MINUTES = 30  # issue 10: the paper's 4096-edit batch on one H100
 
 
 def model_config(shape: str, dtype: str) -> dict:
+    """The llama3-8b model config (its value hyperparameters and lambdas), with random weights
+    of ``shape`` in ``dtype`` on the Llama-3 tokenizer instead of the downloaded model."""
+    model = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "llama3-8b.yaml"))
     architecture = {
         "model_type": "llama",
         **SHAPES[shape],
@@ -61,31 +65,18 @@ def model_config(shape: str, dtype: str) -> dict:
         "bos_token_id": 128000,
         "eos_token_id": 128001,
     }
-    n_layers = architecture["num_hidden_layers"]
-    return {
-        "name": f"random-{shape}",
-        "source": "random",
-        "tokenizer": "llama3",
-        "init_seed": 0,
-        "architecture": architecture,
-        "dtype": dtype,
-        "n_layers": n_layers,
-        "default_layer": 1,
-        "modules": {"layers": "model.layers", "edit": "model.layers.{}.mlp.down_proj"},
-        "stats": {"files": None, "dataset": None, "n_tokens": 10000},
-        "hparams": {
-            name: {
-                "lambda": lam,
-                "v_lr": 0.5,
-                "v_steps": 25,
-                "v_weight_decay": 0.001,
-                "kl_factor": 0.0625,
-                "clamp_norm_factor": 4.0,
-                "early_stop_loss": 0.05,
-            }
-            for name, lam in (("rome", None), ("memit", 50000.0), ("emmet", 0.0))
-        },
-    }
+    model.update(
+        name=f"random-{shape}",
+        source="random",
+        path=None,
+        tokenizer="llama3",
+        init_seed=0,
+        architecture=architecture,
+        dtype=dtype,
+        n_layers=architecture["num_hidden_layers"],
+        stats={**model["stats"], "dataset": None},  # the random-token file instead
+    )
+    return model
 
 
 def random_corpus(path: Path, n_tokens: int) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from editexp.evaluation.metrics import harmonic_mean
 from editexp.report import FinishedRun, collect
 from editexp.report import main as report_main
 
@@ -66,8 +67,7 @@ class Run:
 
 def s_of(values: np.ndarray) -> float:
     """S: the harmonic mean of the ES, PS and NS means ((n, 3) percent values)."""
-    means = values.mean(axis=0)
-    return 0.0 if (means <= 0).any() else float(3 / (1 / means).sum())
+    return harmonic_mean([float(mean) for mean in values.mean(axis=0)])
 
 
 def with_s(values: np.ndarray) -> np.ndarray:

@@ -542,15 +542,15 @@ def write_rows(
 
 
 def each_batch_aggregate(
-    settings: RunSettings, facts: list[Fact], progress: Progress
+    settings: RunSettings, facts: list[Fact], progress: Progress, post: dict
 ) -> dict[str, dict[str, float]]:
     """Every edited fact as scored right after its own update (the paper's each_batch
-    numbers): ``post`` itself except in sequential runs scored on another schedule."""
+    numbers): the run's ``post`` aggregate itself except in sequential runs scored on another
+    schedule."""
     if settings.mode != "sequential" or settings.schedule == "each_batch":
-        scores = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
-    else:
-        after = progress.each_batch
-        scores = [after[fact.case_id] for fact in facts if fact.case_id in after]
+        return post
+    after = progress.each_batch
+    scores = [after[fact.case_id] for fact in facts if fact.case_id in after]
     return aggregate([result.metrics() for result in scores]) if scores else {}
 
 
@@ -564,6 +564,7 @@ def run_record(
     elapsed: float,
 ) -> RunRecord:
     post = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
+    post_aggregate = aggregate([result.metrics() for result in post])
     return RunRecord(
         algorithm=settings.algorithm,
         model=settings.model_name,
@@ -581,8 +582,8 @@ def run_record(
         seed=settings.seed,
         hparams=asdict(settings.hparams),
         pre=aggregate([pre[fact.case_id].metrics() for fact in facts]),
-        post=aggregate([result.metrics() for result in post]),
-        each_batch=each_batch_aggregate(settings, facts, progress),
+        post=post_aggregate,
+        each_batch=each_batch_aggregate(settings, facts, progress, post_aggregate),
         update_mean=UpdateStats.mean([batch.update for batch in progress.batches]),
         timing={**progress.timing, "total": elapsed},
         run_dir=str(run_dir),
