@@ -3,7 +3,8 @@ the launcher scripts.
 
 Every sweep runs ``editexp -m`` as a subprocess on the tiny Llama-3 with small settings, as a
 user would. The SLURM test needs a cluster: the ``slurm_cluster`` fixture uses a running one
-(``sinfo`` answers) or starts launchers/local-slurm (as root) and stops it at the end.
+(``sinfo`` answers) or starts launchers/local-slurm (as root) and stops it at the end; if other
+jobs hold every CPU of the node, it skips and names them.
 """
 
 from __future__ import annotations
@@ -109,6 +110,43 @@ def slurm_cluster():
     yield
     if started_here:
         subprocess.run(["bash", str(LOCAL_SLURM / "stop.sh")], timeout=120, check=False)
+
+
+def slurm_busy_reason(cpu_counts: str, queue: str) -> str | None:
+    """Why a 1-CPU job could not start now, or None.
+
+    ``cpu_counts`` is ``sinfo -h -o %C`` ("allocated/idle/other/total" per partition line),
+    ``queue`` is ``squeue -h -o "%i %T %C"``. A test job behind other users' hour-long jobs
+    would only time out, so the test says which jobs hold the node instead.
+    """
+    idle = sum(int(line.split("/")[1]) for line in cpu_counts.split())
+    if idle > 0:
+        return None
+    jobs = "; ".join(line.strip() for line in queue.strip().splitlines()) or "none listed"
+    return (
+        f"every CPU of the SLURM node is held by other jobs (squeue: {jobs}); the SLURM test "
+        "needs one free CPU: wait for those jobs or scancel them"
+    )
+
+
+@pytest.fixture
+def free_slurm_cpu(slurm_cluster):
+    """The cluster, with a CPU free for the test's jobs (skip, naming the jobs, if none is)."""
+
+    def ask(*command: str) -> str:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout
+
+    reason = slurm_busy_reason(
+        ask("sinfo", "-h", "-o", "%C"), ask("squeue", "-h", "-o", "%i %T %C")
+    )
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def test_a_busy_slurm_node_is_named_instead_of_waited_on():
+    assert slurm_busy_reason("1/1/0/2", "69_3 RUNNING 1") is None
+    reason = slurm_busy_reason("2/0/0/2", "69_3 RUNNING 2\n69_7 PENDING 2\n")
+    assert reason is not None and "69_3 RUNNING 2; 69_7 PENDING 2" in reason
 
 
 # --------------------------------------------------------------------------- running sweeps
@@ -228,7 +266,7 @@ def check_two_layer_sweep(sweep_dir: Path) -> None:
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_runs_every_grid_point_as_a_tracked_job(slurm_cluster, tmp_path):
+def test_slurm_sweep_runs_every_grid_point_as_a_tracked_job(free_slurm_cpu, tmp_path):
     result, sweep_dir = multirun(
         tmp_path, *SMALL, *TWO_UPDATES, "layer=1,2", "logger=wandb", *SLURM_LAUNCHER
     )

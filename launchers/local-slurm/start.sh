@@ -6,10 +6,15 @@
 # Environment:
 #   EDITEXP_SLURM_STATE_DIR  where pids and the lock live (default /tmp/editexp-local-slurm)
 #   EDITEXP_SLURM_WAIT_S     how long to wait for the node to become idle (default 60)
+#   EDITEXP_SLURM_CLEAR_SAVED_JOBS=1
+#                            start slurmctld with -c: jobs that an earlier cluster saved in
+#                            /var/spool/slurmctld do not come back (CI sets this: its jobs
+#                            must not wait behind someone else's)
 set -euo pipefail
 
 STATE_DIR=${EDITEXP_SLURM_STATE_DIR:-/tmp/editexp-local-slurm}
 WAIT_S=${EDITEXP_SLURM_WAIT_S:-60}
+CLEAR_SAVED_JOBS=${EDITEXP_SLURM_CLEAR_SAVED_JOBS:-0}
 PACKAGES=(slurmctld slurmd slurm-client munge)
 SLURM_CONF=/etc/slurm/slurm.conf
 CONF_MARKER="# Written by editexp launchers/local-slurm/start.sh"
@@ -216,15 +221,16 @@ start_munged() {
     }
 }
 
-# start_slurm_daemon NAME PIDFILE LOGFILE
+# start_slurm_daemon NAME PIDFILE LOGFILE [ARGS...]
 start_slurm_daemon() {
     local name=$1 pidfile=$2 logfile=$3
+    shift 3
     if pgrep -x "$name" >/dev/null; then
         log "$name already running (not started by this script; left alone)"
         return 0
     fi
-    log "starting $name"
-    if ! "/usr/sbin/$name" 9>&- || ! record_pid "$name" "$pidfile"; then
+    log "starting $name $*"
+    if ! "/usr/sbin/$name" "$@" 9>&- || ! record_pid "$name" "$pidfile"; then
         show_log "$logfile"
         die "$name failed to start"
     fi
@@ -277,7 +283,12 @@ main() {
     ensure_munge_key
     write_slurm_conf
     start_munged
-    start_slurm_daemon slurmctld "$CTLD_PIDFILE" "$LOG_DIR/slurmctld.log"
+    local ctld_args=()
+    if [[ $CLEAR_SAVED_JOBS == 1 ]]; then
+        log "EDITEXP_SLURM_CLEAR_SAVED_JOBS=1: jobs saved by an earlier cluster are discarded"
+        ctld_args=(-c)
+    fi
+    start_slurm_daemon slurmctld "$CTLD_PIDFILE" "$LOG_DIR/slurmctld.log" "${ctld_args[@]}"
     start_slurm_daemon slurmd "$SLURMD_PIDFILE" "$LOG_DIR/slurmd.log"
     wait_for_node
     local started=() f
