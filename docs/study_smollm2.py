@@ -268,6 +268,7 @@ def sequential_findings(runs: list[Run]) -> list[str]:
             + f" | {level(each, each_se)} |"
         )
     lines += ["", "Smaller sequential batches against one batch of all the edits (S, paired):"]
+    rome = {r.field("n_edits"): r for r in runs if r.field("algorithm") == "rome"}
     for algorithm in ("memit", "emmet"):
         for total in sorted({r.field("n_edits") for r in runs}):
             same = {
@@ -277,11 +278,17 @@ def sequential_findings(runs: list[Run]) -> list[str]:
             }
             if total not in same:
                 continue
-            for size in sorted(size for size in same if size < total):
+            smaller = [
+                (f"{algorithm.upper()} {total // size}x{size}", same[size])
+                for size in sorted(size for size in same if size < total)
+            ]
+            if total in rome and rome[total].field("batch_size") == 1:  # ROME's singular edits
+                smaller.insert(0, (f"ROME {total}x1", rome[total]))
+            for name, run in smaller:
                 for stage in ("post", "each_batch"):
-                    d, s = difference(same[size], same[total], stage)
+                    d, s = difference(run, same[total], stage)
                     lines.append(
-                        f"- {algorithm.upper()} {total // size}x{size} − 1x{total} ({stage}): "
+                        f"- {name} − {algorithm.upper()} 1x{total} ({stage}): "
                         f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
                     )
     return lines

@@ -43,3 +43,22 @@ def test_difference_of_nested_runs_is_paired_over_the_smaller_runs_facts():
     diff, se = study.difference(large, small)
     assert diff[:3] == pytest.approx([0, 0, -10])  # facts 3 and 7 only, each NS 10 lower
     assert se[:3] == pytest.approx([0, 0, 0], abs=1e-9)
+
+
+def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to_one_batch():
+    from types import SimpleNamespace
+
+    def run(algorithm, batch_size, ns):
+        fields = {"algorithm": algorithm, "n_edits": 4, "batch_size": batch_size}
+        values = np.array([[100.0, 100.0, ns]] * 4)
+        return study.Run(
+            SimpleNamespace(field=fields.__getitem__),
+            np.arange(4),
+            {"post": values, "each_batch": values},
+        )
+
+    runs = [run("memit", 4, 50), run("memit", 2, 60), run("rome", 1, 40)]
+    lines = "\n".join(study.sequential_findings(runs))
+    assert "- MEMIT 2x2 − MEMIT 1x4 (post): S" in lines and "NS +10.0 ± 0.0" in lines
+    assert "- ROME 4x1 − MEMIT 1x4 (each_batch): S" in lines and "NS -10.0 ± 0.0" in lines
+    assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
