@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,8 +47,6 @@ def test_difference_of_nested_runs_is_paired_over_the_smaller_runs_facts():
 
 
 def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to_one_batch():
-    from types import SimpleNamespace
-
     def run(algorithm, batch_size, ns):
         fields = {"algorithm": algorithm, "n_edits": 4, "batch_size": batch_size}
         values = np.array([[100.0, 100.0, ns]] * 4)
