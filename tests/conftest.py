@@ -20,6 +20,21 @@ os.environ.setdefault("EDITEXP_DATA_DIR", str(DEFAULT_DATA_DIR))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# A whole run on the tiny Llama-3 in seconds: small statistics, one short GE fact, 3 value steps.
+TINY_RUN = [
+    "model=tiny-llama3",
+    "stats.n_tokens=3000",
+    "stats.seq_len=64",
+    "eval.generation_facts=1",
+    "eval.generation_length=20",
+    "eval.held_out_keys=32",
+    "editing.prefixes.count=2",
+    "editing.prefixes.length=5",
+    "model.hparams.rome.v_steps=3",
+    "model.hparams.memit.v_steps=3",
+    "model.hparams.emmet.v_steps=3",
+]
+
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

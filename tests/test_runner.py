@@ -6,26 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import TINY_RUN, compose_config
 
 from editexp.config import ConfigError
 from editexp.run_dir import RunDirError
 from editexp.runner import SimulatedCrash, run, use_slurm_cpus
 
-FAST = [
-    "model=tiny-llama3",
-    "logger=none",
-    "stats.n_tokens=3000",
-    "stats.seq_len=64",
-    "eval.generation_facts=1",
-    "eval.generation_length=20",
-    "eval.held_out_keys=32",
-    "editing.prefixes.count=2",
-    "editing.prefixes.length=5",
-    "model.hparams.memit.v_steps=3",
-    "model.hparams.emmet.v_steps=3",
-    "model.hparams.rome.v_steps=3",
-]
+FAST = [*TINY_RUN, "logger=none"]
 
 
 def run_config(tmp_path, name, *overrides):

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, PROJECT
+from conftest import CONF_DIR, PROJECT, TINY_RUN
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -33,19 +33,6 @@ LOCAL_SLURM = PROJECT / "launchers" / "local-slurm"
 EDITEXP = shutil.which("editexp", path=str(Path(sys.executable).parent)) or "editexp"
 REPORT = shutil.which("editexp-report", path=str(Path(sys.executable).parent)) or "editexp-report"
 
-SMALL = [
-    "model=tiny-llama3",
-    "stats.n_tokens=3000",
-    "stats.seq_len=64",
-    "eval.generation_facts=1",
-    "eval.generation_length=20",
-    "eval.held_out_keys=32",
-    "editing.prefixes.count=2",
-    "editing.prefixes.length=5",
-    "model.hparams.rome.v_steps=3",
-    "model.hparams.memit.v_steps=3",
-    "model.hparams.emmet.v_steps=3",
-]
 # Two updates per grid point, so the W&B history has a curve.
 TWO_UPDATES = ["mode=sequential", "n_edits=2", "batch_size=1"]
 SLURM_LAUNCHER = [
@@ -268,7 +255,7 @@ def check_two_layer_sweep(sweep_dir: Path) -> None:
 @pytest.mark.slurm
 def test_slurm_sweep_runs_every_grid_point_as_a_tracked_job(free_slurm_cpu, tmp_path):
     result, sweep_dir = multirun(
-        tmp_path, *SMALL, *TWO_UPDATES, "layer=1,2", "logger=wandb", *SLURM_LAUNCHER
+        tmp_path, *TINY_RUN, *TWO_UPDATES, "layer=1,2", "logger=wandb", *SLURM_LAUNCHER
     )
     assert result.returncode == 0, _tail(result.stdout, 60)
     assert list(sweep_dir.glob(".submitit/*")), "no SLURM job was submitted"
@@ -277,7 +264,7 @@ def test_slurm_sweep_runs_every_grid_point_as_a_tracked_job(free_slurm_cpu, tmp_
 
 def test_local_launcher_sweep(tmp_path):
     result, sweep_dir = multirun(
-        tmp_path, *SMALL, *TWO_UPDATES, "layer=1,2", "logger=wandb", "hydra/launcher=local"
+        tmp_path, *TINY_RUN, *TWO_UPDATES, "layer=1,2", "logger=wandb", "hydra/launcher=local"
     )
     assert result.returncode == 0, _tail(result.stdout, 60)
     check_two_layer_sweep(sweep_dir)
@@ -291,7 +278,7 @@ def test_layer_search_preset_runs_and_reports(tmp_path):
     result, sweep_dir = multirun(
         tmp_path,
         "+experiment=layer_search",
-        *SMALL,
+        *TINY_RUN,
         "n_edits=2",
         "eval.generation_facts=0",
         "logger=none",
@@ -382,7 +369,7 @@ def test_crashing_grid_point_does_not_stop_the_sweep_and_finishes_its_wandb_run(
     """Basic launcher: a point that fails mid-run (after its first update) is reported by a
     non-zero exit after the other points ran, and its W&B run is closed with exit code 1."""
     result, sweep_dir = multirun(
-        tmp_path, *SMALL, *TWO_UPDATES, "+debug.stop_after_updates=1,null", "logger=wandb"
+        tmp_path, *TINY_RUN, *TWO_UPDATES, "+debug.stop_after_updates=1,null", "logger=wandb"
     )
     assert result.returncode != 0
     assert "SimulatedCrash" in result.stdout
@@ -410,7 +397,7 @@ def test_invalid_layer_fails_only_its_grid_point(tmp_path, launcher, layers):
     without accounting)."""
     launcher_args = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
     result, sweep_dir = multirun(
-        tmp_path, *SMALL, "n_edits=1", f"layer={layers}", "logger=wandb", *launcher_args
+        tmp_path, *TINY_RUN, "n_edits=1", f"layer={layers}", "logger=wandb", *launcher_args
     )
     assert result.returncode != 0
     assert "outside model 'tiny-llama3'" in result.stdout

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import TINY_RUN, compose_config
 from omegaconf import OmegaConf
 from wandb_offline import read_run, read_runs
 
@@ -35,19 +35,6 @@ WANDB_CFG = {
     "job_type": None,
     "log_deltas": True,
 }
-FAST = [
-    "model=tiny-llama3",
-    "stats.n_tokens=3000",
-    "stats.seq_len=64",
-    "eval.generation_facts=1",
-    "eval.generation_length=20",
-    "eval.held_out_keys=32",
-    "editing.prefixes.count=2",
-    "editing.prefixes.length=5",
-    "model.hparams.memit.v_steps=3",
-    "model.hparams.emmet.v_steps=3",
-    "model.hparams.rome.v_steps=3",
-]
 HEADLINE = ("ES", "PS", "NS", "S", "GE")
 
 
@@ -296,7 +283,7 @@ def test_fact_table_data() -> None:
 def _run(tmp_path: Path, run_dir: Path, *overrides: str, experiment: str | None = None):
     from editexp.runner import run
 
-    cfg = compose_config(*FAST, "logger=wandb", "logger.project=editexp-test", *overrides)
+    cfg = compose_config(*TINY_RUN, "logger=wandb", "logger.project=editexp-test", *overrides)
     record = run(cfg, run_dir, list(overrides), str(tmp_path / "multirun" / "s1"), experiment)
     return record.to_json()
 
