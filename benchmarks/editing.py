@@ -22,11 +22,12 @@ from hydra import compose, initialize_config_dir
 
 from editexp.config import CONFIG_DIR, run_settings
 from editexp.data.counterfact import load_counterfact, select_facts
-from editexp.editing.editor import closed_form_delta
-from editexp.editing.keys_values import EditRequest, compute_keys, compute_values
-from editexp.editing.linalg import CovarianceFactor
+from editexp.editing.keys import EditRequest, compute_keys
+from editexp.editing.linalg import CovarianceFactor, SolveParams
 from editexp.editing.plain_values import plain_values
 from editexp.editing.prefixes import context_prefixes
+from editexp.editing.solvers import closed_form_delta
+from editexp.editing.values import compute_values
 from editexp.models import load_model
 from editexp.stats import load_or_compute_stats
 
@@ -114,7 +115,7 @@ def main() -> None:
     memit_lambda = settings.lam if settings.lam is not None else 1000.0
     for algorithm, lam in (("memit", memit_lambda), ("emmet", 1e-4)):
         start = time.perf_counter()
-        closed_form_delta(algorithm, keys, residuals, covariance, lam)
+        closed_form_delta(algorithm, keys, residuals, covariance, SolveParams(lam))
         print(
             f"{algorithm} solve for {size} facts: {time.perf_counter() - start:.3f} s "
             "(C0 already factored)"

@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_dir
 
 from editexp.config import CONFIG_DIR
 from editexp.data.counterfact import load_counterfact
-from editexp.evaluation.generation import generation_seed, sample_continuation_ids
 from editexp.models import load_model
+from editexp.sampling import generation_seed, sample_continuation_ids
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -393,9 +393,9 @@ def in_process_units(args: argparse.Namespace, bench: Bench) -> dict[str, float]
 
     from editexp.config import CONFIG_DIR
     from editexp.data.counterfact import load_counterfact, select_facts
-    from editexp.editing.rank_one import RankOneEdits, RowEdits
     from editexp.evaluation.counterfact_eval import evaluate_facts
     from editexp.models import load_model
+    from editexp.row_edits import RankOneEdits, RowEdits
 
     if args.threads:
         torch.set_num_threads(args.threads)

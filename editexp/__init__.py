@@ -11,6 +11,7 @@ From Python (see the README's "From Python")::
 
 from typing import Any
 
+import editexp.algorithms  # noqa: F401  (registers the algorithms' config defaults)
 from editexp.resolvers import register as _register_resolvers
 
 __version__ = "0.1.0"

@@ -18,32 +18,29 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from editexp.algorithms import (
+    VALUE_DEFAULTS,
+    Algorithm,
+    UnknownAlgorithmError,
+    ValueHparams,
+    algorithm_names,
+    get_algorithm,
+)
 from editexp.errors import UserError
+
+__all__ = ["ConfigError", "RunSettings", "ValueHparams", "compose", "run_settings"]
 
 # The configs ship inside the package (editexp/conf/, package data), so a wheel has them too.
 # An absolute path: Hydra resolves a relative config_path against the calling *module* when
 # started from a console script, and against the file only when the file is run directly.
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
-ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
 MODES = ("singular", "batch", "sequential")
 SCHEDULES = ("each_batch", "final", "every_k")
 
 
 class ConfigError(UserError):
     """A run config that cannot work, naming the bad value and what would be accepted."""
-
-
-@dataclass(frozen=True)
-class ValueHparams:
-    """How v* is optimised (``model.hparams.<algorithm>`` without its lambda)."""
-
-    v_lr: float = 0.5
-    v_steps: int = 25
-    v_weight_decay: float = 1e-3
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
 
 
 def model_names() -> list[str]:
@@ -60,9 +57,9 @@ def compose(
 
     Keys with dots go in as ``**{"editing.prefixes.count": 2}``; ``lam`` stands for
     ``lambda`` (a Python keyword). ``logger`` is ``none``: a library user tracks nothing.
-    ROME edits one fact per update, so its ``mode`` defaults to ``singular``.
+    An algorithm that edits one fact per update (ROME) defaults to ``mode=singular``.
     """
-    if algorithm == "rome":
+    if algorithm_record(algorithm).one_fact_per_update:
         overrides.setdefault("mode", "singular")
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -71,8 +68,6 @@ def compose(
     name = model if isinstance(model, str) else "smollm2-135m"
     if name not in model_names():
         raise ConfigError(f"model={name!r}; expected one of {', '.join(model_names())}")
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm={algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
     groups = [f"model={name}", f"algorithm={algorithm}", "logger=none"]
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose from its tree
         cfg = hydra_compose("config", overrides=groups)
@@ -114,9 +109,10 @@ class RunSettings:
 
     def check_model(self, d_k: int) -> None:
         """The checks that need the loaded model's key dimension d_k."""
-        if self.algorithm == "emmet" and self.lam == 0 and self.batch_size >= d_k:
+        algorithm = get_algorithm(self.algorithm)
+        if algorithm.exact_at_zero_lambda and self.lam == 0 and self.batch_size >= d_k:
             raise ConfigError(
-                f"EMMET with lambda=0 needs fewer than d_k={d_k} facts per update, got "
+                f"{algorithm.title} with lambda=0 needs fewer than d_k={d_k} facts per update, got "
                 f"batch_size={self.batch_size}; use lambda > 0 (e.g. lambda=1e-4)"
             )
 
@@ -207,7 +203,18 @@ def check_inputs(cfg: DictConfig) -> None:
     check_device(cfg.device)
     _bool("force", cfg.force)
     _bool("save_deltas", cfg.save_deltas)
-    stats = cfg.stats
+    _check_stats(cfg.stats)
+    prefixes = cfg.editing.prefixes
+    _int("editing.prefixes.count", prefixes.count, minimum=0)
+    _positive_int("editing.prefixes.length", prefixes.length)
+    _int("editing.prefixes.seed", prefixes.seed)
+    _positive_int("editing.batch_size", cfg.editing.batch_size)
+    _bool("editing.cache", cfg.editing.get("cache", True))
+    _check_eval(cfg.eval)
+    _check_data(cfg.data)
+
+
+def _check_stats(stats: DictConfig) -> None:
     for key in ("n_tokens", "seq_len", "batch_size"):
         _positive_int(f"stats.{key}", stats[key])
     _choice("stats.dtype", stats.dtype, STATS_DTYPES)
@@ -221,13 +228,9 @@ def check_inputs(cfg: DictConfig) -> None:
             f"stats.corpus.files={corpus_files!r}; expected a non-empty list of text file paths "
             "(or null for <data.dir>/corpus/*.txt)"
         )
-    prefixes = cfg.editing.prefixes
-    _int("editing.prefixes.count", prefixes.count, minimum=0)
-    _positive_int("editing.prefixes.length", prefixes.length)
-    _int("editing.prefixes.seed", prefixes.seed)
-    _positive_int("editing.batch_size", cfg.editing.batch_size)
-    _bool("editing.cache", cfg.editing.get("cache", True))
-    evaluation = cfg.eval
+
+
+def _check_eval(evaluation: DictConfig) -> None:
     _positive_int("eval.batch_size", evaluation.batch_size)
     if evaluation.get("layer_states_gb") is not None:
         _number("eval.layer_states_gb", evaluation.layer_states_gb)
@@ -241,25 +244,16 @@ def check_inputs(cfg: DictConfig) -> None:
     _positive_int("eval.generation_length", evaluation.generation_length)
     _positive_int("eval.generation_batch_size", evaluation.generation_batch_size)
     _int("eval.held_out_keys", evaluation.held_out_keys, minimum=0)
-    data = cfg.data
+
+
+def _check_data(data: DictConfig) -> None:
     _choice("data.order", data.order, ("seeded", "file", "case_ids"))
     _bool("data.unique_subjects", data.unique_subjects)
     _optional_str("data.dir", data.get("dir"), "a folder path or null")
     _optional_str("data.counterfact", data.get("counterfact"), "a CounterFact JSON path or null")
     case_ids = data.get("case_ids")
     if isinstance(case_ids, ListConfig | list):
-        bad = [item for item in case_ids if not _is_int(item)]
-        if bad or not case_ids:
-            raise ConfigError(
-                f"data.case_ids has {bad[0]!r}; expected a list of integer case_ids or a file"
-                if bad
-                else "data.case_ids=[] is empty; expected a list of integer case_ids or a file"
-            )
-        repeated = sorted(item for item, n in Counter(case_ids).items() if n > 1)
-        if repeated:
-            raise ConfigError(
-                f"data.case_ids repeats {repeated[:10]}; each fact may be edited once per run"
-            )
+        _check_case_id_list(case_ids)
     elif case_ids is not None:
         _optional_str("data.case_ids", case_ids, "a list of integer case_ids or a file path")
     if case_ids is not None and data.order == "file":
@@ -269,13 +263,39 @@ def check_inputs(cfg: DictConfig) -> None:
         )
 
 
-def _check_hparams(algorithm: str, hparams: ValueHparams) -> None:
-    prefix = f"model.hparams.{algorithm}"
-    _positive_int(f"{prefix}.v_steps", hparams.v_steps)
-    _number(f"{prefix}.v_lr", hparams.v_lr, positive=True)
-    _number(f"{prefix}.clamp_norm_factor", hparams.clamp_norm_factor, positive=True)
-    for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
-        _number(f"{prefix}.{name}", getattr(hparams, name))
+def _check_case_id_list(case_ids: Any) -> None:
+    bad = [item for item in case_ids if not _is_int(item)]
+    if bad or not case_ids:
+        raise ConfigError(
+            f"data.case_ids has {bad[0]!r}; expected a list of integer case_ids or a file"
+            if bad
+            else "data.case_ids=[] is empty; expected a list of integer case_ids or a file"
+        )
+    repeated = sorted(item for item, n in Counter(case_ids).items() if n > 1)
+    if repeated:
+        raise ConfigError(
+            f"data.case_ids repeats {repeated[:10]}; each fact may be edited once per run"
+        )
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run edits: mode, layers, facts and facts per update."""
+
+    mode: str
+    layers: tuple[int, ...]
+    n_edits: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How each update is solved: lambda, v* optimisation, earlier keys, null space."""
+
+    lam: float | None
+    hparams: ValueHparams
+    keep_edits: bool
+    nullspace_threshold: float | None
 
 
 def run_settings(cfg: DictConfig) -> RunSettings:
@@ -288,10 +308,38 @@ def run_settings(cfg: DictConfig) -> RunSettings:
 
 def _run_settings(cfg: DictConfig) -> RunSettings:
     check_inputs(cfg)
-    algorithm = _choice("algorithm", cfg.algorithm.name, ALGORITHMS)
-    mode = _choice("mode", cfg.mode, MODES)
+    algorithm = algorithm_record(cfg.algorithm.name)
+    shape = _run_shape(cfg, algorithm)
+    solver = _solver_settings(cfg, algorithm, shape.mode)
     schedule = _choice("eval.schedule", cfg.eval.schedule, SCHEDULES)
     every_k = _positive_int("eval.every_k", cfg.eval.every_k)
+    return RunSettings(
+        model_name=str(cfg.model.name),
+        algorithm=algorithm.name,
+        mode=shape.mode,
+        layers=shape.layers,
+        n_edits=shape.n_edits,
+        batch_size=shape.batch_size,
+        lam=solver.lam,
+        hparams=solver.hparams,
+        schedule="each_batch" if shape.mode != "sequential" else schedule,
+        every_k=every_k,
+        seed=cfg.seed,
+        keep_edits=solver.keep_edits,
+        nullspace_threshold=solver.nullspace_threshold,
+    )
+
+
+def algorithm_record(name: Any) -> Algorithm:
+    """The registry's record of ``name``; an unknown name is a :class:`ConfigError`."""
+    try:
+        return get_algorithm(name)
+    except UnknownAlgorithmError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _run_shape(cfg: DictConfig, algorithm: Algorithm) -> RunShape:
+    mode = _choice("mode", cfg.mode, MODES)
     n_edits = _positive_int("n_edits", cfg.n_edits)
     batch_size = _positive_int("batch_size", cfg.batch_size)
     layers = parse_layers(cfg.layer)
@@ -311,76 +359,92 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
             f"mode=sequential needs n_edits divisible by batch_size; got n_edits={n_edits}, "
             f"batch_size={batch_size} (e.g. n_edits={n_edits - n_edits % batch_size or batch_size})"
         )
-    if algorithm == "rome":
-        if batch_size != 1:
-            raise ConfigError(
-                f"ROME edits one fact per update but this run has {batch_size} per update "
-                f"(mode={mode}); use mode=singular, mode=sequential batch_size=1, or "
-                "algorithm=memit / emmet"
-            )
-        if len(layers) != 1:
-            raise ConfigError(f"ROME edits a single layer; got layer={list(layers)}")
+    if algorithm.one_fact_per_update and batch_size != 1:
+        batched = ", ".join(name for name in algorithm_names() if name != algorithm.name)
+        raise ConfigError(
+            f"{algorithm.title} edits one fact per update but this run has {batch_size} per "
+            f"update (mode={mode}); use mode=singular, mode=sequential batch_size=1, or "
+            f"another algorithm ({batched})"
+        )
+    if algorithm.single_layer and len(layers) != 1:
+        raise ConfigError(f"{algorithm.title} edits a single layer; got layer={list(layers)}")
+    return RunShape(mode, layers, n_edits, batch_size)
 
-    hparams_cfg = cfg.model.hparams.get(algorithm)
-    if hparams_cfg is None:
-        raise ConfigError(f"model {cfg.model.name!r} has no hparams.{algorithm} block")
-    lam = cfg["lambda"] if cfg["lambda"] is not None else hparams_cfg.get("lambda")
-    if algorithm == "rome":
-        if cfg["lambda"] is not None:
-            raise ConfigError(f"lambda={cfg['lambda']} has no meaning for ROME; leave it null")
-        lam = None
-    else:
-        if lam is None:
-            raise ConfigError(f"{algorithm} needs lambda; set lambda=<float >= 0>")
-        try:
-            if isinstance(lam, bool):
-                raise TypeError
-            lam = float(lam)
-        except (TypeError, ValueError):
-            raise ConfigError(f"lambda={lam!r}; expected a float >= 0 or null") from None
-        if not lam >= 0 or lam == float("inf"):
-            raise ConfigError(f"lambda={lam}; expected a finite float >= 0")
+
+def _solver_settings(cfg: DictConfig, algorithm: Algorithm, mode: str) -> SolverSettings:
+    block = hparams_block(cfg, algorithm)
     keep_edits = cfg.sequential.keep_edits
     if not isinstance(keep_edits, bool):
         raise ConfigError(f"sequential.keep_edits={keep_edits!r}; expected true or false")
     keep_edits = keep_edits and mode == "sequential"
-    if keep_edits and algorithm == "rome":
+    if keep_edits and not algorithm.keeps_past_keys:
+        keeping = ", ".join(n for n in algorithm_names() if algorithm_record(n).keeps_past_keys)
         raise ConfigError(
-            "sequential.keep_edits=true needs algorithm=memit, emmet or alphaedit; ROME edits "
-            "one fact with an equality constraint (EMMET with batch_size=1 keeps earlier edits)"
+            f"sequential.keep_edits=true needs an algorithm that keeps earlier edits' keys "
+            f"({keeping}); {algorithm.title} cannot"
         )
     threshold = None
-    if algorithm == "alphaedit":
-        threshold = hparams_cfg.get("nullspace_threshold")
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, int | float)
-            or not 0 < threshold < float("inf")
-        ):
-            raise ConfigError(
-                f"model.hparams.alphaedit.nullspace_threshold={threshold!r}; expected a float > 0"
-            )
-        threshold = float(threshold)
-    hparams_dict = OmegaConf.to_container(hparams_cfg)
-    not_values = ("lambda", "nullspace_threshold")
-    values = {k: v for k, v in hparams_dict.items() if k not in not_values}
+    if algorithm.needs_null_space:
+        threshold = _null_space_threshold(algorithm, block.get("nullspace_threshold"))
+    values = {key: value for key, value in block.items() if key in VALUE_DEFAULTS}
+    hparams = ValueHparams(**values)
+    _check_hparams(algorithm.name, hparams)
+    lam = _lambda(cfg["lambda"], block.get("lambda"), algorithm)
+    return SolverSettings(lam, hparams, keep_edits, threshold)
+
+
+def hparams_block(cfg: DictConfig, algorithm: Algorithm) -> dict[str, Any]:
+    """``model.hparams.<algorithm>`` over the registry's defaults (a model config names only
+    what differs for it)."""
+    named = cfg.model.get("hparams", {}).get(algorithm.name) or {}
+    if isinstance(named, DictConfig):
+        named = OmegaConf.to_container(named, resolve=True)
+    unknown = sorted(set(named) - set(algorithm.hparam_names))
+    if unknown:
+        raise ConfigError(
+            f"model.hparams.{algorithm.name}.{unknown[0]}: no such hyperparameter; expected "
+            f"{', '.join(algorithm.hparam_names)}"
+        )
+    return {**algorithm.defaults, **named}
+
+
+def _lambda(given: Any, default: Any, algorithm: Algorithm) -> float | None:
+    """The run's ``lambda`` (null: the model's default for the algorithm), checked."""
+    if not algorithm.takes_lambda:
+        if given is not None:
+            raise ConfigError(f"lambda={given} has no meaning for {algorithm.title}; leave it null")
+        return None
+    lam = given if given is not None else default
+    if lam is None:
+        raise ConfigError(f"{algorithm.name} needs lambda; set lambda=<float >= 0>")
     try:
-        hparams = ValueHparams(**values)
-    except TypeError as error:
-        raise ConfigError(f"model.hparams.{algorithm}: {error}") from None
-    _check_hparams(algorithm, hparams)
-    return RunSettings(
-        model_name=str(cfg.model.name),
-        algorithm=algorithm,
-        mode=mode,
-        layers=layers,
-        n_edits=n_edits,
-        batch_size=batch_size,
-        lam=lam,
-        hparams=hparams,
-        schedule="each_batch" if mode != "sequential" else schedule,
-        every_k=every_k,
-        seed=cfg.seed,
-        keep_edits=keep_edits,
-        nullspace_threshold=threshold,
-    )
+        if isinstance(lam, bool):
+            raise TypeError
+        lam = float(lam)
+    except (TypeError, ValueError):
+        raise ConfigError(f"lambda={lam!r}; expected a float >= 0 or null") from None
+    if not lam >= 0 or lam == float("inf"):
+        raise ConfigError(f"lambda={lam}; expected a finite float >= 0")
+    return lam
+
+
+def _null_space_threshold(algorithm: Algorithm, threshold: Any) -> float:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 < threshold < float("inf")
+    ):
+        raise ConfigError(
+            f"model.hparams.{algorithm.name}.nullspace_threshold={threshold!r}; expected a "
+            "float > 0"
+        )
+    return float(threshold)
+
+
+def _check_hparams(algorithm: str, hparams: ValueHparams) -> None:
+    prefix = f"model.hparams.{algorithm}"
+    _positive_int(f"{prefix}.v_steps", hparams.v_steps)
+    _number(f"{prefix}.v_lr", hparams.v_lr, positive=True)
+    _number(f"{prefix}.clamp_norm_factor", hparams.clamp_norm_factor, positive=True)
+    for name in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+        _number(f"{prefix}.{name}", getattr(hparams, name))

@@ -8,16 +8,18 @@ import copy
 import pytest
 import torch
 
-from editexp.editing.editor import (
+from editexp.config import ValueHparams
+from editexp.editing.deltas import (
     add_to_weight,
     apply_edits,
-    edit_batch,
     restore_weights,
     save_deltas,
     snapshot_weights,
 )
-from editexp.editing.keys_values import EditRequest, ValueHparams, read_at_subject
+from editexp.editing.editor import edit_batch
+from editexp.editing.keys import EditRequest, read_at_subject
 from editexp.editing.linalg import CovarianceFactor, EditingError
+from editexp.editing.plan import UpdatePlan
 
 REQUESTS = [
     EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
@@ -60,13 +62,9 @@ def test_equality_constrained_updates_make_the_module_output_its_values(
     result = edit_batch(
         model64,
         requests_,
-        algorithm,
-        [layer],
+        UpdatePlan(algorithm, [layer], 0.0, HPARAMS, progress=False),
         covariances(model64, [layer]),
-        0.0,
-        HPARAMS,
         PREFIXES,
-        progress=False,
     )
     after = read_at_subject(model64, requests_, PREFIXES, [layer], "output")[layer]
     torch.testing.assert_close(after - before, result.values.deltas, rtol=1e-4, atol=1e-5)
@@ -79,13 +77,9 @@ def test_memit_with_large_lambda_barely_moves_outputs(model64):
     result = edit_batch(
         model64,
         REQUESTS,
-        "memit",
-        [layer],
+        UpdatePlan("memit", [layer], 1e8, HPARAMS, progress=False),
         covariances(model64, [layer]),
-        1e8,
-        HPARAMS,
         PREFIXES,
-        progress=False,
     )
     restore_weights(model64, snapshot)
     assert result.deltas[layer].norm() < 1e-3 * snapshot[layer].norm()
@@ -99,13 +93,9 @@ def test_multi_layer_update_reaches_the_residual_target(model64):
     result = edit_batch(
         model64,
         REQUESTS,
-        "memit",
-        layers,
+        UpdatePlan("memit", layers, 1e-3, HPARAMS, progress=False),
         covariances(model64, layers),
-        1e-3,
-        HPARAMS,
         PREFIXES,
-        progress=False,
     )
     after = read_at_subject(model64, REQUESTS, [""], [1], "residual")[1]
     target = before + result.values.deltas
@@ -122,13 +112,9 @@ def test_singular_restore_is_bit_exact(model64):
     edit_batch(
         model64,
         REQUESTS[:1],
-        "rome",
-        [layer],
+        UpdatePlan("rome", [layer], None, HPARAMS, progress=False),
         covariances(model64, [layer]),
-        None,
-        HPARAMS,
         PREFIXES,
-        progress=False,
     )
     assert not torch.equal(model64.edit_module(layer).weight, original)
     restore_weights(model64, snapshot)
@@ -141,13 +127,9 @@ def test_delta_file_round_trip(model64, tmp_path):
     result = edit_batch(
         model64,
         REQUESTS,
-        "memit",
-        [layer],
+        UpdatePlan("memit", [layer], 10.0, HPARAMS, progress=False),
         covariances(model64, [layer]),
-        10.0,
-        HPARAMS,
         PREFIXES,
-        progress=False,
     )
     path = save_deltas(tmp_path / "deltas.pt", model64, result.deltas)
     other = copy.copy(model64)
@@ -169,13 +151,9 @@ def test_emmet_exact_with_duplicate_facts_fails_before_touching_weights(model64)
         edit_batch(
             model64,
             [REQUESTS[0], REQUESTS[0]],
-            "emmet",
-            [layer],
+            UpdatePlan("emmet", [layer], 0.0, HPARAMS, progress=False),
             covariances(model64, [layer]),
-            0.0,
-            HPARAMS,
             PREFIXES,
-            progress=False,
         )
     assert torch.equal(model64.edit_module(layer).weight, original)
 
@@ -195,13 +173,9 @@ def test_rome_refuses_batches(model64):
         edit_batch(
             model64,
             REQUESTS,
-            "rome",
-            [1],
+            UpdatePlan("rome", [1], None, HPARAMS, progress=False),
             covariances(model64, [1]),
-            None,
-            HPARAMS,
             PREFIXES,
-            progress=False,
         )
 
 
@@ -224,13 +198,9 @@ def test_failed_solve_at_a_later_layer_restores_the_earlier_layers(model64, monk
         edit_batch(
             model64,
             REQUESTS,
-            "memit",
-            layers,
+            UpdatePlan("memit", layers, 1.0, HPARAMS, progress=False),
             covariances(model64, layers),
-            1.0,
-            HPARAMS,
             PREFIXES,
-            progress=False,
         )
     assert len(calls) == 2
     for layer in layers:

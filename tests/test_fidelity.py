@@ -19,19 +19,13 @@ import pytest
 import torch
 from conftest import PROJECT, cached_model, compose_config
 
-from editexp.config import run_settings
+from editexp.config import ValueHparams, run_settings
 from editexp.data.corpus import CorpusError, CorpusSource, token_windows
 from editexp.data.counterfact import load_counterfact
-from editexp.editing.keys_values import (
-    KL_PROMPT,
-    EditRequest,
-    ValueHparams,
-    _value_rows,
-    compute_keys,
-    compute_values,
-)
+from editexp.editing.keys import EditRequest, compute_keys
 from editexp.editing.plain_values import plain_values
 from editexp.editing.prefixes import STARTERS, context_prefixes, prefix_text
+from editexp.editing.values import KL_PROMPT, _value_rows, compute_values
 from editexp.evaluation.counterfact_eval import evaluate_facts
 from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.evaluation.metrics import aggregate

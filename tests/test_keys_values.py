@@ -7,14 +7,10 @@ import copy
 import pytest
 import torch
 
-from editexp.editing.keys_values import (
-    EditRequest,
-    ValueHparams,
-    compute_keys,
-    compute_values,
-    read_at_subject,
-)
+from editexp.config import ValueHparams
+from editexp.editing.keys import EditRequest, compute_keys, read_at_subject
 from editexp.editing.plain_values import plain_values
+from editexp.editing.values import compute_values
 from editexp.tokens import encode_prompt, subject_last_index
 
 REQUESTS = [

@@ -7,7 +7,6 @@ import torch
 from conftest import cached_model
 from transformers import DynamicCache
 
-from editexp.editing.rank_one import RankOneEdits, RowEdits
 from editexp.evaluation.scoring import (
     LayerStates,
     encode_continuations,
@@ -15,6 +14,7 @@ from editexp.evaluation.scoring import (
     score_continuations,
 )
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
+from editexp.row_edits import RankOneEdits, RowEdits
 
 PROMPTS = [
     "The capital of France is",

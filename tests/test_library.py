@@ -19,6 +19,7 @@ from editexp.config import ConfigError, compose
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.editing.editor import BatchEdit, edit_batch
 from editexp.editing.linalg import EditingError
+from editexp.editing.plan import UpdatePlan
 from editexp.models import ModelConfigError, load_model, wrap_model
 
 FAST = {
@@ -125,13 +126,9 @@ def test_editor_computes_what_edit_batch_computes(tmp_path, monkeypatch):
     direct: BatchEdit = edit_batch(
         loaded,
         [editexp.editing.editor.as_request(fact, i) for i, fact in enumerate(FACTS)],
-        "emmet",
-        [1],
+        UpdatePlan("emmet", [1], 0.01, editor.hparams, progress=False),
         editor.covariances,
-        0.01,
-        editor.hparams,
         editor.prefixes,
-        progress=False,
     )
     torch.testing.assert_close(direct.deltas[1], update.deltas[1], rtol=0, atol=0)
     loaded.weight(1).data.copy_(snapshot)

@@ -17,13 +17,15 @@ import pytest
 import torch
 from conftest import compose_config
 
-from editexp.config import ConfigError, run_settings
+from editexp.config import ConfigError, ValueHparams, run_settings
 from editexp.editing.alphaedit import alphaedit_delta
-from editexp.editing.editor import edit_batch, restore_weights, snapshot_weights
+from editexp.editing.deltas import restore_weights, snapshot_weights
+from editexp.editing.editor import edit_batch
 from editexp.editing.emmet import emmet_delta
-from editexp.editing.keys_values import EditRequest, ValueHparams
+from editexp.editing.keys import EditRequest
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys
 from editexp.editing.memit import memit_delta
+from editexp.editing.plan import UpdatePlan
 from editexp.models import load_model
 from editexp.record import RunRecord
 from editexp.runner import SimulatedCrash, run
@@ -510,15 +512,17 @@ def test_edit_batch_with_past_keys_keeps_the_first_batch_at_the_module(
                 result = edit_batch(
                     loaded,
                     requests,
-                    algorithm,
-                    [layer],
+                    UpdatePlan(
+                        algorithm,
+                        [layer],
+                        lam,
+                        HPARAMS,
+                        nullspace_threshold=threshold,
+                        progress=False,
+                    ),
                     {layer: covariance},
-                    lam,
-                    HPARAMS,
                     PREFIXES,
-                    progress=False,
                     past_keys=past if keep else None,
-                    nullspace_threshold=threshold,
                 )
                 past[layer].add(result.keys[layer])
                 if not outputs:

@@ -23,7 +23,7 @@ from editexp.evaluation.counterfact_eval import (
     evaluate_facts,
     fact_prompts,
 )
-from editexp.evaluation.generation import generate_texts, sample_continuation_ids
+from editexp.evaluation.generation import generate_texts
 from editexp.evaluation.metrics import FAMILIES, aggregate
 from editexp.evaluation.scoring import (
     encode_continuations,
@@ -32,6 +32,7 @@ from editexp.evaluation.scoring import (
     score_continuations,
 )
 from editexp.models import LoadedModel, load_model
+from editexp.sampling import sample_continuation_ids
 from editexp.tokens import encode_prompt
 
 LLAMA3_BOS = 128000

@@ -18,15 +18,19 @@ import pytest
 import torch
 from conftest import cached_model, compose_config
 
+from editexp.config import ValueHparams
 from editexp.data.counterfact import load_counterfact, select_facts
-from editexp.editing.editor import closed_form_delta, edit_batch, restore_weights, snapshot_weights
-from editexp.editing.keys_values import EditRequest, ValueHparams
-from editexp.editing.linalg import CovarianceFactor, EditingError
+from editexp.editing.deltas import restore_weights, snapshot_weights
+from editexp.editing.editor import edit_batch
+from editexp.editing.keys import EditRequest
+from editexp.editing.linalg import CovarianceFactor, EditingError, SolveParams
+from editexp.editing.plan import UpdatePlan
 from editexp.editing.rank_one import RankOneEdits, RowEdits, singular_updates
 from editexp.editing.singular import solve_singular
+from editexp.editing.solvers import closed_form_delta
 from editexp.evaluation.counterfact_eval import evaluate_facts
-from editexp.evaluation.generation import generation_seed, sample_continuation_ids, top_k_pick
 from editexp.evaluation.scoring import score_continuations
+from editexp.sampling import generation_seed, sample_continuation_ids, top_k_pick
 
 PROMPTS = [
     "The capital of France is",
@@ -109,7 +113,9 @@ def test_singular_updates_equal_each_closed_form_alone(algorithm, lam):
     keys = torch.randn(d_k, n, generator=generator, dtype=torch.float64)
     residuals = torch.randn(d_v, n, generator=generator, dtype=torch.float64)
     threshold = 0.5 if algorithm == "alphaedit" else None  # some of C0's eigenvalues
-    edits = singular_updates(algorithm, 3, keys, residuals, covariance, lam, threshold)
+    edits = singular_updates(
+        algorithm, 3, keys, residuals, covariance, SolveParams(lam, nullspace_threshold=threshold)
+    )
     assert edits.layer == 3 and len(edits) == n
     for i in range(n):
         alone = closed_form_delta(
@@ -117,8 +123,7 @@ def test_singular_updates_equal_each_closed_form_alone(algorithm, lam):
             keys[:, i : i + 1],
             residuals[:, i : i + 1],
             covariance,
-            lam,
-            nullspace_threshold=threshold,
+            SolveParams(lam, nullspace_threshold=threshold),
         )
         torch.testing.assert_close(edits.delta(i).double(), alone, rtol=1e-5, atol=1e-7)
     if algorithm == "rome" or lam == 0.0:  # equality constraint: (W + Delta) k = v exactly
@@ -132,14 +137,14 @@ def test_singular_updates_refuse_what_the_closed_forms_refuse():
     covariance = random_covariance(8)
     keys, residuals = torch.randn(8, 2), torch.randn(4, 2)
     with pytest.raises(EditingError, match="lambda=0"):
-        singular_updates("memit", 1, keys, residuals, covariance, 0.0)
+        singular_updates("memit", 1, keys, residuals, covariance, SolveParams(0.0))
     with pytest.raises(EditingError, match="null"):
-        singular_updates("emmet", 1, keys, residuals, covariance, None)
+        singular_updates("emmet", 1, keys, residuals, covariance, SolveParams(None))
     with pytest.raises(EditingError, match="algorithm"):
-        singular_updates("ft", 1, keys, residuals, covariance, 1.0)
+        singular_updates("ft", 1, keys, residuals, covariance, SolveParams(1.0))
     keys[:, 1] = 0.0  # a zero key: k^T C0^-1 k = 0
     with pytest.raises(EditingError, match=r"facts \[1\]"):
-        singular_updates("rome", 1, keys, residuals, covariance, None)
+        singular_updates("rome", 1, keys, residuals, covariance, SolveParams(None))
 
 
 # --- per-row application -------------------------------------------------------------------
@@ -285,14 +290,9 @@ def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm,
         update = edit_batch(
             model64,
             [request],
-            algorithm,
-            [layer],
+            UpdatePlan(algorithm, [layer], lam, HPARAMS, batch_size=1, progress=False),
             {layer: covariance},
-            lam,
-            HPARAMS,
             PREFIXES,
-            batch_size=1,
-            progress=False,
         )
         written_deltas.append(update.deltas[layer])
         (scores,) = evaluate_facts(
@@ -304,14 +304,9 @@ def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm,
     singular = solve_singular(
         model64,
         requests,
-        algorithm,
-        layer,
+        UpdatePlan(algorithm, (layer,), lam, HPARAMS, batch_size=8, progress=False),
         covariance,
-        lam,
-        HPARAMS,
         PREFIXES,
-        batch_size=8,
-        progress=False,
     )
     together = evaluate_facts(
         model64.model,

@@ -8,9 +8,11 @@ import torch
 from conftest import compose_config
 
 from editexp.config import run_settings
-from editexp.editing.editor import edit_batch, restore_weights, snapshot_weights
-from editexp.editing.keys_values import EditRequest
+from editexp.editing.deltas import restore_weights, snapshot_weights
+from editexp.editing.editor import edit_batch
+from editexp.editing.keys import EditRequest
 from editexp.editing.linalg import CovarianceFactor
+from editexp.editing.plan import UpdatePlan
 from editexp.editing.prefixes import context_prefixes
 from editexp.evaluation.scoring import score_continuations
 from editexp.runner import run
@@ -47,13 +49,9 @@ def test_each_algorithm_rewrites_the_mother_tongue(smollm2, algorithm):
         edit_batch(
             smollm2,
             [DARRIEUX],
-            algorithm,
-            [layer],
+            UpdatePlan(algorithm, [layer], settings.lam, settings.hparams, progress=False),
             covariance,
-            settings.lam,
-            settings.hparams,
             prefixes,
-            progress=False,
         )
         (after,) = score_continuations(
             smollm2.model, smollm2.tokenizer, prompts, [["English", "French"]]

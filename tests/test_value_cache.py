@@ -13,16 +13,19 @@ import pytest
 import torch
 from conftest import cached_model
 
-from editexp.editing.keys_values import EditRequest, ValueHparams, compute_keys, compute_values
+from editexp.config import ValueHparams
+from editexp.editing.keys import EditRequest, compute_keys
 from editexp.editing.value_cache import (
     CacheCounts,
     VectorCache,
     cached_keys,
     cached_values,
     code_hash,
+    key_cache,
     value_cache,
     value_fact_key,
 )
+from editexp.editing.values import compute_values
 
 REQUESTS = [
     EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
@@ -61,7 +64,8 @@ class Counting:
 
 def values_via_cache(loaded, requests, compute, prefixes=PREFIXES, layer=LAYER, hparams=HPARAMS):
     counts = CacheCounts()
-    values = cached_values(loaded, requests, prefixes, layer, hparams, compute, 2, counts)
+    cache = value_cache(loaded, layer, prefixes, hparams)
+    values = cached_values(cache, requests, compute, 2, counts)
     return values, counts
 
 
@@ -159,11 +163,11 @@ def test_cached_keys_equal_computed_keys(tiny):
         return compute_keys(tiny, requests, PREFIXES, [LAYER])[LAYER]
 
     counts = CacheCounts()
-    keys = cached_keys(tiny, REQUESTS, PREFIXES, LAYER, compute, 2, counts)
+    keys = cached_keys(key_cache(tiny, LAYER, PREFIXES), REQUESTS, compute, 2, counts)
     torch.testing.assert_close(keys, direct)
     # keys depend on prompt and subject only: another target reads the same key
     other = [dataclasses.replace(REQUESTS[0], case_id=9, target_new="German")]
-    again = cached_keys(tiny, other, PREFIXES, LAYER, compute, 2, counts)
+    again = cached_keys(key_cache(tiny, LAYER, PREFIXES), other, compute, 2, counts)
     assert (counts.computed, counts.read) == (3, 1)
     assert torch.equal(again[:, 0], keys[:, 0])
 

@@ -10,8 +10,9 @@ import torch
 from conftest import cached_model
 
 from editexp.config import ValueHparams
-from editexp.editing.keys_values import EditRequest, compute_values
+from editexp.editing.keys import EditRequest
 from editexp.editing.plain_values import plain_values
+from editexp.editing.values import compute_values
 
 REQUESTS = [
     EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),

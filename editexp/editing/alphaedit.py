@@ -39,6 +39,7 @@ from editexp.editing.linalg import (
     CovarianceFactor,
     EditingError,
     PastKeys,
+    SolveParams,
     check_finite,
     check_lambda,
     check_past,
@@ -101,3 +102,12 @@ def alphaedit_delta(
     delta = coefficients @ basis.T  # Y U^T, (d_v, d_k)
     check_finite(delta, "AlphaEdit update")
     return delta
+
+
+def solve(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, params: SolveParams
+) -> torch.Tensor:
+    """AlphaEdit's update for the registry (:class:`editexp.algorithms.Algorithm`)."""
+    return alphaedit_delta(
+        keys, residuals, covariance, params.lam, params.nullspace_threshold, params.past
+    )

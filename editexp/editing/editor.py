@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +38,21 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editexp.cache import atomic_torch_save
 from editexp.config import ValueHparams, compose, run_settings
 from editexp.data.counterfact import Fact
-from editexp.editing.alphaedit import alphaedit_delta
-from editexp.editing.emmet import emmet_delta
-from editexp.editing.keys_values import (
-    BARE_PROMPT,
-    EditRequest,
-    Values,
-    read_at_subject,
+from editexp.editing.deltas import (
+    add_to_weight,
+    apply_edits,
+    restore_weights,
+    save_deltas,
+    snapshot_weights,
 )
-from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys, check_finite
-from editexp.editing.memit import memit_delta
+from editexp.editing.keys import BARE_PROMPT, EditRequest, read_at_subject
+from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys
+from editexp.editing.plan import UpdatePlan
 from editexp.editing.prefixes import context_prefixes
-from editexp.editing.rank_one import RankOneEdits
-from editexp.editing.rome import rome_delta
 from editexp.editing.singular import SingularEdits, solve_singular
+from editexp.editing.solvers import algorithm_of, closed_form_delta
 from editexp.editing.value_cache import (
     CacheCounts,
     SweepCache,
@@ -62,31 +60,10 @@ from editexp.editing.value_cache import (
     values_for,
     weights_fingerprint,
 )
+from editexp.editing.values import Values
 from editexp.models import LoadedModel, load_model, wrap_model
+from editexp.row_edits import RankOneEdits
 from editexp.stats import load_or_compute_stats
-
-
-def closed_form_delta(
-    algorithm: str,
-    keys: torch.Tensor,
-    residuals: torch.Tensor,
-    covariance: CovarianceFactor,
-    lam: float | None,
-    past: PastKeys | None = None,
-    nullspace_threshold: float | None = None,
-) -> torch.Tensor:
-    """Delta (d_v, d_k) float64 from keys (d_k, E) and residuals (d_v, E); ``past`` holds
-    the earlier updates' keys (MEMIT / EMMET keep_edits, AlphaEdit). ``algorithm``, ``lam``
-    and ``nullspace_threshold`` were validated with the config."""
-    if algorithm == "rome":
-        if past is not None:
-            raise EditingError("ROME cannot keep earlier edits' keys; use MEMIT or EMMET")
-        return rome_delta(keys, residuals, covariance)
-    if algorithm == "memit":
-        return memit_delta(keys, residuals, covariance, lam, past)
-    if algorithm == "emmet":
-        return emmet_delta(keys, residuals, covariance, lam, past)
-    return alphaedit_delta(keys, residuals, covariance, lam, nullspace_threshold, past)
 
 
 @dataclass
@@ -99,29 +76,13 @@ class BatchEdit:
     timing: dict[str, float] = field(default_factory=dict)  # keys_values, solve (seconds)
 
 
-def add_to_weight(loaded: LoadedModel, layer: int, delta: torch.Tensor) -> None:
-    """W_l <- W_l + Delta, refusing non-finite deltas or results."""
-    check_finite(delta, f"the update of layer {layer}")
-    weight = loaded.weight(layer)  # a (d_v, d_k) view, transposed for Conv1D
-    with torch.no_grad():
-        updated = weight + delta.to(device=weight.device, dtype=weight.dtype)
-        check_finite(updated, f"the edited weight of layer {layer}")
-        weight.copy_(updated)
-
-
 def edit_batch(
     loaded: LoadedModel,
     requests: Sequence[EditRequest],
-    algorithm: str,
-    layers: Sequence[int],
+    plan: UpdatePlan,
     covariances: dict[int, CovarianceFactor],
-    lam: float | None,
-    hparams: ValueHparams,
     prefixes: Sequence[str],
-    batch_size: int = 64,
-    progress: bool = True,
     past_keys: dict[int, PastKeys] | None = None,
-    nullspace_threshold: float | None = None,
     cache: SweepCache | None = None,
 ) -> BatchEdit:
     """Write ``requests`` into the model with one update; returns the deltas it added.
@@ -129,110 +90,90 @@ def edit_batch(
     ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept).
     ``cache``: read and store the values and the first layer's keys in the sweep's cache
     (only for the unedited model; see :mod:`editexp.editing.value_cache`)."""
-    layers = sorted(layers)
-    if algorithm == "rome" and len(requests) != 1:
+    record = algorithm_of(plan.algorithm)
+    if record.one_fact_per_update and len(requests) != 1:
         raise EditingError(
-            f"ROME edits one fact per update; got {len(requests)}. Edit them one at a time, "
-            "or use MEMIT / EMMET."
+            f"{record.title} edits one fact per update; got {len(requests)}. Edit them one at "
+            "a time, or use an algorithm that edits batches (MEMIT, EMMET, AlphaEdit)."
         )
     timing = {"keys_values": 0.0, "solve": 0.0}
     start = time.perf_counter()
-    last = layers[-1]
-    values = values_for(loaded, requests, prefixes, last, hparams, batch_size, progress, cache)
-    if len(layers) > 1:
-        # UME: the target is the residual on the bare prompt plus delta*, as is h (values.outputs)
-        current = read_at_subject(loaded, requests, BARE_PROMPT, [last], "residual", batch_size)
-        target = current[last] + values.deltas
+    last = plan.layers[-1]
+    values = values_for(
+        loaded, requests, prefixes, last, plan.hparams, plan.batch_size, plan.progress, cache
+    )
     timing["keys_values"] += time.perf_counter() - start
-
-    deltas: dict[int, torch.Tensor] = {}
-    all_keys: dict[int, torch.Tensor] = {}
     # A failed solve at a later layer must not leave the earlier layers of this update applied.
-    snapshot = snapshot_weights(loaded, layers[:-1])
+    snapshot = snapshot_weights(loaded, plan.layers[:-1])
     try:
-        for position, layer in enumerate(layers):
-            start = time.perf_counter()
-            # Only the first layer's keys are read on the unedited model.
-            layer_cache = cache if position == 0 else None
-            keys = keys_for(loaded, requests, prefixes, layer, batch_size, layer_cache)
-            if len(layers) == 1:
-                residuals = values.deltas.T
-            else:
-                now = read_at_subject(loaded, requests, BARE_PROMPT, [last], "residual", batch_size)
-                residuals = ((target - now[last]) / (len(layers) - position)).T
-            timing["keys_values"] += time.perf_counter() - start
-            start = time.perf_counter()
-            delta = closed_form_delta(
-                algorithm,
-                keys,
-                residuals,
-                covariances[layer],
-                lam,
-                past=None if past_keys is None else past_keys.get(layer),
-                nullspace_threshold=nullspace_threshold,
-            )
-            delta = delta.to(torch.float32)
-            add_to_weight(loaded, layer, delta)
-            timing["solve"] += time.perf_counter() - start
-            deltas[layer] = delta.cpu()
-            all_keys[layer] = keys
+        return _edit_layers(
+            LayerWalk(loaded, requests, plan, prefixes, values, timing),
+            covariances,
+            past_keys,
+            cache,
+        )
     except BaseException:
         restore_weights(loaded, snapshot)
         raise
-    return BatchEdit(deltas=deltas, keys=all_keys, values=values, timing=timing)
 
 
-# --------------------------------------------------------------------------- weights and deltas
+@dataclass
+class LayerWalk:
+    """One update's pieces shared by its layers: the facts, their values, the timings."""
+
+    loaded: LoadedModel
+    requests: Sequence[EditRequest]
+    plan: UpdatePlan
+    prefixes: Sequence[str]
+    values: Values
+    timing: dict[str, float]
+
+    def residual_at_last_layer(self) -> torch.Tensor:
+        """The residual stream after the last edited layer on the bare prompt, (E, d_v)."""
+        last = self.plan.layers[-1]
+        batch_size = self.plan.batch_size
+        return read_at_subject(
+            self.loaded, self.requests, BARE_PROMPT, [last], "residual", batch_size
+        )[last]
 
 
-def snapshot_weights(
-    loaded: LoadedModel, layers: Sequence[int], device: str | None = None
-) -> dict[int, torch.Tensor]:
-    """Copies of the edited matrices (on ``device``, default theirs), to restore them bit for
-    bit."""
-    return {
-        layer: loaded.edit_module(layer).weight.detach().to(device=device, copy=True)
-        for layer in layers
-    }
-
-
-def restore_weights(loaded: LoadedModel, snapshot: dict[int, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for layer, weight in snapshot.items():
-            loaded.edit_module(layer).weight.copy_(weight)
-
-
-def save_deltas(path: str | Path, loaded: LoadedModel, deltas: dict[int, torch.Tensor]) -> Path:
-    """A small file holding only the edited matrices' total deltas (W' - W) and the identity
-    of the model they belong to."""
-    payload = {
-        "model_identity": loaded.identity,
-        "edit_module": loaded.spec.edit_module,
-        "deltas": {int(layer): delta.float().cpu() for layer, delta in deltas.items()},
-    }
-    return atomic_torch_save(path, payload)
-
-
-def apply_edits(
-    loaded: LoadedModel, path: str | Path, strict: bool = True
-) -> dict[int, torch.Tensor]:
-    """Add the deltas saved by :func:`save_deltas` to a freshly loaded model."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if strict and payload["model_identity"] != loaded.identity:
-        raise EditingError(
-            f"{path} holds edits of model {payload['model_identity']!r}, but the loaded model is "
-            f"{loaded.identity!r}; pass strict=False to apply them anyway"
+def _edit_layers(
+    walk: LayerWalk,
+    covariances: dict[int, CovarianceFactor],
+    past_keys: dict[int, PastKeys] | None,
+    cache: SweepCache | None,
+) -> BatchEdit:
+    """Step 3 of the module docstring: keys, residuals, Delta_l and W_l += Delta_l per layer."""
+    layers, timing = walk.plan.layers, walk.timing
+    if len(layers) > 1:
+        # UME: the target is the residual on the bare prompt plus delta*, as is h (values.outputs)
+        start = time.perf_counter()
+        target = walk.residual_at_last_layer() + walk.values.deltas
+        timing["keys_values"] += time.perf_counter() - start
+    deltas: dict[int, torch.Tensor] = {}
+    all_keys: dict[int, torch.Tensor] = {}
+    for position, layer in enumerate(layers):
+        start = time.perf_counter()
+        # Only the first layer's keys are read on the unedited model.
+        layer_cache = cache if position == 0 else None
+        keys = keys_for(
+            walk.loaded, walk.requests, walk.prefixes, layer, walk.plan.batch_size, layer_cache
         )
-    if payload["edit_module"] != loaded.spec.edit_module:
-        raise EditingError(
-            f"{path} edits {payload['edit_module']!r}, this model's config edits "
-            f"{loaded.spec.edit_module!r}"
-        )
-    deltas = {int(layer): delta for layer, delta in payload["deltas"].items()}
-    loaded.spec.check_layers(list(deltas))
-    for layer, delta in deltas.items():
-        add_to_weight(loaded, layer, delta)
-    return deltas
+        if len(layers) == 1:
+            residuals = walk.values.deltas.T
+        else:
+            residuals = ((target - walk.residual_at_last_layer()) / (len(layers) - position)).T
+        timing["keys_values"] += time.perf_counter() - start
+        start = time.perf_counter()
+        past = None if past_keys is None else past_keys.get(layer)
+        params = walk.plan.solve_params(past)
+        delta = closed_form_delta(walk.plan.algorithm, keys, residuals, covariances[layer], params)
+        delta = delta.to(torch.float32)
+        add_to_weight(walk.loaded, layer, delta)
+        timing["solve"] += time.perf_counter() - start
+        deltas[layer] = delta.cpu()
+        all_keys[layer] = keys
+    return BatchEdit(deltas=deltas, keys=all_keys, values=walk.values, timing=timing)
 
 
 # --------------------------------------------------------------------------- the Editor
@@ -313,6 +254,7 @@ class Editor:
         self.model = model
         self.cfg = cfg
         self.settings = run_settings(cfg)
+        self.plan = UpdatePlan.of(self.settings, cfg.editing.batch_size)
         start = time.perf_counter()
         stats = load_or_compute_stats(
             model,
@@ -382,22 +324,10 @@ class Editor:
         """
         requests = self._requests(facts)
         previous = snapshot_weights(self.model, self.settings.layers, "cpu") if revertible else None
-        settings = self.settings
         cache = self.sweep_cache(len(requests))
+        plan = replace(self.plan, progress=len(requests) > 1)
         result = edit_batch(
-            self.model,
-            requests,
-            settings.algorithm,
-            settings.layers,
-            self.covariances,
-            settings.lam,
-            settings.hparams,
-            self.prefixes,
-            batch_size=self.cfg.editing.batch_size,
-            progress=len(requests) > 1,
-            past_keys=self.past_keys,
-            nullspace_threshold=settings.nullspace_threshold,
-            cache=cache,
+            self.model, requests, plan, self.covariances, self.prefixes, self.past_keys, cache
         )
         if self.past_keys is not None:  # this update's keys are preserved by the next ones
             for layer, keys in result.keys.items():
@@ -428,16 +358,10 @@ class Editor:
         result = solve_singular(
             self.model,
             requests,
-            settings.algorithm,
-            layer,
+            replace(self.plan, progress=len(requests) > 1),
             self.covariances[layer],
-            settings.lam,
-            settings.hparams,
             self.prefixes,
-            batch_size=self.cfg.editing.batch_size,
-            cache=self.sweep_cache(len(requests)),
-            nullspace_threshold=settings.nullspace_threshold,
-            progress=len(requests) > 1,
+            self.sweep_cache(len(requests)),
         )
         result.preservation_errors = self._rank_one_preservation_errors(result.edits)
         return result

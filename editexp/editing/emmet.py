@@ -38,6 +38,7 @@ from editexp.editing.linalg import (
     CovarianceFactor,
     EditingError,
     PastKeys,
+    SolveParams,
     check_finite,
     check_lambda,
     check_past,
@@ -150,3 +151,10 @@ def _constrained_delta(
     delta = (whitened_keys @ torch.cholesky_solve(residuals.T, factor)).T
     check_finite(delta, "EMMET update")
     return delta
+
+
+def solve(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, params: SolveParams
+) -> torch.Tensor:
+    """EMMET's update for the registry (:class:`editexp.algorithms.Algorithm`)."""
+    return emmet_delta(keys, residuals, covariance, params.lam, params.past)

@@ -218,6 +218,15 @@ class PastKeys:
         return eigenvectors[:, keep] * eigenvalues[keep].sqrt()
 
 
+@dataclass(frozen=True)
+class SolveParams:
+    """What a closed form takes besides keys, residuals and C0 (checked with the config)."""
+
+    lam: float | None  # the run's lambda; None for an algorithm that takes none
+    past: PastKeys | None = None  # earlier updates' keys to preserve
+    nullspace_threshold: float | None = None  # eigenvalues of C0 below it span the null space
+
+
 def has_past(past: PastKeys | None) -> bool:
     """True when ``past`` holds at least one earlier key."""
     return past is not None and past.count > 0

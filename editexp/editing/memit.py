@@ -27,6 +27,7 @@ from editexp.editing.linalg import (
     CovarianceFactor,
     EditingError,
     PastKeys,
+    SolveParams,
     check_finite,
     check_lambda,
     check_past,
@@ -75,3 +76,10 @@ def memit_delta(
     delta = torch.cholesky_solve(keys @ residuals.T, factor).T  # (A^{-1} K R^T)^T
     check_finite(delta, "MEMIT update")
     return delta
+
+
+def solve(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, params: SolveParams
+) -> torch.Tensor:
+    """MEMIT's update for the registry (:class:`editexp.algorithms.Algorithm`)."""
+    return memit_delta(keys, residuals, covariance, params.lam, params.past)

@@ -1,6 +1,6 @@
 """UME's ``compute_z`` loop written plainly: one fact at a time, full sequences, all logits.
 
-The reference that :func:`editexp.editing.keys_values.compute_values` is tested and benchmarked
+The reference that :func:`editexp.editing.values.compute_values` is tested and benchmarked
 against. It follows UME (``memit/compute_z.py`` at commit 23d72b5) step by step, with its own
 tokenisation, independent of :mod:`editexp.tokens`:
 
@@ -22,18 +22,14 @@ tokenisation, independent of :mod:`editexp.tokens`:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from editexp.editing.keys_values import (
-    KL_PROMPT,
-    EditRequest,
-    ValueHparams,
-    Values,
-    at_least_float32,
-    value_site,
-)
+from editexp.config import ValueHparams
+from editexp.editing.keys import EditRequest
+from editexp.editing.values import KL_PROMPT, Values, at_least_float32, value_site
 from editexp.models import LoadedModel
 
 
@@ -55,14 +51,13 @@ def _lookup_index(tokenizer, template: str, subject: str) -> int:
     return len(tokenizer.encode(before + subject)) - 1
 
 
-def ume_compute_z(
-    loaded: LoadedModel,
-    request: EditRequest,
-    prefixes: Sequence[str],
-    layer: int,
-    hparams: ValueHparams,
-) -> Values:
-    tok, model, device = loaded.tokenizer, loaded.model, loaded.device
+def _rewriting_batch(
+    loaded: LoadedModel, request: EditRequest, prefixes: Sequence[str]
+) -> tuple[Any, torch.Tensor, list[int], int]:
+    """UME's batch: the rewriting prompts (each prefix + prompt + target but its last token)
+    and the KL prompt, right-padded; the targets (rewriting rows, T) with -100 outside the
+    target tokens; the subject's last index per row; the number of target tokens."""
+    tok, device = loaded.tokenizer, loaded.device
     target_ids = tok(" " + request.target_new.lstrip(" ")).input_ids
     if target_ids[0] in (tok.bos_token_id, tok.unk_token_id):
         target_ids = target_ids[1:]
@@ -80,6 +75,28 @@ def ume_compute_z(
         length = int(inputs.attention_mask[i].sum())
         targets[i, length - len(target_ids) : length] = torch.tensor(target_ids, device=device)
     lookup = [_lookup_index(tok, template, request.subject) for template in templates]
+    return inputs, targets, lookup, len(target_ids)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor, n_target: int) -> torch.Tensor:
+    """The mean over rewriting prompts of their mean target-token NLL; logits (N + 2, T, vocab),
+    targets (N + 1, T) with -100 outside the target tokens."""
+    log_probs = F.log_softmax(at_least_float32(logits[: targets.shape[0]]), dim=2)
+    picked = torch.gather(log_probs, 2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    mask = (targets != -100).float()
+    nll_each = -(picked * mask).sum(1) / n_target
+    return nll_each.mean()
+
+
+def ume_compute_z(
+    loaded: LoadedModel,
+    request: EditRequest,
+    prefixes: Sequence[str],
+    layer: int,
+    hparams: ValueHparams,
+) -> Values:
+    model, device = loaded.model, loaded.device
+    inputs, targets, lookup, n_target = _rewriting_batch(loaded, request, prefixes)
 
     delta = torch.zeros(loaded.weight(layer).shape[0], device=device, requires_grad=True)
     target_init = None
@@ -105,11 +122,7 @@ def ume_compute_z(
             kl_log_probs = F.log_softmax(at_least_float32(logits[-1:, lookup[-1]]), dim=1)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
-            log_probs = F.log_softmax(at_least_float32(logits[: len(rewriting)]), dim=2)
-            picked = torch.gather(log_probs, 2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
-            mask = (targets != -100).float()
-            nll_each = -(picked * mask).sum(1) / len(target_ids)
-            nll = nll_each.mean()
+            nll = _nll(logits, targets, n_target)
             kl = hparams.kl_factor * F.kl_div(
                 kl_init, kl_log_probs, log_target=True, reduction="batchmean"
             )

@@ -22,8 +22,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
-from editexp.evaluation.generation import SAMPLER_VERSION, sample_continuation_ids
 from editexp.models import LoadedModel
+from editexp.sampling import SAMPLER_VERSION, sample_continuation_ids
 from editexp.tokens import encode_prompt
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")

@@ -13,7 +13,13 @@ import math
 
 import torch
 
-from editexp.editing.linalg import CovarianceFactor, EditingError, check_finite, prepare_batch
+from editexp.editing.linalg import (
+    CovarianceFactor,
+    EditingError,
+    SolveParams,
+    check_finite,
+    prepare_batch,
+)
 
 
 def rome_delta(
@@ -36,3 +42,10 @@ def rome_delta(
     delta = residual @ whitened_key.T / denominator
     check_finite(delta, "ROME update")
     return delta
+
+
+def solve(
+    keys: torch.Tensor, residuals: torch.Tensor, covariance: CovarianceFactor, params: SolveParams
+) -> torch.Tensor:
+    """ROME's update for the registry (:class:`editexp.algorithms.Algorithm`)."""
+    return rome_delta(keys, residuals, covariance)

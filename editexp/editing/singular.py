@@ -8,7 +8,7 @@ not interact, so instead of E rounds of (values, keys, solve, write W, evaluate,
 2. each fact's update is solved alone, Delta_i = r_i w_i^T with r_i = delta*_i (one layer:
    the residual is delta* itself), all with one C0 solve (:func:`rank_one.singular_updates`);
 3. the evaluation scores (and samples) all facts in batched passes in which every row carries
-   its own fact's update (:class:`rank_one.RowEdits`); W is never written.
+   its own fact's update (:class:`editexp.row_edits.RowEdits`); W is never written.
 
 ``tests/test_singular.py`` proves it equals the one-fact-at-a-time path.
 """
@@ -21,11 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from editexp.editing.keys_values import EditRequest, ValueHparams, Values
+from editexp.editing.keys import EditRequest
 from editexp.editing.linalg import CovarianceFactor
-from editexp.editing.rank_one import RankOneEdits, singular_updates
+from editexp.editing.plan import UpdatePlan
+from editexp.editing.rank_one import singular_updates
 from editexp.editing.value_cache import SweepCache, keys_for, values_for
+from editexp.editing.values import Values
 from editexp.models import LoadedModel
+from editexp.row_edits import RankOneEdits
 
 
 @dataclass
@@ -52,27 +55,24 @@ class SingularEdits:
 def solve_singular(
     loaded: LoadedModel,
     requests: Sequence[EditRequest],
-    algorithm: str,
-    layer: int,
+    plan: UpdatePlan,
     covariance: CovarianceFactor,
-    lam: float | None,
-    hparams: ValueHparams,
     prefixes: Sequence[str],
-    batch_size: int = 64,
     cache: SweepCache | None = None,
-    nullspace_threshold: float | None = None,
-    progress: bool = True,
 ) -> SingularEdits:
-    """Every request's own update at ``layer`` on the unedited model (weights untouched);
-    ``cache``: the sweep's value/key cache (see :mod:`editexp.editing.value_cache`)."""
+    """Every request's own update at the plan's one layer on the unedited model (weights
+    untouched); ``cache``: the sweep's value/key cache (:mod:`editexp.editing.value_cache`)."""
+    (layer,) = plan.layers
     start = time.perf_counter()
-    values = values_for(loaded, requests, prefixes, layer, hparams, batch_size, progress, cache)
-    keys = keys_for(loaded, requests, prefixes, layer, batch_size, cache)
+    values = values_for(
+        loaded, requests, prefixes, layer, plan.hparams, plan.batch_size, plan.progress, cache
+    )
+    keys = keys_for(loaded, requests, prefixes, layer, plan.batch_size, cache)
     timing = {"keys_values": time.perf_counter() - start}
     start = time.perf_counter()
     # One layer: the residual of each fact is delta* itself (see editor.edit_batch).
     edits = singular_updates(
-        algorithm, layer, keys, values.deltas.T, covariance, lam, nullspace_threshold
+        plan.algorithm, layer, keys, values.deltas.T, covariance, plan.solve_params()
     )
     timing["solve"] = time.perf_counter() - start
     return SingularEdits(

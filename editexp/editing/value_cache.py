@@ -33,13 +33,9 @@ from typing import Any
 import torch
 
 from editexp.cache import atomic_torch_save, atomic_write_json, cache_root, file_lock, stable_hash
-from editexp.editing.keys_values import (
-    EditRequest,
-    ValueHparams,
-    Values,
-    compute_keys,
-    compute_values,
-)
+from editexp.config import ValueHparams
+from editexp.editing.keys import EditRequest, compute_keys
+from editexp.editing.values import Values, compute_values
 from editexp.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -279,48 +275,40 @@ def key_fact_key(request: EditRequest) -> str:
 
 
 def cached_values(
-    loaded: LoadedModel,
+    cache: VectorCache,
     requests: Sequence[EditRequest],
-    prefixes: Sequence[str],
-    layer: int,
-    hparams: ValueHparams,
     compute: Callable[[Sequence[EditRequest]], Values],
     chunk_size: int,
     counts: CacheCounts,
-    fingerprint: str | None = None,
 ) -> Values:
-    """Values of the unedited model for ``requests``, read from the cache where present and
-    computed with ``compute(missing requests)`` otherwise (then stored)."""
+    """Values of the unedited model for ``requests``, read from ``cache`` (a
+    :func:`value_cache`) where present and computed with ``compute(missing requests)``
+    otherwise (then stored)."""
     names = [field.name for field in fields(Values)]
 
     def compute_entries(indices: list[int]) -> list[dict[str, torch.Tensor]]:
         values = compute([requests[i] for i in indices])
         return [{name: getattr(values, name)[row] for name in names} for row in range(len(indices))]
 
-    cache = value_cache(loaded, layer, prefixes, hparams, fingerprint)
     keys = [value_fact_key(request) for request in requests]
     entries = cache.get_or_compute(keys, compute_entries, chunk_size, counts)
     return Values(**{name: torch.stack([entry[name] for entry in entries]) for name in names})
 
 
 def cached_keys(
-    loaded: LoadedModel,
+    cache: VectorCache,
     requests: Sequence[EditRequest],
-    prefixes: Sequence[str],
-    layer: int,
     compute: Callable[[Sequence[EditRequest]], torch.Tensor],
     chunk_size: int,
     counts: CacheCounts,
-    fingerprint: str | None = None,
 ) -> torch.Tensor:
-    """Keys k* (d_k, E) of the unedited model, cached like :func:`cached_values`;
-    ``compute(requests)`` returns their keys as columns."""
+    """Keys k* (d_k, E) of the unedited model, read from ``cache`` (a :func:`key_cache`) like
+    :func:`cached_values`; ``compute(requests)`` returns their keys as columns."""
 
     def compute_entries(indices: list[int]) -> list[dict[str, torch.Tensor]]:
         keys = compute([requests[i] for i in indices])
         return [{"key": keys[:, column]} for column in range(len(indices))]
 
-    cache = key_cache(loaded, layer, prefixes, fingerprint)
     fact_keys = [key_fact_key(request) for request in requests]
     entries = cache.get_or_compute(fact_keys, compute_entries, chunk_size, counts)
     return torch.stack([entry["key"] for entry in entries], dim=1)
@@ -344,17 +332,8 @@ def values_for(
 
     if cache is None:
         return compute(requests)
-    return cached_values(
-        loaded,
-        requests,
-        prefixes,
-        layer,
-        hparams,
-        compute,
-        batch_size,
-        cache.counts,
-        cache.fingerprint,
-    )
+    store = value_cache(loaded, layer, prefixes, hparams, cache.fingerprint)
+    return cached_values(store, requests, compute, batch_size, cache.counts)
 
 
 def keys_for(
@@ -373,6 +352,5 @@ def keys_for(
 
     if cache is None:
         return compute(requests)
-    return cached_keys(
-        loaded, requests, prefixes, layer, compute, batch_size, CacheCounts(), cache.fingerprint
-    )
+    store = key_cache(loaded, layer, prefixes, cache.fingerprint)
+    return cached_keys(store, requests, compute, batch_size, CacheCounts())

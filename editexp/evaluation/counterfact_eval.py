@@ -23,10 +23,11 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.data.counterfact import Fact
-from editexp.editing.rank_one import RowEdits
-from editexp.evaluation.generation import generate_texts, generation_seed
+from editexp.evaluation.generation import generate_texts
 from editexp.evaluation.metrics import fact_metrics, generation_entropy
 from editexp.evaluation.scoring import LayerStates, score_continuations
+from editexp.row_edits import RowEdits
+from editexp.sampling import generation_seed
 
 
 @dataclass

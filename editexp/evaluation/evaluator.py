@@ -20,9 +20,7 @@ from omegaconf import DictConfig
 
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.data.counterfact import Fact
-from editexp.editing.rank_one import RankOneEdits, RowEdits
 from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts, scored_prompts
-from editexp.evaluation.generation import SAMPLER_VERSION
 from editexp.evaluation.scoring import (
     LayerStates,
     encode_continuations,
@@ -30,6 +28,8 @@ from editexp.evaluation.scoring import (
     score_continuations,
 )
 from editexp.models import LoadedModel
+from editexp.row_edits import RankOneEdits, RowEdits
+from editexp.sampling import SAMPLER_VERSION
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ How a batch of prompts is scored without wasted work (see :func:`score_continuat
 
 Two shortcuts serve post-edit scoring (each optional, each tested against the plain path):
 
-- ``edits`` (:class:`~editexp.editing.rank_one.RowEdits`) with ``prompt_edits``: every prompt's
+- ``edits`` (:class:`~editexp.row_edits.RowEdits`) with ``prompt_edits``: every prompt's
   rows carry their own fact's rank-one update at the edited layer, so the prompts of many
   singular edits are scored in one batched pass without writing weights;
 - ``start_states`` (:class:`LayerStates`): the passes start at layer L's input from hidden
@@ -43,8 +43,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from editexp.editing.rank_one import RowEdits
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
+from editexp.row_edits import RowEdits
 from editexp.tokens import encode_prompt, encode_target, pad_sequences
 
 

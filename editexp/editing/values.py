@@ -1,11 +1,8 @@
-"""The key/value engine shared by ROME, MEMIT and EMMET, as the paper's code (UME) defines it.
+"""Values v* = h + delta*, as the paper's code (UME) optimises them (``compute_z``).
 
 For a fact (subject s, prompt template p, new target o*) and the contexts x_0 = "" (the bare
 prompt) and x_1..x_N (sampled prefixes, :mod:`editexp.editing.prefixes`):
 
-- the key k* is the edited module's input at the subject's last token, averaged in two levels
-  as UME's ``compute_ks``: k* = 1/2 k(x_0 + p(s)) + 1/2 * 1/N sum_j k(x_j + p(s)) (the bare
-  prompt is one group, the prefixes another; with no prefixes, k* = k(p(s)));
 - the value v* = h + delta*, where h (UME's ``target_init``) is the layer's output (the
   residual stream) at the subject's last token of the bare prompt, before any edit, and
   delta* minimises (UME's ``compute_z``)
@@ -41,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +46,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from editexp.capture import ActivationCapture
-from editexp.config import ValueHparams
+from editexp.algorithms import ValueHparams
+from editexp.editing.keys import EditRequest, check_prefixes, context_texts
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
 from editexp.models import LoadedModel
 from editexp.tokens import (
@@ -62,17 +59,6 @@ from editexp.tokens import (
 )
 
 KL_PROMPT = "{} is a"
-BARE_PROMPT = [""]  # the contexts of a lookup on the bare prompt alone
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to write: ``prompt.format(subject)`` should continue with ``target_new``."""
-
-    case_id: int
-    prompt: str
-    subject: str
-    target_new: str
 
 
 @dataclass
@@ -107,98 +93,6 @@ def value_site(loaded: LoadedModel, layer: int) -> nn.Module:
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """Half-precision tensors as float32 (for losses); float32 and float64 as they are."""
     return tensor.float() if tensor.element_size() < 4 else tensor
-
-
-def context_texts(request: EditRequest, prefixes: Sequence[str]) -> list[str]:
-    return [prefix + request.prompt.format(request.subject) for prefix in prefixes]
-
-
-def check_prefixes(prefixes: Sequence[str]) -> None:
-    """Context 0 must be the bare prompt: h is read there and k* weighs it 1/2."""
-    if not prefixes or prefixes[0] != "":
-        raise ValueError(f"prefixes must start with the bare prompt '', got {list(prefixes)[:2]}")
-
-
-def context_mean(readings: torch.Tensor) -> torch.Tensor:
-    """UME's two-level mean over contexts: (E, N + 1, d) -> (E, d), the bare prompt (context 0)
-    one group, the N prefixes another, each group weighing 1/2."""
-    if readings.shape[1] == 1:
-        return readings[:, 0]
-    return (readings[:, 0] + readings[:, 1:].mean(dim=1)) / 2
-
-
-# --------------------------------------------------------------------------- keys
-
-
-@torch.no_grad()
-def read_at_subject(
-    loaded: LoadedModel,
-    requests: Sequence[EditRequest],
-    prefixes: Sequence[str],
-    layers: Sequence[int],
-    where: Literal["input", "output", "residual"] = "input",
-    batch_size: int = 64,
-) -> dict[int, torch.Tensor]:
-    """At the subject's last token of every context, the edited module's input (``"input"``:
-    keys), its output (``"output"``) or the layer's output (``"residual"``), combined over the
-    contexts by :func:`context_mean`: {layer: (E, d)} float32.
-
-    All (fact, context) texts run in padded batches; the pass stops after the deepest layer.
-    """
-    if where == "input":
-        modules, hook_at = {layer: loaded.edit_module(layer) for layer in layers}, "input"
-    elif where == "output":
-        modules, hook_at = {layer: loaded.edit_module(layer) for layer in layers}, "output"
-    elif where == "residual":
-        modules, hook_at = {layer: loaded.layer_module(layer) for layer in layers}, "output"
-    else:
-        raise ValueError(f"where={where!r}; expected 'input', 'output' or 'residual'")
-    tokenizer = loaded.tokenizer
-    rows: list[tuple[list[int], int]] = []  # (ids, subject's last index), fact-major
-    for request in requests:
-        for text in context_texts(request, prefixes):
-            ids = encode_prompt(tokenizer, text)
-            rows.append((ids, subject_last_index(tokenizer, text, request.subject)))
-    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-
-    def consume(layer: int, values: torch.Tensor) -> None:
-        captured[layer].append(values.float().cpu())  # (B, d): one row per sequence
-
-    with ActivationCapture(modules, hook_at, consume) as capture:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = pad_sequences([ids for ids, _ in chunk], tokenizer.pad_token_id)
-            selected = torch.zeros_like(batch.input_ids, dtype=torch.bool)  # (B, T)
-            selected[torch.arange(len(chunk)), [index for _, index in chunk]] = True
-            batch = batch.to(loaded.device)
-            capture.run(
-                loaded.model,
-                selected.to(loaded.device),
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-            )
-    n_contexts = len(prefixes)
-    return {
-        layer: context_mean(torch.cat(parts).view(len(requests), n_contexts, -1))
-        for layer, parts in captured.items()
-    }
-
-
-def compute_keys(
-    loaded: LoadedModel,
-    requests: Sequence[EditRequest],
-    prefixes: Sequence[str],
-    layers: Sequence[int],
-    batch_size: int = 64,
-) -> dict[int, torch.Tensor]:
-    """k* for every request at every layer: {layer: (d_k, E)} (columns are keys)."""
-    check_prefixes(prefixes)
-    keys = read_at_subject(loaded, requests, prefixes, layers, "input", batch_size)
-    return {layer: value.T.contiguous() for layer, value in keys.items()}
-
-
-# --------------------------------------------------------------------------- values
 
 
 @dataclass
@@ -455,30 +349,8 @@ def _optimise_chunk(
             if step == 0:
                 h = progress.row_outputs[chunk.is_bare]  # (n_facts, d_v) UME's target_init
                 h_norm = h.norm(dim=1)  # (n_facts,)
-            active = progress.active
-            stacked = torch.stack(deltas)  # (n_facts, d_v)
-            decay = hparams.v_weight_decay * stacked.norm(dim=1) / h_norm**2  # (n_facts,)
-            fact_loss = fact_loss + decay.detach()
-            with torch.no_grad():
-                losses[active.cpu()] = fact_loss[active].cpu()
-                finished = active & (fact_loss < hparams.early_stop_loss)
-                if step == hparams.v_steps - 1:
-                    finished = active.clone()
-            still = active & ~finished
-            if not still.any():
+            if not _adam_step(progress, optimizer, fact_loss, h_norm, hparams, steps, losses):
                 break
-            decay[still].sum().backward()
-            for index in (~still).nonzero().squeeze(1).tolist():
-                deltas[index].grad = None  # Adam skips parameters without a gradient
-            optimizer.step()
-            steps[still.cpu()] += 1
-            with torch.no_grad():
-                max_norms = hparams.clamp_norm_factor * h_norm
-                for index in still.nonzero().squeeze(1).tolist():
-                    norm = deltas[index].norm()
-                    if norm > max_norms[index]:
-                        deltas[index].mul_(max_norms[index] / norm)
-            progress.active = still
     finally:
         handle.remove()
     return Values(
@@ -487,6 +359,68 @@ def _optimise_chunk(
         losses=losses.float(),
         steps=steps,
     )
+
+
+def _adam_step(
+    progress: _Progress,
+    optimizer: torch.optim.Optimizer,
+    fact_loss: torch.Tensor,
+    h_norm: torch.Tensor,
+    hparams: ValueHparams,
+    steps: torch.Tensor,
+    losses: torch.Tensor,
+) -> bool:
+    """Add the weight decay to every fact's loss (n_facts,), stop the facts that are done,
+    then one Adam step and the clamp for the others; False when no fact is left."""
+    active, deltas = progress.active, progress.deltas
+    stacked = torch.stack(deltas)  # (n_facts, d_v)
+    decay = hparams.v_weight_decay * stacked.norm(dim=1) / h_norm**2  # (n_facts,)
+    fact_loss = fact_loss + decay.detach()
+    with torch.no_grad():
+        losses[active.cpu()] = fact_loss[active].cpu()
+        finished = active & (fact_loss < hparams.early_stop_loss)
+        if progress.step == hparams.v_steps - 1:
+            finished = active.clone()
+    still = active & ~finished
+    if not still.any():
+        return False
+    decay[still].sum().backward()
+    for index in (~still).nonzero().squeeze(1).tolist():
+        deltas[index].grad = None  # Adam skips parameters without a gradient
+    optimizer.step()
+    steps[still.cpu()] += 1
+    with torch.no_grad():
+        max_norms = hparams.clamp_norm_factor * h_norm
+        for index in still.nonzero().squeeze(1).tolist():
+            norm = deltas[index].norm()
+            if norm > max_norms[index]:
+                deltas[index].mul_(max_norms[index] / norm)
+    progress.active = still
+    return True
+
+
+def _tail_forward(chunk: _Chunk, group: _TailGroup, rows: torch.Tensor) -> torch.Tensor:
+    """The last hidden states (G', L, d) of a tail group's ``rows``, from the edited layer on,
+    on the KV cache of their heads."""
+    cache = None
+    if chunk.head_cache:
+        cache = DynamicCache(config=chunk.model.config)
+        for index, kv in enumerate(chunk.head_cache):
+            if kv is not None:  # layers from start_layer on; the skipped ones hold none
+                cache.update(kv[0][rows], kv[1][rows], index)
+    batch = chunk.batch
+    length = group.columns.stop - group.columns.start
+    return forward_from_layer(
+        chunk.model.base_model,
+        chunk.layers,
+        chunk.start_layer,
+        chunk.tail_states[rows, :length],  # (G', L, d) entering the edited layer
+        input_ids=batch.input_ids[rows, group.columns],
+        attention_mask=batch.attention_mask[rows, : group.columns.stop],
+        position_ids=batch.position_ids[rows, group.columns],
+        cache=cache,
+        use_cache=cache is not None,
+    ).last_hidden_state
 
 
 def _group_loss(
@@ -505,25 +439,7 @@ def _group_loss(
     local[keep] = torch.arange(len(rows), device=device)  # group position -> row in rows
     hook.row_deltas = torch.stack(progress.deltas)[chunk.row_fact[rows]]  # (G', d_v)
     hook.recorded = None
-    cache = None
-    if chunk.head_cache:
-        cache = DynamicCache(config=chunk.model.config)
-        for index, kv in enumerate(chunk.head_cache):
-            if kv is not None:  # layers from start_layer on; the skipped ones hold none
-                cache.update(kv[0][rows], kv[1][rows], index)
-    batch = chunk.batch
-    length = group.columns.stop - group.columns.start
-    hidden = forward_from_layer(
-        chunk.model.base_model,
-        chunk.layers,
-        chunk.start_layer,
-        chunk.tail_states[rows, :length],  # (G', L, d) entering the edited layer
-        input_ids=batch.input_ids[rows, group.columns],
-        attention_mask=batch.attention_mask[rows, : group.columns.stop],
-        position_ids=batch.position_ids[rows, group.columns],
-        cache=cache,
-        use_cache=cache is not None,
-    ).last_hidden_state  # (G', L, d)
+    hidden = _tail_forward(chunk, group, rows)  # (G', L, d)
     if first_step:
         progress.row_outputs[rows] = hook.recorded
     read_keep = keep[group.read_rows]  # (R,) reads of kept rows
