@@ -1,4 +1,4 @@
-"""editexp: locate-and-edit model editing experiments (ROME, MEMIT, EMMET).
+"""editexp: locate-and-edit model editing experiments (ROME, MEMIT, EMMET, AlphaEdit).
 
 From Python (see the README's "From Python")::
 
@@ -30,7 +30,7 @@ _register_resolvers()
 # Lazy, so that composing a config does not import torch and transformers.
 _EXPORTS = {
     "Editor": "editexp.editing.editor",
-    "apply_edits": "editexp.editing.editor",
+    "apply_edits": "editexp.editing.deltas",
     "Evaluator": "editexp.evaluation.evaluator",
     "RunRecord": "editexp.record",
     "compose": "editexp.config",

@@ -25,11 +25,12 @@ from editexp.editing.editor import edit_batch
 from editexp.editing.keys import EditRequest
 from editexp.editing.linalg import CovarianceFactor, EditingError, SolveParams
 from editexp.editing.plan import UpdatePlan
-from editexp.editing.rank_one import RankOneEdits, RowEdits, singular_updates
+from editexp.editing.rank_one import singular_updates
 from editexp.editing.singular import solve_singular
 from editexp.editing.solvers import closed_form_delta
 from editexp.evaluation.counterfact_eval import evaluate_facts
 from editexp.evaluation.scoring import score_continuations
+from editexp.row_edits import RankOneEdits, RowEdits
 from editexp.sampling import generation_seed, sample_continuation_ids, top_k_pick
 
 PROMPTS = [

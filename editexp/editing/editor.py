@@ -317,7 +317,8 @@ class Editor:
         return self.settings.hparams
 
     def edit(self, facts: EditInput | Sequence[EditInput], revertible: bool = True) -> Update:
-        """Write ``facts`` (one, or several for MEMIT / EMMET) into the model with one update.
+        """Write ``facts`` (one, or several for MEMIT, EMMET, AlphaEdit) into the model with one
+        update.
 
         ``revertible`` keeps a copy of the edited matrices (on the CPU) for
         :meth:`Update.revert`.

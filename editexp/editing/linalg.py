@@ -1,7 +1,7 @@
 """Shared linear algebra for the closed-form edits: the factored key covariance, the running
 sum of earlier edits' keys, and checks.
 
-Notation (shared by ROME, MEMIT and EMMET): W (d_v x d_k) is the edited linear map, the keys
+Notation (shared by every algorithm): W (d_v x d_k) is the edited linear map, the keys
 K = [k_1 .. k_E] (d_k x E) are its inputs, the values V (d_v x E) its desired outputs, the
 residuals R = V - W K (d_v x E), and C0 = E[k k^T] (d_k x d_k) the second moment of the keys
 of ordinary text at the edited layer. Every update needs solves with C0,

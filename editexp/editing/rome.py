@@ -4,7 +4,7 @@ ROME solves  min tr(Delta C0 Delta^T)  subject to  (W + Delta) k = v,  whose sol
 
     Delta = r (C0^{-1} k)^T / (k^T C0^{-1} k),    r = v - W k.
 
-One fact per update; batches of facts go through MEMIT or EMMET.
+One fact per update; batches of facts go through MEMIT, EMMET or AlphaEdit.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def rome_delta(
     if keys.ndim == 2 and keys.shape[1] != 1:
         raise EditingError(
             f"ROME edits one fact per update, got E={keys.shape[1]} keys (shape "
-            f"{tuple(keys.shape)}); use batch_size=1, or MEMIT/EMMET for batches"
+            f"{tuple(keys.shape)}); use batch_size=1, or MEMIT, EMMET or AlphaEdit for batches"
         )
     key, residual = prepare_batch(keys, residuals, covariance, "ROME")
     whitened_key = covariance.solve(key)  # C0^{-1} k, (d_k, 1)
