@@ -5,8 +5,8 @@ For a fact (subject s, prompt template p) and the contexts x_0 = "" (the bare pr
 x_1..x_N (sampled prefixes, :mod:`editexp.editing.prefixes`), the key is averaged in two
 levels: k* = 1/2 k(x_0 + p(s)) + 1/2 * 1/N sum_j k(x_j + p(s)) (the bare prompt is one group,
 the prefixes another; with no prefixes, k* = k(p(s))). :func:`read_at_subject` reads any site
-(module input or output, the residual stream) the same way; the values
-(:mod:`editexp.editing.values`) use it for h.
+(module input or output, the residual stream) the same way; the editor reads the residual
+stream with it when it spreads an update over several layers.
 """
 
 from __future__ import annotations

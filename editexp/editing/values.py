@@ -3,20 +3,18 @@
 For a fact (subject s, prompt template p, new target o*) and the contexts x_0 = "" (the bare
 prompt) and x_1..x_N (sampled prefixes, :mod:`editexp.editing.prefixes`):
 
-- the value v* = h + delta*, where h (UME's ``target_init``) is the layer's output (the
-  residual stream) at the subject's last token of the bare prompt, before any edit, and
-  delta* minimises (UME's ``compute_z``)
+h (UME's ``target_init``) is the layer's output (the residual stream) at the subject's last
+token of the bare prompt, before any edit, and delta* minimises
 
       L(delta) = 1/(N+1) sum_j NLL(o* | x_j + p(s))
                  + kl_factor * KL(P_delta || P_0)   at the subject's last token of "s is a"
                  + weight_decay * ||delta|| / ||h||^2
 
-  where delta is added to the layer's output at the subject's last token of every one of
-  those N + 2 sequences, NLL is the mean over o*'s tokens of -log p, and KL(P_delta || P_0) =
-  sum_t P_delta(t) (log P_delta(t) - log P_0(t)) (torch ``kl_div(log P_0, log P_delta,
-  log_target=True)``). Adam with lr ``v_lr``; before each step, stop when L <
-  ``early_stop_loss`` or after ``v_steps - 1`` steps; after each step, clamp ``||delta|| <=
-  clamp_norm_factor * ||h||``.
+where delta is added to the layer's output at the subject's last token of every one of those
+N + 2 sequences, NLL is the mean over o*'s tokens of -log p, and KL(P_delta || P_0) =
+sum_t P_delta(t) (log P_delta(t) - log P_0(t)) (torch ``kl_div(log P_0, log P_delta,
+log_target=True)``). Adam with lr ``v_lr``; before each step, stop when L < ``early_stop_loss``
+or after ``v_steps - 1`` steps; after each step, clamp ``||delta|| <= clamp_norm_factor * ||h||``.
 
 The edited module's output goes straight into the residual stream (Llama, GPT-2, GPT-J), so
 adding delta to the layer's output there is adding it to W k + b: the residual the solvers
