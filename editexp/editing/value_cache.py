@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 # The modules whose source decides the vectors: part of every settings hash.
 CODE_MODULES = (
-    "editexp.editing.keys_values",
+    "editexp.editing.keys",
+    "editexp.editing.values",
     "editexp.capture",
     "editexp.layer_skip",
     "editexp.tokens",
