@@ -81,3 +81,13 @@ def test_an_unknown_algorithm_is_one_clear_error(name):
         run_settings(cfg)
     with pytest.raises(ConfigError, match="expected one of"):
         compose("tiny-llama3", "nope")
+
+
+def test_a_model_without_an_hparams_block_gets_the_registrys_defaults():
+    cfg = compose("tiny-llama3", "alphaedit")
+    del cfg.model.hparams
+    settings = run_settings(cfg)
+    defaults = get_algorithm("alphaedit").defaults
+    assert settings.lam == defaults["lambda"] == 1.0
+    assert settings.nullspace_threshold == defaults["nullspace_threshold"]
+    assert settings.hparams == ValueHparams()
