@@ -37,7 +37,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from editexp.cache import atomic_write_json, atomic_write_text, stable_hash, write_problem
-from editexp.errors import UserError
+from editexp.errors import EXIT_USER_ERROR, UserError, one_line
 
 LOCK_NAME = ".editexp.lock"
 RECORD_NAME = "run.json"
@@ -396,7 +396,11 @@ class RefusePlantedLinks(Callback):
     check every grid point's directory (``hydra_plugins/editexp_launcher``)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        refuse_planted_links(Path(str(config.hydra.run.dir)), hydra_written_names(config.hydra))
+        try:
+            refuse_planted_links(Path(str(config.hydra.run.dir)), hydra_written_names(config.hydra))
+        except RunDirError as error:  # Hydra turns a callback's exception into a warning
+            print(f"editexp: error: {one_line(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def _reason(error: BaseException) -> str:
