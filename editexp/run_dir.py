@@ -13,6 +13,10 @@
 - **force=true** moves the earlier attempt's files into ``.attempts/<time>/`` before the new
   attempt writes anything (``summary.json`` first), so a killed rerun never leaves a finished
   summary beside half-rewritten rows.
+- **Untrusted contents.** Others may write into a directory on a shared file system:
+  ``checkpoint.pt`` is loaded as plain data only (``weights_only``), and nothing is written
+  through a symbolic link in the directory (:func:`refuse_planted_links`, ``O_NOFOLLOW`` for
+  the lock; :class:`RefusePlantedLinks` before Hydra writes its log and ``.hydra/``).
 - :func:`summary_problem` lets ``editexp-report`` check a point's summary against the config
   Hydra wrote for that point.
 """
@@ -329,13 +333,8 @@ class RunDirectory:
             return
         with contextlib.suppress(OSError, UserError):
             for name, text in files.items():
-                if isinstance(text, str) and self.holds(self.path / str(name)):
+                if isinstance(text, str) and inside(self.path, self.path / str(name)):
                     atomic_write_text(self.path / str(name), text)
-
-    def holds(self, path: Path) -> bool:
-        """Whether ``path`` lies inside this directory and is not a symbolic link, nor below
-        one: a write there (atomic: a new file renamed onto it) stays inside."""
-        return inside(self.path, path)
 
 
 # --------------------------------------------------------------------------- planted links
@@ -349,7 +348,8 @@ def open_no_follow(path: Path) -> int:
 
 
 def inside(root: Path, path: Path) -> bool:
-    """``path`` is not a symbolic link and its folder, links resolved, is ``root`` or below it."""
+    """``path`` is not a symbolic link and its folder, links resolved, is ``root`` or below it:
+    an atomic write there (a new file renamed onto it) stays inside ``root``."""
     if path.is_symlink():
         return False
     return path.parent.resolve().is_relative_to(Path(root).resolve())
