@@ -1,13 +1,21 @@
-"""OmegaConf resolvers the experiment presets use to derive sweep axes from the config.
+"""OmegaConf resolvers: sweep axes the experiment presets derive from the config, and the names
+of run and sweep directories.
 
 Registered when ``editexp`` is imported, before Hydra composes anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from omegaconf import OmegaConf
 
+from editexp.paths import dir_name
+
 PAPER_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
+# Overrides that do not name a sweep: they change neither its grid nor its results (the
+# preset is already a folder of the sweep's path).
+NOT_IN_SWEEP_NAME = ("logger", "force", "device", "experiment")
 
 
 def csv(values) -> str:
@@ -31,11 +39,29 @@ def divisors_upto(total: int, *sizes: int) -> str:
     return csv(chosen)
 
 
+def sweep_name(overrides: Iterable[str]) -> str:
+    """The name of a sweep's directory from its command line's overrides (``hydra.overrides.task``),
+    in their order, without those of ``NOT_IN_SWEEP_NAME``: the same command always gives
+    the same directory, so that running it again continues the sweep. ``default`` without any."""
+    kept = [
+        str(item)
+        for item in overrides
+        if str(item).split("=", 1)[0].lstrip("+~") not in NOT_IN_SWEEP_NAME
+    ]
+    return dir_name(",".join(kept)) or "default"
+
+
 def register() -> None:
     for name, function in (
         ("editexp.csv", csv),
         ("editexp.sizes_upto", sizes_upto),
         ("editexp.divisors_upto", divisors_upto),
+        ("editexp.dir_name", dir_name),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
+    # Cached: a multirun's jobs compose their own config, in which hydra.overrides.task holds
+    # the job's overrides; Hydra copies the sweep's resolver cache into it (as for ${now:}), so
+    # every job resolves the sweep directory its launcher created.
+    if not OmegaConf.has_resolver("editexp.sweep_name"):
+        OmegaConf.register_new_resolver("editexp.sweep_name", sweep_name, use_cache=True)

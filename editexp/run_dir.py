@@ -13,6 +13,10 @@
 - **force=true** moves the earlier attempt's files into ``.attempts/<time>/`` before the new
   attempt writes anything (``summary.json`` first), so a killed rerun never leaves a finished
   summary beside half-rewritten rows.
+- **Untrusted contents.** Others may write into a directory on a shared file system:
+  ``checkpoint.pt`` is loaded as plain data only (``weights_only``), and nothing is written
+  through a symbolic link in the directory (:func:`refuse_planted_links`, ``O_NOFOLLOW`` for
+  the lock; :class:`RefusePlantedLinks` before Hydra writes its log and ``.hydra/``).
 - :func:`summary_problem` lets ``editexp-report`` check a point's summary against the config
   Hydra wrote for that point.
 """
@@ -21,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
+import pickle
 import socket
 import sys
 from collections.abc import Iterator, Mapping
@@ -31,10 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from editexp.cache import atomic_write_json, atomic_write_text, stable_hash, write_problem
-from editexp.errors import UserError
+from editexp.errors import EXIT_USER_ERROR, UserError, one_line
 
 LOCK_NAME = ".editexp.lock"
 RECORD_NAME = "run.json"
@@ -170,8 +177,10 @@ class RunDirectory:
         lock_path = self.path / LOCK_NAME
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            handle = lock_path.open("a+")
+            handle = os.fdopen(open_no_follow(lock_path), "r+")
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise planted_link(lock_path) from None
             raise RunDirError(
                 f"cannot use the run directory {self.path}: {write_problem(error) or error}"
             ) from error
@@ -200,6 +209,7 @@ class RunDirectory:
         """:meth:`locked`; a job refused here (:class:`RunDirError`) puts back the ``.hydra/``
         files of the attempt that owns the directory, which Hydra overwrote before it started."""
         try:
+            refuse_planted_links(self.path, [LOCK_NAME, ATTEMPTS_DIR, *RESULT_NAMES])
             with self.locked():
                 yield
         except RunDirError:
@@ -226,9 +236,12 @@ class RunDirectory:
             return None
         import torch
 
-        try:
-            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as error:  # EOFError, a zip error, pickle errors: a damaged file
+        try:  # plain data only: unpickling anything else could run code planted in the file
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            reason = "it holds more than plain data: damaged, or not written by editexp; not loaded"
+            raise self.damaged(self.checkpoint_path, reason) from None
+        except Exception as error:  # EOFError, a zip error: a damaged file
             raise self.damaged(self.checkpoint_path, _reason(error)) from None
         if not isinstance(checkpoint, dict) or "updates_done" not in checkpoint:
             raise self.damaged(self.checkpoint_path, "not an editexp checkpoint")
@@ -320,8 +333,74 @@ class RunDirectory:
             return
         with contextlib.suppress(OSError, UserError):
             for name, text in files.items():
-                if isinstance(text, str) and not Path(name).is_absolute() and ".." not in name:
-                    atomic_write_text(self.path / name, text)
+                if isinstance(text, str) and inside(self.path, self.path / str(name)):
+                    atomic_write_text(self.path / str(name), text)
+
+
+# --------------------------------------------------------------------------- planted links
+
+
+def open_no_follow(path: Path) -> int:
+    """A file descriptor of ``path`` for reading and writing, created if missing; a symbolic
+    link there fails with ELOOP instead of being followed."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o666)
+
+
+def inside(root: Path, path: Path) -> bool:
+    """``path`` is not a symbolic link and its folder, links resolved, is ``root`` or below it:
+    an atomic write there (a new file renamed onto it) stays inside ``root``."""
+    if path.is_symlink():
+        return False
+    return path.parent.resolve().is_relative_to(Path(root).resolve())
+
+
+def planted_link(path: Path) -> RunDirError:
+    try:
+        target = f" to {os.readlink(path)}"
+    except OSError:
+        target = ""
+    return RunDirError(
+        f"{path} is a symbolic link{target}; editexp does not write through links in a run "
+        "directory (on a shared file system others may have planted it): remove it, or give "
+        "this run another directory (hydra.run.dir=... or hydra.sweep.dir=...)"
+    )
+
+
+def refuse_planted_links(run_dir: Path, names: list[str]) -> None:
+    """Refuse a run directory in which a file or folder that Hydra or editexp writes (``names``,
+    relative paths), or a folder above one inside the directory, is a symbolic link."""
+    for name in names:
+        path = Path(run_dir)
+        for part in Path(name).parts:
+            path = path / part
+            if path.is_symlink():
+                raise planted_link(path)
+
+
+def hydra_written_names(hydra_cfg: DictConfig) -> list[str]:
+    """What Hydra writes into a job's directory before the job starts: its log file and its
+    ``.hydra/`` files (``hydra_cfg``: the ``hydra`` node of a job's config)."""
+    names = []
+    if "file" in (OmegaConf.select(hydra_cfg, "job_logging.handlers") or {}):
+        names.append(f"{hydra_cfg.job.name}.log")
+    if hydra_cfg.output_subdir is not None:
+        subdir = str(hydra_cfg.output_subdir)
+        names += [f"{subdir}/{file}" for file in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    return names
+
+
+class RefusePlantedLinks(Callback):
+    """Hydra callback (``hydra.callbacks`` in config.yaml): a single run's directory is checked
+    for planted links before Hydra writes its log and ``.hydra/`` files there. The launchers
+    check every grid point's directory (``hydra_plugins/editexp_launcher``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            refuse_planted_links(Path(str(config.hydra.run.dir)), hydra_written_names(config.hydra))
+        except RunDirError as error:  # Hydra turns a callback's exception into a warning
+            print(f"editexp: error: {one_line(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def _reason(error: BaseException) -> str:

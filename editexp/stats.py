@@ -32,6 +32,7 @@ from editexp.capture import ActivationCapture
 from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.errors import UserError
 from editexp.models import DTYPES, LoadedModel
+from editexp.paths import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class StatsSettings:
 
 
 def _cache_path(loaded: LoadedModel, kind: str, payload: dict[str, Any]) -> Path:
-    model_dir = "".join(c if c.isalnum() or c in "-_." else "_" for c in loaded.spec.name)
+    model_dir = safe_name(loaded.spec.name)
     name = f"{kind}-layer{payload['layer']:03d}-{stable_hash(payload)}.pt"
     return cache_root() / "stats" / model_dir / name
 

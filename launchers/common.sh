@@ -6,7 +6,22 @@ MODEL=${MODEL:-llama3-8b}
 for arg in "$@"; do [[ $arg == model=* ]] && MODEL=${arg#model=}; done
 PARTITION=${PARTITION:-} ACCOUNT=${ACCOUNT:-} TIME_MIN=${TIME_MIN:-720}
 GPUS=${GPUS:-1} CPUS=${CPUS:-8} MEM_GB=${MEM_GB:-64} STATS=${STATS:-slurm}
-SWEEP_DIR=${SWEEP_DIR:-multirun/$EXPERIMENT/$MODEL/$(date +%Y-%m-%d_%H-%M-%S)}
+
+# The arguments as one directory name that is also a plain Hydra override value ("default"
+# without any): joined by "+", "=" becomes "-" and any other character but letters, digits and
+# "._-" becomes "_"; a name longer than 100 characters keeps its head and ends with a hash of
+# the whole.
+sweep_name() {
+    local name
+    name=$(IFS=+; printf '%s' "$*" | tr '=' '-' | tr -c 'A-Za-z0-9._+-' '_')
+    if ((${#name} > 100)); then
+        name="${name:0:87}-$(printf '%s' "$name" | sha256sum | cut -c1-12)"
+    fi
+    printf '%s' "${name:-default}"
+}
+# The same command (model and arguments) gives the same sweep directory, so running it again
+# continues the sweep: finished grid points are skipped, interrupted ones resume.
+SWEEP_DIR=${SWEEP_DIR:-multirun/$EXPERIMENT/$MODEL/$(sweep_name "$@")}
 SWEEP_DIR=$(realpath -m "$SWEEP_DIR")
 
 run() {

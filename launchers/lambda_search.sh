@@ -11,7 +11,7 @@
 #   ACCOUNT (none)   TIME_MIN (720, per job)   GPUS (1)   CPUS (8)   MEM_GB (64)
 #   ALGORITHMS ("memit emmet")
 #   STATS: slurm (a job computes the statistics first) | local (here) | skip
-#   SWEEP_DIR (multirun/lambda_search/<model>/<time>)
+#   SWEEP_DIR (multirun/lambda_search/<model>/<arguments>: the same command continues the same sweep)
 #   DRY_RUN=1: print the commands only
 # editexp blocks until every job has finished (run it in tmux or screen); the jobs go on
 # if it is interrupted, and `editexp-report <sweep dir>` works on a partial sweep.

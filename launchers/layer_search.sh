@@ -10,7 +10,7 @@
 #   ACCOUNT (none)   TIME_MIN (720, per job)   GPUS (1)   CPUS (8)   MEM_GB (64)
 #   STATS: slurm (a job computes the statistics first) | local (here) | skip
 #   STATS_GROUP (8): layers per statistics job (each layer holds a d_k x d_k float64 sum)
-#   SWEEP_DIR (multirun/layer_search/<model>/<time>)
+#   SWEEP_DIR (multirun/layer_search/<model>/<arguments>: the same command continues the same sweep)
 #   DRY_RUN=1: print the commands only
 # editexp blocks until every job has finished (run it in tmux or screen); the jobs go on
 # if it is interrupted, and `editexp-report <sweep dir>` works on a partial sweep.

@@ -537,8 +537,9 @@ def test_the_message_names_the_grid_point_in_a_multirun(tmp_path, no_model):
         "layer=1.5",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
-    assert "Error executing job with overrides: [" in result.err  # Hydra names the point
-    assert "layer=1.5; expected an int" in error_line(result)
+    line = error_line(result)  # every point is checked before the first one starts
+    assert "1 of 1 grid points would fail" in line and "#0 (" in line
+    assert "layer=1.5; expected an int" in line
 
 
 def bad_records(tmp_path: Path, change) -> Path:

@@ -357,7 +357,7 @@ def test_presets_expand_to_the_documented_grids(overrides, expected, settings):
         assert cfg[key] == value
     experiment = overrides[0].split("=")[1]
     assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith(f"multirun/{experiment}/")
-    if experiment == "lambda_search":  # both algorithms share a sweep dir: no clashing subdirs
+    if experiment == "lambda_search":  # the job directories say their algorithm
         subdir = OmegaConf.to_container(cfg.hydra.sweep)["subdir"]
         assert subdir == "${algorithm.name}-${hydra.job.num}"
 
@@ -386,28 +386,35 @@ def test_crashing_grid_point_does_not_stop_the_sweep_and_finishes_its_wandb_run(
 
 @pytest.mark.parametrize(
     ("launcher", "layers"),
-    # basic: the invalid point first, or nothing would follow it; local: last, so that the
+    # basic: the refused point first, or nothing would follow it; local: last, so that the
     # Hydra process does not return while the valid point still runs in the background
-    [("basic", "7,1"), ("local", "1,7")],
+    [("basic", "2,1"), ("local", "1,2")],
 )
-def test_invalid_layer_fails_only_its_grid_point(tmp_path, launcher, layers):
-    """A config error (layer 7 of 4) fails its grid point only. It must stay an Exception in a
+def test_a_point_refused_when_it_starts_fails_only_its_grid_point(tmp_path, launcher, layers):
+    """A point that passes the sweep's checks but is refused when it starts (here: a link
+    planted as its lock file) fails its grid point only. It must stay an Exception in a
     multirun: a SystemExit escapes Hydra's run_job, which stops the basic launcher's sweep, and
     a submitit job then writes no result (the launcher fails, or hangs on a SLURM cluster
-    without accounting)."""
+    without accounting). Bad configs are refused before any point starts
+    (tests/test_shared_cluster.py)."""
     launcher_args = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    refused_num = layers.split(",").index("2")
+    lock = tmp_path / "sweep" / str(refused_num) / ".editexp.lock"
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(tmp_path / "outside.txt")
     result, sweep_dir = multirun(
         tmp_path, *TINY_RUN, "n_edits=1", f"layer={layers}", "logger=wandb", *launcher_args
     )
     assert result.returncode != 0
-    assert "outside model 'tiny-llama3'" in result.stdout
+    assert ".editexp.lock is a symbolic link" in result.stdout
+    assert not (tmp_path / "outside.txt").exists()
     valid = job_dir_with(sweep_dir, "layer=1")
     assert valid is not None and (valid / "summary.json").is_file(), "the sweep stopped"
-    invalid = job_dir_with(sweep_dir, "layer=7")
-    assert not (invalid / "summary.json").exists()
-    assert not (invalid / "wandb").exists()  # refused before any W&B run started
+    refused = job_dir_with(sweep_dir, "layer=2")
+    assert not (refused / "summary.json").exists()
+    assert not (refused / "wandb").exists()  # refused before any W&B run started
     assert_unfinished_wandb_runs_none(sweep_dir)
-    # Every submitit job handed its outcome back (a failed JobReturn for layer 7).
+    # Every submitit job handed its outcome back (a failed JobReturn for the refused point).
     tasks = [p for p in sweep_dir.glob(".submitit/*") if p.is_dir() and p.name[0].isdigit()]
     assert all(list(task.glob("*_result.pkl")) for task in tasks), tasks
 

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.models import LoadedModel
+from editexp.paths import safe_name
 from editexp.sampling import SAMPLER_VERSION, sample_continuation_ids
 from editexp.tokens import encode_prompt
 
@@ -44,7 +45,7 @@ def context_prefixes(
     if count == 0:
         return [""]
     key = stable_hash([_FORMAT, SAMPLER_VERSION, loaded.identity, count, length, seed])
-    path = cache_root() / "prefixes" / f"{loaded.spec.name}-{key}.json"
+    path = cache_root() / "prefixes" / f"{safe_name(loaded.spec.name)}-{key}.json"
 
     def sample() -> list[str]:
         tokenizer = loaded.tokenizer

@@ -1,4 +1,9 @@
-"""A local launcher that runs only as many grid points at once as the machine holds.
+"""editexp's launchers: every grid point checked before the first job starts, and a local
+launcher that runs only as many grid points at once as the machine holds.
+
+All three (``editexp_basic``, the default; ``hydra/launcher=local``; ``hydra/launcher=slurm``)
+first check every grid point of the sweep (:func:`editexp.sweep_check.check_grid`) and refuse
+the whole sweep, naming its bad points, before any job is submitted.
 
 ``hydra/launcher=local`` (``editexp/conf/hydra/launcher/local.yaml``) runs every grid point of a
 multirun as its own process through submitit, like hydra-submitit-launcher's ``submitit_local``,
@@ -24,11 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher, BasicLauncherConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+from hydra_plugins.hydra_submitit_launcher.config import (
+    BaseQueueConf,
+    LocalQueueConf,
+    SlurmQueueConf,
+)
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
@@ -48,9 +58,49 @@ class ParallelLocalConf(LocalQueueConf):
     cores: Optional[int] = None  # noqa: UP045
 
 
-ConfigStore.instance().store(
-    group="hydra/launcher", name="editexp_local", node=ParallelLocalConf, provider="editexp"
-)
+@dataclass
+class CheckedBasicConf(BasicLauncherConf):
+    _target_: str = "hydra_plugins.editexp_launcher.launcher.CheckedBasicLauncher"
+
+
+@dataclass
+class CheckedSlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.editexp_launcher.launcher.CheckedSlurmLauncher"
+
+
+for _name, _node in (
+    ("editexp_local", ParallelLocalConf),
+    ("editexp_basic", CheckedBasicConf),
+    ("editexp_slurm", CheckedSlurmConf),
+):
+    ConfigStore.instance().store(group="hydra/launcher", name=_name, node=_node, provider="editexp")
+
+
+def check_grid(launcher: Any, job_overrides: Sequence[Sequence[str]], first: int) -> None:
+    """Refuse the sweep before any job starts when a grid point would fail its checks."""
+    from editexp.sweep_check import check_grid as check
+
+    check(launcher.hydra_context.config_loader, launcher.config, job_overrides, first)
+
+
+class CheckedBasicLauncher(BasicLauncher):
+    """Hydra's basic launcher (one grid point after another, in this process), checked first."""
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        check_grid(self, job_overrides, initial_job_idx)
+        return super().launch(job_overrides, initial_job_idx)
+
+
+class CheckedSlurmLauncher(SlurmLauncher):
+    """hydra-submitit-launcher's SLURM launcher (a job array), checked before submission."""
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        check_grid(self, job_overrides, initial_job_idx)
+        return super().launch(job_overrides, initial_job_idx)
 
 
 @dataclass(frozen=True)
@@ -159,6 +209,7 @@ class ParallelLocalLauncher(LocalLauncher):
     ) -> Sequence[JobReturn]:
 
         assert self.config is not None
+        check_grid(self, job_overrides, initial_job_idx)
         plan = self.plan(len(job_overrides))
         self.threads = plan.threads_per_job
         log.info(
