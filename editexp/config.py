@@ -18,12 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
-
-# The configs ship inside the package (editexp/conf/, package data), so a wheel has them too.
-# An absolute path: Hydra resolves a relative config_path against the calling *module* when
-# started from a console script, and against the file only when the file is run directly.
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 ALGORITHMS = ("rome", "memit", "emmet", "alphaedit")
 MODES = ("singular", "batch", "sequential")

@@ -1,6 +1,6 @@
 """A local launcher that runs only as many grid points at once as the machine holds.
 
-``hydra/launcher=local`` (``editexp/conf/hydra/launcher/local.yaml``) runs every grid point of a
+``hydra/launcher=local`` (``conf/hydra/launcher/local.yaml``) runs every grid point of a
 multirun as its own process through submitit, like hydra-submitit-launcher's ``submitit_local``,
 but at most ``parallel_jobs`` at a time, each with ``threads_per_job`` torch / OpenMP / MKL
 threads. Left null, both are derived from the machine (:func:`plan_parallelism`):
