@@ -27,8 +27,8 @@ from editexp.editing.keys_values import EditRequest, compute_keys, compute_value
 from editexp.editing.linalg import CovarianceFactor
 from editexp.editing.plain_values import plain_values
 from editexp.editing.prefixes import context_prefixes
+from editexp.layer_stats import load_or_compute_stats
 from editexp.models import load_model
-from editexp.stats import load_or_compute_stats
 
 PROJECT = Path(__file__).resolve().parents[1]
 

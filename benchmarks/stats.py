@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir
 
 from editexp.config import CONFIG_DIR
 from editexp.data.corpus import CorpusSource, corpus_batches
+from editexp.layer_stats import collect_layer_stats
 from editexp.models import LoadedModel, load_model
-from editexp.stats import collect_layer_stats
 
 REPO = Path(__file__).resolve().parents[1]
 

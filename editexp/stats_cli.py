@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from editexp.config import CONFIG_DIR, ConfigError, check_inputs, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.errors import cli_errors
+from editexp.layer_stats import LayerStats, StatsSettings, load_or_compute_stats
 from editexp.models import ModelSpec, load_model, model_shape
-from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
 
 # Forward rates (FLOP/s) to estimate from: one measured here, one assumed for a GPU.
 REFERENCE_RATES = {

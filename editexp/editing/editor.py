@@ -62,8 +62,8 @@ from editexp.editing.value_cache import (
     values_for,
     weights_fingerprint,
 )
+from editexp.layer_stats import load_or_compute_stats
 from editexp.models import LoadedModel, load_model, wrap_model
-from editexp.stats import load_or_compute_stats
 
 
 def closed_form_delta(

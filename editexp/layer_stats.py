@@ -134,20 +134,29 @@ def _forward_precision(
     )
 
 
+@dataclass(frozen=True)
+class _CapturePass:
+    """One forward pass capturing the keys at the input of ``module_template.format(layer)``:
+    ``n_select`` tokens, every ``stride``-th, in ``dtype`` (None: the model's own)."""
+
+    module_template: str
+    layers: list[int]
+    n_select: int
+    stride: int
+    dtype: torch.dtype | None
+    progress: bool
+    unit: str  # the progress bar's unit
+
+
 def _run_capture(
     model: nn.Module,
-    module_template: str,
-    layers: list[int],
     batches: Iterable[Batch],
-    n_select: int,
-    stride: int,
+    spec: _CapturePass,
     consume: Callable[[int, torch.Tensor], None],
-    dtype: torch.dtype | None,
-    progress: bool,
-    unit: str,
 ) -> int:
     """One pass over ``batches`` feeding the keys of the selected tokens to ``consume``;
     returns how many tokens were selected."""
+    module_template, layers, n_select = spec.module_template, spec.layers, spec.n_select
     if not layers:
         raise StatsError("no layers requested")
     if n_select < 1:
@@ -160,11 +169,11 @@ def _run_capture(
     try:
         with (
             torch.inference_mode(),
-            _forward_precision(model, dtype),
+            _forward_precision(model, spec.dtype),
             ActivationCapture(modules, "input", consume) as capture,
-            tqdm(total=n_select, unit=unit, unit_scale=True, disable=not progress) as bar,
+            tqdm(total=n_select, unit=spec.unit, unit_scale=True, disable=not spec.progress) as bar,
         ):
-            for batch in _select_tokens(batches, n_select, stride):
+            for batch in _select_tokens(batches, n_select, spec.stride):
                 mask = batch.attention_mask
                 reached = capture.run(
                     model,
@@ -239,9 +248,8 @@ def collect_layer_stats(
     def consume(layer: int, keys: torch.Tensor) -> None:
         sums[layer].add(keys)
 
-    _run_capture(
-        model, module_template, layers, batches, n_tokens, 1, consume, dtype, progress, "tok"
-    )
+    capture = _CapturePass(module_template, layers, n_tokens, 1, dtype, progress, "tok")
+    _run_capture(model, batches, capture, consume)
     return {layer: layer_sums.finish(layer) for layer, layer_sums in sums.items()}
 
 
@@ -502,18 +510,16 @@ def sample_keys(
         def consume(layer: int, keys: torch.Tensor) -> None:
             chunks[layer].append(keys.to("cpu", torch.float32, copy=True))
 
-        _run_capture(
-            loaded.model,
+        capture = _CapturePass(
             loaded.spec.edit_module,
             missing,
-            batches,
             n_keys,
             HELD_OUT_STRIDE,
-            consume,
             settings.torch_dtype,
             progress,
             "key",
         )
+        _run_capture(loaded.model, batches, capture, consume)
         return {
             layer: {"layer": layer, "keys": torch.cat(chunks[layer]).T.contiguous()}
             for layer in missing
