@@ -1,4 +1,4 @@
-"""editexp: locate-and-edit model editing experiments (ROME, MEMIT, EMMET).
+"""editexp: locate-and-edit model editing experiments (ROME, MEMIT, EMMET, AlphaEdit).
 
 From Python (see the README's "From Python")::
 
