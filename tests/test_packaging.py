@@ -142,7 +142,9 @@ def test_pyproject_lists_every_package() -> None:
 
     pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
     listed = set(pyproject["tool"]["setuptools"]["packages"])
-    found = set(find_packages(str(PROJECT), include=["editexp*", "hydra_plugins*"]))
+    plugins = find_packages(str(PROJECT / "hydra_plugins"))  # hydra_plugins: a namespace
+    found = {*find_packages(str(PROJECT), include=["editexp*"]), "hydra_plugins"}
+    found |= {f"hydra_plugins.{name}" for name in plugins}
     assert found | {"editexp.conf"} == listed
     assert not (PROJECT / "editexp" / "conf").exists()  # the configs live in conf/ only
 
