@@ -36,7 +36,7 @@ from editexp.config import CONFIG_DIR
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.evaluation.counterfact_eval import evaluate_facts, fact_prompts
 from editexp.evaluation.scoring import score_continuation_unbatched
-from editexp.models import load_model
+from editexp.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -97,29 +97,10 @@ def reference_scores(model, tokenizer, facts) -> list[list[tuple[float, float]]]
     return out
 
 
-def main() -> None:
-    args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[f"model={args.model}", f"data.dir={data_dir}", "~logger"]
-        )
-    lm = load_model(cfg.model, "cpu")
-    all_facts, _ = load_counterfact(cfg.data)
-    facts = select_facts(all_facts, args.facts, order="seeded", seed=args.seed)
-    n_prompts = sum(len(prompts) for fact in facts for prompts in fact_prompts(fact).values())
-    print(
-        f"model={args.model} facts={len(facts)} prompts={n_prompts} "
-        f"pairs={2 * n_prompts} torch_threads={torch.get_num_threads()} "
-        f"load_average={os.getloadavg()[0]:.2f}"
-    )
-
-    evaluate_facts(lm.model, lm.tokenizer, facts[:2], progress=False)  # warm-up
-
-    # Optionally alternate the two methods chunk by chunk, so that load from other jobs on a
-    # shared machine falls on both alike.
+def batched_against_reference(args: argparse.Namespace, lm: LoadedModel, facts: list) -> None:
+    """ES/PS/NS scores batched against one forward per pair: speed and agreement. With
+    ``--chunk-facts`` the two methods alternate chunk by chunk, so that load from other jobs on
+    a shared machine falls on both alike."""
     batched, reference = [], []
     batched_time, reference_time = Timing(0.0, 0.0), Timing(0.0, 0.0)
     chunk_facts = args.chunk_facts or len(facts)
@@ -153,26 +134,52 @@ def main() -> None:
     print(f"max |score difference| batched vs reference: {difference:.2e}")
     print(f"load average (1 min) after scoring: {os.getloadavg()[0]:.2f} (other jobs skew timings)")
 
+
+def generation(args: argparse.Namespace, lm: LoadedModel, facts: list) -> None:
+    """Seconds per fact of scoring with generation (GE) for ``--generation-facts`` facts."""
+    generated = facts[: args.generation_facts]
+    results, generation_time = timed(
+        lambda: evaluate_facts(
+            lm.model,
+            lm.tokenizer,
+            generated,
+            batch_size=args.batch_size,
+            generation_facts=len(generated),
+            seed=args.seed,
+            progress=False,
+        )
+    )
+    seconds = generation_time.wall
+    n_texts = sum(len(result.generation_texts or []) for result in results)
+    ge = [round(100 * result.GE, 1) for result in results if result.GE is not None]
+    print(
+        f"generation (GE)    : {seconds / len(generated):.2f} s/fact including scoring "
+        f"({n_texts} texts of 100 tokens; GE x100 per fact: {ge})"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"model={args.model}", f"data.dir={data_dir}", "~logger"]
+        )
+    lm = load_model(cfg.model, "cpu")
+    all_facts, _ = load_counterfact(cfg.data)
+    facts = select_facts(all_facts, args.facts, order="seeded", seed=args.seed)
+    n_prompts = sum(len(prompts) for fact in facts for prompts in fact_prompts(fact).values())
+    print(
+        f"model={args.model} facts={len(facts)} prompts={n_prompts} "
+        f"pairs={2 * n_prompts} torch_threads={torch.get_num_threads()} "
+        f"load_average={os.getloadavg()[0]:.2f}"
+    )
+    evaluate_facts(lm.model, lm.tokenizer, facts[:2], progress=False)  # warm-up
+    batched_against_reference(args, lm, facts)
     if args.generation_facts > 0:
-        generated = facts[: args.generation_facts]
-        results, generation_time = timed(
-            lambda: evaluate_facts(
-                lm.model,
-                lm.tokenizer,
-                generated,
-                batch_size=args.batch_size,
-                generation_facts=len(generated),
-                seed=args.seed,
-                progress=False,
-            )
-        )
-        seconds = generation_time.wall
-        n_texts = sum(len(result.generation_texts or []) for result in results)
-        ge = [round(100 * result.GE, 1) for result in results if result.GE is not None]
-        print(
-            f"generation (GE)    : {seconds / len(generated):.2f} s/fact including scoring "
-            f"({n_texts} texts of 100 tokens; GE x100 per fact: {ge})"
-        )
+        generation(args, lm, facts)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir
 
 from editexp.config import CONFIG_DIR
 from editexp.data.corpus import CorpusSource, corpus_batches
+from editexp.layer_stats import collect_layer_stats
 from editexp.models import LoadedModel, load_model
-from editexp.stats import collect_layer_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,27 +130,12 @@ def layer1_keys(loaded: LoadedModel, batch, layer: int) -> torch.Tensor:
     return captured[0]
 
 
-def main() -> None:
-    args = parse_args()
-    data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={args.model}", f"+data.dir={data_dir}"])
-    loaded = load_model(cfg.model, "cpu")
-    source = CorpusSource.from_config(cfg.stats, cfg.data)
+def throughput(
+    args: argparse.Namespace, loaded: LoadedModel, batches: list, n_tokens: int
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Tokens/s of C0 collection against bare forwards, interleaved; the best seconds per
+    timing (in the order printed) and C0 with float32 and float64 products."""
     template, n_layers, layer = loaded.spec.edit_module, loaded.spec.n_layers, args.layer
-
-    start = time.perf_counter()
-    batches = list(
-        corpus_batches(loaded.tokenizer, source, args.seq_len, args.tokens, args.batch_size)
-    )
-    tokenize_seconds = time.perf_counter() - start
-    n_tokens = sum(int(mask.sum()) for _, mask in batches)
-    print(
-        f"model {args.model}: d_k={loaded.weight(layer).shape[1]}, {n_layers} layers; "
-        f"{n_tokens} tokens as {len(batches)} batches of {args.batch_size} x {args.seq_len}; "
-        f"torch threads {torch.get_num_threads()}; best / median of {args.repeats} runs"
-    )
-    print(f"tokenizing the corpus: {n_tokens / tokenize_seconds:,.0f} tokens/s (not in timings)")
 
     def stats(layers, product_dtype=torch.float32):
         return collect_layer_stats(
@@ -158,7 +143,7 @@ def main() -> None:
         )
 
     bare_forward(loaded, batches[:1], layer)  # warm up
-    results = {}
+    results: dict[str, dict] = {}
     seconds = time_interleaved(
         {
             f"C0 layer {layer} (float32 products)": lambda: results.update(f32=stats([layer])),
@@ -181,9 +166,14 @@ def main() -> None:
             f"  {name:40s} {n_tokens / best[name]:9,.0f} | "
             f"{n_tokens / statistics.median(times):9,.0f}"
         )
+    return best, results
 
-    names = list(seconds)
-    stats1, stats1_f64, bare1, bare_last, full, all_layers = (best[name] for name in names)
+
+def one_pass_against_per_layer(
+    best: dict[str, float], n_layers: int, layer: int, n_tokens: int
+) -> None:
+    """C0 against bare forwards, and all layers in one pass against one pass per layer."""
+    stats1, _, bare1, bare_last, full, all_layers = best.values()
     print(f"\nC0 layer {layer} / bare forward to layer {layer}: {bare1 / stats1:.1%}")
     print(f"C0 layer {layer} vs full-model forward: {full / stats1:.1f}x faster")
     per_layer_forward = (bare_last - bare1) / (n_layers - 1 - layer)
@@ -197,6 +187,12 @@ def main() -> None:
         f"{one_at_a_time:.1f} s: {one_at_a_time / all_layers:.1f}x slower"
     )
 
+
+def product_precision(
+    args: argparse.Namespace, loaded: LoadedModel, batches: list, results: dict, bare1: float
+) -> None:
+    """float32 against float64 per-batch products: C0's difference and the products' cost."""
+    layer = args.layer
     c0_f32, c0_f64 = results["f32"][layer].second_moment, results["f64"][layer].second_moment
     difference = c0_f32 - c0_f64
     print(
@@ -210,6 +206,32 @@ def main() -> None:
         print(f"  {name:22s} {min(times) * 1e3:7.1f} | {statistics.median(times) * 1e3:7.1f}")
     bare_batch = bare1 / len(batches)
     print(f"  (bare forward to layer {layer}: {bare_batch * 1e3:.1f} ms per batch)")
+
+
+def main() -> None:
+    args = parse_args()
+    data_dir = os.environ.get("EDITEXP_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={args.model}", f"+data.dir={data_dir}"])
+    loaded = load_model(cfg.model, "cpu")
+    source = CorpusSource.from_config(cfg.stats, cfg.data)
+    n_layers, layer = loaded.spec.n_layers, args.layer
+    start = time.perf_counter()
+    batches = list(
+        corpus_batches(loaded.tokenizer, source, args.seq_len, args.tokens, args.batch_size)
+    )
+    tokenize_seconds = time.perf_counter() - start
+    n_tokens = sum(int(mask.sum()) for _, mask in batches)
+    print(
+        f"model {args.model}: d_k={loaded.weight(layer).shape[1]}, {n_layers} layers; "
+        f"{n_tokens} tokens as {len(batches)} batches of {args.batch_size} x {args.seq_len}; "
+        f"torch threads {torch.get_num_threads()}; best / median of {args.repeats} runs"
+    )
+    print(f"tokenizing the corpus: {n_tokens / tokenize_seconds:,.0f} tokens/s (not in timings)")
+    best, results = throughput(args, loaded, batches, n_tokens)
+    one_pass_against_per_layer(best, n_layers, layer, n_tokens)
+    bare1 = list(best.values())[2]
+    product_precision(args, loaded, batches, results, bare1)
 
 
 if __name__ == "__main__":

@@ -124,14 +124,9 @@ def work(summary: dict) -> float:
     return timing["keys_values"] + timing["solve"] + timing["evaluation"]
 
 
-def main() -> None:
-    args = parse_args()
-    bench = Bench(args)
+def warm_up(bench: Bench, args: argparse.Namespace) -> None:
+    """Statistics of both layers, prefixes and the pre-edit scores of all run shapes."""
     n, low, high = args.facts, *args.layers
-    ratios: list[Ratio] = []
-    units: dict[str, float] = {}
-
-    # Warm-up: statistics of both layers, prefixes and the pre-edit scores of all run shapes.
     print("warm-up: statistics, prefixes, pre-edit scores ...", flush=True)
     for overrides in (
         [f"n_edits={n}", f"eval.generation_facts={n}", f"layer={low}"],
@@ -148,141 +143,157 @@ def main() -> None:
             bench.base_cache,
         )
 
-    if "1" not in args.skip:
-        print("1. singular vs batch ...", flush=True)
-        costs = {}
-        for mode in ("batch", "singular"):
-            run_dir = bench.workdir / f"pair-{mode}"
-            bench.editexp(
-                [
-                    f"mode={mode}",
-                    "algorithm=memit",
-                    f"n_edits={n}",
-                    f"layer={low}",
-                    f"eval.generation_facts={n}",
-                    f"hydra.run.dir={run_dir}",
-                ],
-                bench.fresh_cache(f"pair-{mode}"),
-            )
-            (summary,) = summaries(run_dir)
-            costs[mode] = work(summary)
-            if mode == "batch":
-                units["values_per_fact"] = summary["timing"]["keys_values"] / n
-        ratios.append(
-            Ratio(
-                f"singular / batch cost, {n} facts, GE on all",
-                costs["singular"] / costs["batch"],
-                1.3,
-            )
-        )
-        ratios.append(
-            Ratio(
-                f"values per fact at batch {n}: speedup over the paper's code",
-                PAPER_VALUES_PER_FACT / units["values_per_fact"],
-                6.0,
-                True,
-            )
-        )
 
-    if "2" not in args.skip:
-        print("2. lambda search ...", flush=True)
-        sweep = bench.workdir / "lambda"
+def singular_vs_batch(
+    bench: Bench, args: argparse.Namespace, units: dict[str, float]
+) -> list[Ratio]:
+    """1. The cost of singular mode against batch mode, and values per fact at batch n."""
+    n, low = args.facts, args.layers[0]
+    print("1. singular vs batch ...", flush=True)
+    costs = {}
+    for mode in ("batch", "singular"):
+        run_dir = bench.workdir / f"pair-{mode}"
         bench.editexp(
             [
+                f"mode={mode}",
                 "algorithm=memit",
-                "mode=batch",
                 f"n_edits={n}",
                 f"layer={low}",
-                "eval.generation_facts=4",
-                f"lambda={args.lambdas}",
-                f"hydra.sweep.dir={sweep}",
+                f"eval.generation_facts={n}",
+                f"hydra.run.dir={run_dir}",
             ],
-            bench.fresh_cache("lambda"),
+            bench.fresh_cache(f"pair-{mode}"),
+        )
+        (summary,) = summaries(run_dir)
+        costs[mode] = work(summary)
+        if mode == "batch":
+            units["values_per_fact"] = summary["timing"]["keys_values"] / n
+    work_ratio = costs["singular"] / costs["batch"]
+    return [
+        Ratio(f"singular / batch cost, {n} facts, GE on all", work_ratio, 1.3),
+        Ratio(
+            f"values per fact at batch {n}: speedup over the paper's code",
+            PAPER_VALUES_PER_FACT / units["values_per_fact"],
+            6.0,
+            True,
+        ),
+    ]
+
+
+def lambda_search(bench: Bench, args: argparse.Namespace) -> list[Ratio]:
+    """2. A lambda search: later grid points read the first one's values."""
+    print("2. lambda search ...", flush=True)
+    sweep = bench.workdir / "lambda"
+    bench.editexp(
+        [
+            "algorithm=memit",
+            "mode=batch",
+            f"n_edits={args.facts}",
+            f"layer={args.layers[0]}",
+            "eval.generation_facts=4",
+            f"lambda={args.lambdas}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        bench.fresh_cache("lambda"),
+        multirun=True,
+    )
+    points = sorted(summaries(sweep), key=lambda s: s["run_dir"])
+    first = points[0]["timing"]["keys_values"]
+    worst = max(point["timing"]["keys_values"] for point in points[1:])
+    return [Ratio("lambda search: keys_values of a later point / the first", worst / first, 0.05)]
+
+
+def layer_search(bench: Bench, args: argparse.Namespace, units: dict[str, float]) -> list[Ratio]:
+    """3/4. The layer search preset with the basic (and, unless skipped, the local) launcher."""
+    low, high = args.layers
+    preset = [
+        "+experiment=layer_search",
+        f"n_edits={args.layer_facts}",
+        "eval.generation_facts=0",
+        f"layer={low},{high}",
+    ]
+    ratios: list[Ratio] = []
+    walls = {}
+    for launcher in ("basic", "local"):
+        if launcher == "local" and "4" in args.skip:
+            continue
+        print(f"3/4. layer search, {launcher} launcher ...", flush=True)
+        sweep = bench.workdir / f"layers-{launcher}"
+        walls[launcher] = bench.editexp(
+            [*preset, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
+            bench.fresh_cache(f"layers-{launcher}"),
             multirun=True,
         )
-        points = sorted(summaries(sweep), key=lambda s: s["run_dir"])
-        first = points[0]["timing"]["keys_values"]
-        worst = max(point["timing"]["keys_values"] for point in points[1:])
-        ratios.append(
-            Ratio("lambda search: keys_values of a later point / the first", worst / first, 0.05)
-        )
+        if launcher == "basic":
+            ratios += layer_ratios(summaries(sweep), args, units)
+    if "local" in walls:
+        wall = walls["local"] / walls["basic"]
+        ratios.append(Ratio("4-point local multirun / basic launcher, wall time", wall, 1.0))
+    return ratios
 
+
+def layer_ratios(
+    points: list[dict], args: argparse.Namespace, units: dict[str, float]
+) -> list[Ratio]:
+    """Values per fact by layer, and MEMIT's keys_values against ROME's at the same layer."""
+    low, high = args.layers
+    by_point = {(s["algorithm"], s["layer"][0]): s for s in points}
+    rome = {layer: by_point[("rome", layer)]["timing"]["keys_values"] for layer in (low, high)}
+    memit = {layer: by_point[("memit", layer)]["timing"]["keys_values"] for layer in (low, high)}
+    units[f"values_per_fact_layer{low}"] = rome[low] / args.layer_facts
+    units[f"values_per_fact_layer{high}"] = rome[high] / args.layer_facts
+    return [
+        Ratio(f"values per fact, layer {high} / layer {low}", rome[high] / rome[low], 0.5),
+        Ratio(
+            "layer search: MEMIT keys_values / ROME's (same layer)",
+            max(memit[layer] / rome[layer] for layer in (low, high)),
+            0.05,
+        ),
+    ]
+
+
+def scoring_and_generation(
+    bench: Bench, args: argparse.Namespace, units: dict[str, float]
+) -> list[Ratio]:
+    """5. Scoring and GE per fact, in process."""
+    n = args.facts
+    print("5. scoring and GE per fact ...", flush=True)
+    units.update(in_process_units(args, bench))
+    return [
+        Ratio(
+            "scoring per fact: speedup over the paper's code",
+            PAPER_SCORING_PER_FACT / units["scoring_per_fact"],
+            10.0,
+            True,
+        ),
+        Ratio(f"GE seconds per fact, {n} facts batched", units["ge_per_fact"], 2.0),
+        Ratio(
+            f"GE seconds per fact, {n} facts singular (per-row edits)",
+            units["ge_per_fact_singular"],
+            2.0,
+        ),
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    low, high = args.layers
+    ratios: list[Ratio] = []
+    units: dict[str, float] = {}
+    warm_up(bench, args)
+    if "1" not in args.skip:
+        ratios += singular_vs_batch(bench, args, units)
+    if "2" not in args.skip:
+        ratios += lambda_search(bench, args)
     if "3" not in args.skip or "4" not in args.skip:
-        layer_search = [
-            "+experiment=layer_search",
-            f"n_edits={args.layer_facts}",
-            "eval.generation_facts=0",
-            f"layer={low},{high}",
-        ]
-        walls = {}
-        for launcher in ("basic", "local"):
-            if launcher == "local" and "4" in args.skip:
-                continue
-            print(f"3/4. layer search, {launcher} launcher ...", flush=True)
-            sweep = bench.workdir / f"layers-{launcher}"
-            walls[launcher] = bench.editexp(
-                [*layer_search, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}"],
-                bench.fresh_cache(f"layers-{launcher}"),
-                multirun=True,
-            )
-            if launcher == "basic":
-                by_point = {(s["algorithm"], s["layer"][0]): s for s in summaries(sweep)}
-                rome = {
-                    layer: by_point[("rome", layer)]["timing"]["keys_values"]
-                    for layer in (low, high)
-                }
-                memit = {
-                    layer: by_point[("memit", layer)]["timing"]["keys_values"]
-                    for layer in (low, high)
-                }
-                units[f"values_per_fact_layer{low}"] = rome[low] / args.layer_facts
-                units[f"values_per_fact_layer{high}"] = rome[high] / args.layer_facts
-                ratios.append(
-                    Ratio(
-                        f"values per fact, layer {high} / layer {low}", rome[high] / rome[low], 0.5
-                    )
-                )
-                ratios.append(
-                    Ratio(
-                        "layer search: MEMIT keys_values / ROME's (same layer)",
-                        max(memit[layer] / rome[layer] for layer in (low, high)),
-                        0.05,
-                    )
-                )
-        if "local" in walls:
-            ratios.append(
-                Ratio(
-                    "4-point local multirun / basic launcher, wall time",
-                    walls["local"] / walls["basic"],
-                    1.0,
-                )
-            )
-
+        ratios += layer_search(bench, args, units)
     if "5" not in args.skip:
-        print("5. scoring and GE per fact ...", flush=True)
-        units.update(in_process_units(args, bench))
-        ratios.append(
-            Ratio(
-                "scoring per fact: speedup over the paper's code",
-                PAPER_SCORING_PER_FACT / units["scoring_per_fact"],
-                10.0,
-                True,
-            )
-        )
-        ratios.append(Ratio(f"GE seconds per fact, {n} facts batched", units["ge_per_fact"], 2.0))
-        ratios.append(
-            Ratio(
-                f"GE seconds per fact, {n} facts singular (per-row edits)",
-                units["ge_per_fact_singular"],
-                2.0,
-            )
-        )
-
+        ratios += scoring_and_generation(bench, args, units)
     print("\nunit costs (s):", json.dumps({k: round(v, 4) for k, v in units.items()}))
     print("\n".join(["", "ratio" + " " * 54 + "measured", *[r.line() for r in ratios]]))
-    if {f"values_per_fact_layer{low}", f"values_per_fact_layer{high}", "scoring_per_fact"} <= set(
-        units
-    ):
+    needed = {f"values_per_fact_layer{low}", f"values_per_fact_layer{high}", "scoring_per_fact"}
+    if needed <= set(units):
         print("\n" + study_cost_table(units, low, high))
 
 

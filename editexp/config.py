@@ -26,14 +26,11 @@ from editexp.algorithms import (
     algorithm_names,
     get_algorithm,
 )
+from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
 
 __all__ = ["ConfigError", "RunSettings", "ValueHparams", "compose", "run_settings"]
 
-# The configs ship inside the package (editexp/conf/, package data), so a wheel has them too.
-# An absolute path: Hydra resolves a relative config_path against the calling *module* when
-# started from a console script, and against the file only when the file is run directly.
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 MODES = ("singular", "batch", "sequential")
 SCHEDULES = ("each_batch", "final", "every_k")
@@ -44,15 +41,15 @@ class ConfigError(UserError):
 
 
 def model_names() -> list[str]:
-    """The models with a config in ``editexp/conf/model``."""
+    """The models with a config in ``conf/model``."""
     return sorted(path.stem for path in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
 
 
 def compose(
     model: str | Mapping[str, Any] = "smollm2-135m", algorithm: str = "memit", **overrides: Any
 ) -> DictConfig:
-    """The run config of ``editexp/conf/`` without a Hydra app: ``model`` (a name in
-    ``editexp/conf/model``, or a whole model config), ``algorithm``, then ``overrides`` by
+    """The run config of ``conf/`` without a Hydra app: ``model`` (a name in
+    ``conf/model``, or a whole model config), ``algorithm``, then ``overrides`` by
     config key.
 
     Keys with dots go in as ``**{"editing.prefixes.count": 2}``; ``lam`` stands for

@@ -13,7 +13,7 @@ Three sources, chosen by ``model.source``:
 
 Everything model-specific (module path templates, layer count, hyperparameters) lives in the
 model config; :class:`ModelSpec` is its typed view. :func:`load_model` takes a model name
-(``editexp/conf/model/<name>.yaml``), a model config, or a Hugging Face id;
+(``conf/model/<name>.yaml``), a model config, or a Hugging Face id;
 :func:`wrap_model` takes a model the user has already loaded. A Hugging Face model gets the
 module paths and hyperparameters of the known config with the same module layout.
 """
@@ -61,7 +61,7 @@ class ModelConfigError(UserError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The typed view of an ``editexp/conf/model/*.yaml`` file."""
+    """The typed view of an ``conf/model/*.yaml`` file."""
 
     name: str
     source: str
@@ -170,7 +170,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load_model(source: Any, device: str | None = "auto") -> LoadedModel:
-    """Load a model from a name in ``editexp/conf/model`` ("tiny-llama3"), a model config (the
+    """Load a model from a name in ``conf/model`` ("tiny-llama3"), a model config (the
     ``model`` node of a run config, or a dict), or a Hugging Face id or directory."""
     model_cfg = source
     if isinstance(source, str):
@@ -216,7 +216,7 @@ def wrap_model(
 
     ``modules`` (``{"layers": "model.layers", "edit": "model.layers.{}.mlp.down_proj",
     "conv1d": False}``) says which matrix to edit; without it, the first config in
-    ``editexp/conf/model`` whose module paths exist in ``model`` gives them (preferring one with the
+    ``conf/model`` whose module paths exist in ``model`` gives them (preferring one with the
     same number of layers), and its hyperparameters and default layer come along.
     """
     from editexp.config import compose, model_names
@@ -225,7 +225,7 @@ def wrap_model(
     fitting = [cfg for cfg in known if _has_modules(model, cfg.modules)]
     if modules is None and not fitting:
         raise ModelConfigError(
-            f"no config in editexp/conf/model fits {type(model).__name__}; pass "
+            f"no config in conf/model fits {type(model).__name__}; pass "
             "modules={'layers': ..., 'edit': '...{}...', 'conv1d': False}"
         )
     n_layers = len(model.get_submodule((modules or fitting[0].modules)["layers"]))

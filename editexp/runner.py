@@ -11,9 +11,9 @@ record. Everything goes into the run's Hydra output directory (layouts in
 - ``batches.jsonl``: per update, the edits done so far, the metrics evaluated then, timings;
 - ``summary.json``: the run's axes, pre/post ES, PS, NS, S, GE (mean, std), update norms and
   timings;
-- ``checkpoint.pt``: the progress so far (the edited matrices as they are, the summed weight
-  deltas, rows written); a run started again with the same config and data resumes after its
-  last completed update, bit for bit as if it had not stopped;
+- ``checkpoint.pt``: the run's state so far (:mod:`editexp.run_state`: the edited matrices as
+  they are, the summed weight deltas, rows written); a run started again with the same config
+  and data resumes after its last completed update, bit for bit as if it had not stopped;
 - ``deltas.pt``: the edited matrices' deltas, to apply to a fresh model (``Editor.apply``);
 - ``run.json``: the config and data the attempt belongs to.
 
@@ -21,6 +21,10 @@ The run directory holds one config and one attempt at a time (:mod:`editexp.run_
 run locks it, checks what it holds against its own config and data before skipping or
 resuming, and ``force=true`` moves earlier results aside. Everything the user gave (config,
 facts, corpus) is checked before the model loads.
+
+The pieces: inputs checked in :mod:`editexp.run_inputs`, the steps of every mode in
+:mod:`editexp.run_steps`, the recorder (checkpoint, rows, tracker) in :mod:`editexp.recorder`,
+records assembled in :mod:`editexp.run_records`, phase timings in :mod:`editexp.timing`.
 
 Modes: ``singular`` edits each fact alone and restores the weights bit for bit after scoring
 it; ``batch`` makes one update of all facts; ``sequential`` makes n_edits / batch_size updates
@@ -38,7 +42,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
@@ -46,219 +49,27 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editexp.cache import atomic_torch_save
-from editexp.config import CONFIG_DIR, ConfigError, RunSettings, run_settings
-from editexp.data.corpus import CorpusSource
-from editexp.data.counterfact import Fact, check_prompt_lengths, load_counterfact, select_facts
+from editexp.config import CONFIG_DIR, RunSettings, run_settings
+from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor, save_deltas
-from editexp.editing.linalg import PastKeys
 from editexp.errors import cli_errors, one_line
-from editexp.evaluation.counterfact_eval import FactScores
 from editexp.evaluation.evaluator import Evaluator
-from editexp.evaluation.generation_facts import spread_generation_facts
-from editexp.evaluation.metrics import aggregate
-from editexp.models import ModelShape, load_model, model_shape
-from editexp.record import (
-    HEADLINE,
-    BatchRecord,
-    FactRecord,
-    RunRecord,
-    UpdateStats,
-    write_jsonl,
-)
-from editexp.run_dir import RunDirectory, RunDirError, RunIdentity, hydra_files, write_hydra_files
-from editexp.tracking import (
-    Tracker,
-    WandbIdentity,
-    flat_axes,
-    run_id_for,
-    run_identity,
-    tracking,
-)
+from editexp.models import LoadedModel, load_model, model_shape
+from editexp.record import RunRecord
+from editexp.recorder import Recorder
+from editexp.run_dir import RunDirectory, RunDirError, hydra_files, write_hydra_files
+from editexp.run_inputs import check_against_model, generation_case_ids, read_inputs
+from editexp.run_records import fact_records, fact_text, run_record
+from editexp.run_state import RunState, claim, fingerprint
+from editexp.run_steps import Steps, scorings_per_fact
+from editexp.timing import PhaseTimer
+from editexp.tracking import WandbIdentity, flat_axes, run_id_for, run_identity, tracking
 
 log = logging.getLogger("editexp")
-
-PHASES = ("statistics", "keys_values", "solve", "evaluation")
 
 
 class SimulatedCrash(RuntimeError):
     """Raised by ``debug.stop_after_updates`` to test that a killed run resumes."""
-
-
-@dataclass
-class Progress:
-    """What a run has done so far; ``checkpoint.pt`` holds it after every update."""
-
-    config_hash: str
-    data_hash: str
-    base: dict[int, tuple[float, float]] = field(default_factory=dict)  # layer -> W0 fingerprint
-    batches: list[BatchRecord] = field(default_factory=list)  # one per update done
-    post: dict[int, tuple[int, FactScores]] = field(default_factory=dict)  # case_id ->
-    # (update, scores) of the scoring that counts: the last one that included the fact
-    each_batch: dict[int, FactScores] = field(default_factory=dict)  # case_id -> scores right
-    # after its own update (sequential every_k runs; the paper's each_batch schedule)
-    deltas: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> summed Delta
-    weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W as edited so
-    # far: a resumed run restores it as it was, so it goes on bit for bit (W0 + deltas in order)
-    past_keys: dict[int, PastKeys] | None = None  # the Editor's, when it keeps earlier edits
-    timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    elapsed_before: float = 0.0  # seconds spent by earlier, interrupted attempts
-    values: dict[str, int] = field(default_factory=lambda: {"computed": 0, "read": 0})
-    # facts' values computed here and read from the sweep's cache, over all attempts
-
-    @property
-    def updates_done(self) -> int:
-        return len(self.batches)
-
-    def save(self, path: Path, elapsed: float) -> None:
-        payload = {
-            "config_hash": self.config_hash,
-            "data_hash": self.data_hash,
-            "updates_done": self.updates_done,
-            "base": self.base,
-            "weights": self.weights,
-            "batches": [batch.to_json() for batch in self.batches],
-            "post": {
-                case: (index, scores.to_json()) for case, (index, scores) in self.post.items()
-            },
-            "each_batch": {case: scores.to_json() for case, scores in self.each_batch.items()},
-            "deltas": self.deltas,
-            "past_keys": self.past_keys,
-            "timing": self.timing,
-            "elapsed": elapsed,
-            "values": self.values,
-        }
-        atomic_torch_save(path, payload)
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> Progress:
-        """The progress in a checkpoint (as ``RunDirectory.read_checkpoint`` returns it)."""
-        return cls(
-            config_hash=saved["config_hash"],
-            data_hash=saved["data_hash"],
-            base=saved["base"],
-            weights=saved["weights"],
-            batches=[BatchRecord.from_json(row) for row in saved["batches"]],
-            post={
-                case: (index, FactScores.from_json(row))
-                for case, (index, row) in saved["post"].items()
-            },
-            each_batch={
-                case: FactScores.from_json(row) for case, row in saved.get("each_batch", {}).items()
-            },
-            deltas=saved["deltas"],
-            past_keys=saved["past_keys"],
-            timing=saved["timing"],
-            elapsed_before=saved["elapsed"],
-            values=saved.get("values", {"computed": 0, "read": 0}),
-        )
-
-
-def choose_facts(cfg: DictConfig, settings: RunSettings) -> list[Fact]:
-    """The run's facts (the CounterFact file read and checked, the selection made)."""
-    return read_inputs(cfg, settings)[0]
-
-
-def read_inputs(cfg: DictConfig, settings: RunSettings) -> tuple[list[Fact], RunIdentity]:
-    """The run's facts and its identity (config and data hashes), read and checked before any
-    model is loaded: the CounterFact file, the selection and the statistics corpus."""
-    facts, counterfact_hash = load_counterfact(cfg.data)
-    chosen = select_facts(
-        facts,
-        settings.n_edits,
-        order=cfg.data.order,
-        seed=settings.seed,
-        case_ids=cfg.data.case_ids,
-        unique_subjects=cfg.data.unique_subjects,
-    )
-    corpus = CorpusSource.from_config(cfg.stats, cfg.data)
-    corpus.check()
-    data = {"counterfact": counterfact_hash, "corpus": corpus.identity()}
-    return chosen, RunIdentity.of(cfg, data)
-
-
-def check_against_model(
-    cfg: DictConfig, settings: RunSettings, shape: ModelShape, facts: list[Fact]
-) -> None:
-    """What needs the model's sizes, checked from its config and tokenizer before it loads:
-    d_k (EMMET's batch, the statistics' tokens), its positions (prompts, generations)."""
-    d_k = shape.d_k
-    settings.check_model(d_k=d_k)
-    if cfg.stats.n_tokens < d_k:
-        raise ConfigError(
-            f"stats.n_tokens={cfg.stats.n_tokens} is less than d_k={d_k} of model "
-            f"{settings.model_name!r}: C0 would be singular; use stats.n_tokens >= {d_k} "
-            "(the default is 100000)"
-        )
-    positions = shape.positions
-    if positions and cfg.eval.generation_length > positions:
-        raise ConfigError(
-            f"eval.generation_length={cfg.eval.generation_length} is more than model "
-            f"{settings.model_name!r}'s {positions} positions"
-        )
-    prefix_tokens = cfg.editing.prefixes.length + 8 if cfg.editing.prefixes.count else 0
-    check_prompt_lengths(facts, shape.tokenizer, positions, prefix_tokens)
-    CorpusSource.from_config(cfg.stats, cfg.data).check_tokens(shape.tokenizer, d_k)
-
-
-def fingerprint(weight: torch.Tensor) -> tuple[float, float]:
-    """Sum and sum of squares of W0 in float64: tells another model's weights apart."""
-    values = weight.detach().double()
-    return float(values.sum()), float(values.square().sum())
-
-
-def generation_case_ids(facts: list[Fact], count: int | str, batch_size: int) -> set[int]:
-    """The facts whose generations are scored (GE): ``count`` (or ``all``) spread over the run,
-    every update's batch contributing (:func:`spread_generation_facts`)."""
-    return set(spread_generation_facts([fact.case_id for fact in facts], batch_size, count))
-
-
-def scored_after(settings: RunSettings, facts: list[Fact], index: int) -> list[Fact]:
-    """The facts the schedule scores after update ``index``."""
-    size = settings.batch_size
-    if settings.schedule == "each_batch":
-        return facts[index * size : (index + 1) * size]
-    last = index == settings.n_updates - 1
-    if last or (settings.schedule == "every_k" and (index + 1) % settings.every_k == 0):
-        return facts[: (index + 1) * size]
-    return []
-
-
-def scores_right_after(
-    evaluator: Evaluator, written: list[Fact], results: list[FactScores]
-) -> dict[int, FactScores]:
-    """The ``written`` facts' scores right after the update that wrote them, i.e. the paper's
-    each_batch schedule inside an every_k run: taken from this update's scoring ``results``
-    when it included them, else scored now (without generation, so GE stays every_k's)."""
-    own = {fact.case_id for fact in written}
-    right_after = [result for result in results if result.case_id in own]
-    if len(right_after) != len(own):
-        right_after = evaluator.score(written)
-    return {result.case_id: FactScores(result.case_id, result.scores) for result in right_after}
-
-
-def scorings_per_fact(settings: RunSettings) -> int:
-    """How often the schedule scores the first fact after editing it (at most)."""
-    if settings.mode != "sequential" or settings.schedule != "every_k":
-        return 1
-    return -(-settings.n_updates // settings.every_k)  # ceil: the last update scores too
-
-
-def edited_so_far(progress: Progress) -> dict[str, dict[str, float]]:
-    """Mean, std, n of each headline metric over every fact edited so far, as last scored
-    (each_batch: the running mean of the batches' scorings; every_k / final: this one)."""
-    aggregated = aggregate([scores.metrics() for _, scores in progress.post.values()])
-    return {key: aggregated[key] for key in HEADLINE if key in aggregated}
-
-
-def log_update(tracker: Tracker, batch: BatchRecord) -> None:
-    tracker.log_update(
-        step=batch.batch + 1,
-        edits_done=batch.edits_done,
-        scored=batch.metrics,
-        so_far={key: stats["mean"] for key, stats in batch.edited_so_far.items()},
-        update=asdict(batch.update),
-    )
 
 
 def show(text: str) -> None:
@@ -279,11 +90,6 @@ def _logs_to_console(logger: logging.Logger) -> bool:
                 return True
         current = current.parent if current.propagate else None
     return False
-
-
-def headline(results: list[FactScores]) -> dict[str, float]:
-    aggregated = aggregate([result.metrics() for result in results]) if results else {}
-    return {key: aggregated[key]["mean"] for key in HEADLINE if key in aggregated}
 
 
 def run(
@@ -307,63 +113,71 @@ def run(
     check_against_model(cfg, settings, shape, facts)
     directory = RunDirectory(run_dir)
     with directory.owned():
-        progress = claim(directory, identity, cfg.force, hydra_files(cfg, run_dir))
-        if isinstance(progress, RunRecord):
+        state = claim(directory, identity, cfg.force, hydra_files(cfg, run_dir))
+        if isinstance(state, RunRecord):
             skipping = f"{directory.summary_path} exists; skipping (force=true reruns)"
-            show(skipping + "\n" + progress.table())
-            return progress
+            show(skipping + "\n" + state.table())
+            return state
         name, group = run_identity(overrides or [], sweep_dir)
         run_id = run_id_for(directory.path, fresh=bool(cfg.force))
         wandb = WandbIdentity(run_id, name, group, experiment)
-        return edit_and_evaluate(cfg, settings, facts, progress, directory, wandb, started)
-
-
-def claim(
-    directory: RunDirectory,
-    identity: RunIdentity,
-    force: bool,
-    own_hydra_files: dict[Path, str] | None,
-) -> RunRecord | Progress:
-    """What the locked directory holds for this run: the record of the same finished run (to
-    skip), the progress of the same unfinished one (to resume), or a fresh start."""
-    if force:
-        moved = directory.move_aside()
-        if moved is not None:
-            log.info("force=true: moved the earlier results of %s to %s", directory.path, moved)
-    else:
-        summary = directory.read_summary()
-        if summary is not None:
-            directory.check(identity, summary, "a finished run")
-            try:
-                return RunRecord.from_json(summary)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                raise directory.damaged(directory.summary_path, repr(error)) from None
-        saved = directory.read_checkpoint()
-        if saved is not None:
-            directory.check(identity, saved, "an unfinished run")
-            try:
-                return Progress.from_saved(saved)
-            except (KeyError, TypeError, ValueError, AttributeError) as error:
-                raise directory.damaged(directory.checkpoint_path, repr(error)) from None
-        if directory.has_rows():  # rows without a checkpoint: never mix them with ours
-            directory.move_aside()
-    directory.start_attempt(identity, own_hydra_files)
-    return Progress(identity.config_hash, identity.data_hash)
+        return edit_and_evaluate(cfg, settings, facts, state, directory, wandb, started)
 
 
 def edit_and_evaluate(
     cfg: DictConfig,
     settings: RunSettings,
     facts: list[Fact],
-    progress: Progress,
+    state: RunState,
     directory: RunDirectory,
     wandb: WandbIdentity,
     started: float,
 ) -> RunRecord:
-    """The run's updates from where ``progress`` stands, in the directory ``run`` holds."""
-    run_dir, checkpoint = directory.path, directory.checkpoint_path
-    own_hydra_files = hydra_files(cfg, run_dir)
+    """The run's updates from where ``state`` stands, in the directory ``run`` holds."""
+    own_hydra_files = hydra_files(cfg, directory.path)
     write_hydra_files(own_hydra_files)  # a refused job may have overwritten them
+    config, tags = tracker_config(cfg, settings, wandb.experiment)
+    with tracking(cfg.logger, wandb, config, directory.path, tags) as tracker:
+        loaded = load_model(cfg.model, cfg.device)
+        base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
+        if state.batches:
+            log.info("Resuming after update %d of %d", state.updates_done, settings.n_updates)
+        editor = Editor(loaded, cfg)
+        evaluator = evaluator_for(loaded, cfg, settings)
+        generate_for = generation_case_ids(facts, cfg.eval.generation_facts, settings.batch_size)
+        pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
+        restore(state, editor, evaluator, base, settings.model_name, directory.checkpoint_path)
+        recorder = Recorder(
+            state, tracker, directory, facts, pre, settings.batch_size, editor.values, started
+        )
+        recorder.relog()
+        timer = PhaseTimer(state.timing)
+        chunk_size = int(cfg.editing.batch_size)
+        steps = Steps(settings, facts, editor, evaluator, state, timer, generate_for, chunk_size)
+        edit_all(steps, recorder, cfg.get("debug", {}).get("stop_after_updates"))
+        record = finish(steps, recorder, bool(cfg.save_deltas), own_hydra_files)
+    show("Results:\n" + record.table())
+    return record
+
+
+def edit_all(steps: Steps, recorder: Recorder, stop_after: int | None = None) -> None:
+    """The run's loop, the same for every mode: each step edits and scores, the recorder books
+    its updates, then writes the checkpoint and rows. ``stop_after``: raise
+    :class:`SimulatedCrash` once that many updates are done (before the last one)."""
+    n_updates = steps.settings.n_updates
+    for first in steps.starts():
+        for booking in steps.take(first):
+            recorder.book(booking)
+        recorder.save()
+        done = recorder.state.updates_done
+        if stop_after is not None and stop_after <= done < n_updates:
+            raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
+
+
+def tracker_config(
+    cfg: DictConfig, settings: RunSettings, experiment: str | None
+) -> tuple[dict, list[str]]:
+    """The tracker's run config (the run's axes flat, the resolved config) and tags."""
     axes = flat_axes(
         model=settings.model_name,
         algorithm=settings.algorithm,
@@ -372,225 +186,73 @@ def edit_and_evaluate(
         n_edits=settings.n_edits,
         lam=settings.lam,
         mode=settings.mode,
-        experiment=wandb.experiment,
+        experiment=experiment,
         eval_schedule=settings.schedule,
     )
     config = {**axes, "cfg": OmegaConf.to_container(cfg, resolve=True)}
-    tags = [settings.model_name, settings.algorithm]
-    with tracking(cfg.logger, wandb, config, run_dir, tags) as tracker:
-        loaded = load_model(cfg.model, cfg.device)
-        base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
-        if progress.batches:
-            log.info("Resuming after update %d of %d", progress.updates_done, settings.n_updates)
-        editor = Editor(loaded, cfg)
-        evaluator = Evaluator.from_config(loaded, cfg)
-        states_gb = float(cfg.eval.get("layer_states_gb", 0) or 0)
-        if states_gb > 0:  # layers below the lowest edited one never change in this run
-            evaluator.keep_layer_states(
-                min(settings.layers), scorings_per_fact(settings) > 1, int(states_gb * 2**30)
-            )
-        generate_for = generation_case_ids(facts, cfg.eval.generation_facts, settings.batch_size)
-        pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
-        if not progress.batches:
-            progress.timing["statistics"] = editor.statistics_seconds
-            progress.timing["evaluation"] = evaluator.seconds
-            progress.base = base
-        elif progress.base != base:
-            raise RunDirError(
-                f"{checkpoint} was edited from other weights than model "
-                f"{settings.model_name!r} has now (did its files change?); rerun with "
-                "force=true to start over"
-            )
-        with torch.no_grad():  # exactly the matrices the interrupted attempt had edited
-            for layer, weight in progress.weights.items():
-                loaded.weight(layer).copy_(weight)
-        if progress.past_keys is not None:  # a resumed run continues the same sums
-            editor.past_keys = progress.past_keys
-        progress.past_keys = editor.past_keys
-        if not tracker.continues:  # no earlier attempt logged them: the curve starts at 1
-            for batch in progress.batches:
-                log_update(tracker, batch)
-
-        def elapsed() -> float:
-            return progress.elapsed_before + time.perf_counter() - started
-
-        values_before = dict(progress.values)  # of earlier attempts; the editor counts this one
-
-        def record_update(
-            index: int, results: list[FactScores], stats: UpdateStats, save: bool = True
-        ) -> None:
-            """Book update ``index`` (the facts it scored, its statistics); ``save``: write the
-            checkpoint and rows now (else a later update of the same chunk does)."""
-            progress.values = {
-                "computed": values_before["computed"] + editor.values.computed,
-                "read": values_before["read"] + editor.values.read,
-            }
-            for result in results:
-                progress.post[result.case_id] = (index, result)
-            batch = BatchRecord(
-                batch=index,
-                edits_done=(index + 1) * settings.batch_size,
-                evaluated_facts=len(results),
-                metrics=headline(results),
-                update=stats,
-                timing=dict(progress.timing),
-                edited_so_far=edited_so_far(progress) if results else {},
-            )
-            progress.batches.append(batch)
-            if save:
-                progress.save(checkpoint, elapsed())
-                write_rows(run_dir, facts, pre, progress)
-            log_update(tracker, batch)
-            stop_after = cfg.get("debug", {}).get("stop_after_updates")
-            last = index == settings.n_updates - 1
-            if save and stop_after is not None and progress.updates_done >= stop_after and not last:
-                raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
-
-        if settings.mode == "singular":
-            run_singular(cfg, editor, evaluator, facts, generate_for, progress, record_update)
-        size = settings.batch_size
-        for index in range(progress.updates_done, settings.n_updates):
-            update = editor.edit(facts[index * size : (index + 1) * size], revertible=False)
-            progress.timing["keys_values"] += update.timing["keys_values"]
-            progress.timing["solve"] += update.timing["solve"]
-            scored = scored_after(settings, facts, index)
-            before = evaluator.seconds
-            results = evaluator.score(scored, generate_for) if scored else []
-            if settings.schedule == "every_k":
-                written = facts[index * size : (index + 1) * size]
-                progress.each_batch.update(scores_right_after(evaluator, written, results))
-            progress.timing["evaluation"] += evaluator.seconds - before
-            for layer, delta in update.deltas.items():
-                previous = progress.deltas.get(layer)
-                progress.deltas[layer] = delta if previous is None else previous + delta
-            progress.weights = {
-                layer: loaded.weight(layer).detach().cpu().clone() for layer in settings.layers
-            }
-            stats = UpdateStats(update.delta_norm, update.preservation_error, update.value_steps)
-            record_update(index, results, stats)
-
-        record = run_record(settings, editor, facts, pre, progress, run_dir, elapsed())
-        files = [directory.summary_path, run_dir / "facts.jsonl", run_dir / "batches.jsonl"]
-        if cfg.save_deltas and progress.deltas:
-            save_deltas(run_dir / "deltas.pt", loaded, progress.deltas)
-            files.append(run_dir / "deltas.pt")
-        write_hydra_files(own_hydra_files)
-        record.write(directory.summary_path)
-        fact_text = {
-            fact.case_id: {
-                "prompt": fact.rewrite_prompt,
-                "target_true": fact.target_true,
-                "target_new": fact.target_new,
-            }
-            for fact in facts
-        }
-        fact_rows = [row.to_json() for row in fact_records(facts, pre, progress)]
-        step = progress.updates_done + 1
-        tracker.log_results(record.to_json(), step, fact_rows, files, fact_text)
-    show("Results:\n" + record.table())
-    return record
+    return config, [settings.model_name, settings.algorithm]
 
 
-def run_singular(cfg, editor, evaluator, facts, generate_for, progress, record_update) -> None:
-    """Singular mode: every fact edited alone on the unedited model, at batch cost.
-
-    ``editing.batch_size`` facts at a time: their values and keys in batches, each fact's
-    update solved alone, then one batched evaluation in which every fact carries only its own
-    rank-one update (:meth:`Editor.edit_singular`); no weight is written. Each fact is still
-    one update of the record, as if edited, scored and restored one after another (which
-    ``tests/test_singular.py`` proves it equals).
-    """
-    chunk_size = int(cfg.editing.batch_size)
-    for start in range(progress.updates_done, len(facts), chunk_size):
-        chunk = facts[start : start + chunk_size]
-        singular = editor.edit_singular(chunk)
-        progress.timing["keys_values"] += singular.timing["keys_values"]
-        progress.timing["solve"] += singular.timing["solve"]
-        before = evaluator.seconds
-        results = evaluator.score(chunk, generate_for, edits=singular.edits)
-        progress.timing["evaluation"] += evaluator.seconds - before
-        stats = zip(singular.delta_norms, singular.preservation_errors, singular.value_steps)
-        for offset, (result, (norm, error, steps)) in enumerate(zip(results, stats)):
-            save = offset == len(chunk) - 1
-            record_update(start + offset, [result], UpdateStats(norm, error, steps), save)
-
-
-def fact_records(
-    facts: list[Fact], pre: dict[int, FactScores], progress: Progress
-) -> list[FactRecord]:
-    """The lines of facts.jsonl: per edited fact, its update, pre and post scores."""
-    each_batch = progress.each_batch
-    return [
-        FactRecord(
-            fact.case_id,
-            index,
-            pre[fact.case_id].to_json(),
-            post.to_json(),
-            each_batch[fact.case_id].to_json() if fact.case_id in each_batch else {},
+def evaluator_for(loaded: LoadedModel, cfg: DictConfig, settings: RunSettings) -> Evaluator:
+    """The run's Evaluator, keeping layer states below the lowest edited layer when
+    ``eval.layer_states_gb`` allows (those layers never change in this run)."""
+    evaluator = Evaluator.from_config(loaded, cfg)
+    states_gb = float(cfg.eval.get("layer_states_gb", 0) or 0)
+    if states_gb > 0:
+        evaluator.keep_layer_states(
+            min(settings.layers), scorings_per_fact(settings) > 1, int(states_gb * 2**30)
         )
-        for fact in facts
-        if fact.case_id in progress.post
-        for index, post in [progress.post[fact.case_id]]
-    ]
+    return evaluator
 
 
-def write_rows(
-    run_dir: Path, facts: list[Fact], pre: dict[int, FactScores], progress: Progress
-) -> None:
-    write_jsonl(run_dir / "facts.jsonl", fact_records(facts, pre, progress))
-    write_jsonl(run_dir / "batches.jsonl", progress.batches)
-
-
-def each_batch_aggregate(
-    settings: RunSettings, facts: list[Fact], progress: Progress, post: dict
-) -> dict[str, dict[str, float]]:
-    """Every edited fact as scored right after its own update (the paper's each_batch
-    numbers): the run's ``post`` aggregate itself except in sequential runs scored on another
-    schedule."""
-    if settings.mode != "sequential" or settings.schedule == "each_batch":
-        return post
-    after = progress.each_batch
-    scores = [after[fact.case_id] for fact in facts if fact.case_id in after]
-    return aggregate([result.metrics() for result in scores]) if scores else {}
-
-
-def run_record(
-    settings: RunSettings,
+def restore(
+    state: RunState,
     editor: Editor,
-    facts: list[Fact],
-    pre: dict[int, FactScores],
-    progress: Progress,
-    run_dir: Path,
-    elapsed: float,
+    evaluator: Evaluator,
+    base: dict[int, tuple[float, float]],
+    model_name: str,
+    checkpoint: Path,
+) -> None:
+    """Start ``state`` (statistics and pre-edit timings, the W0 fingerprints ``base``), or
+    resume it: the matrices exactly as the interrupted attempt had edited them, the same past
+    keys."""
+    if not state.batches:
+        state.timing["statistics"] = editor.statistics_seconds
+        state.timing["evaluation"] = evaluator.seconds
+        state.base = base
+    elif state.base != base:
+        raise RunDirError(
+            f"{checkpoint} was edited from other weights than model {model_name!r} has now "
+            "(did its files change?); rerun with force=true to start over"
+        )
+    with torch.no_grad():
+        for layer, weight in state.weights.items():
+            editor.model.weight(layer).copy_(weight)
+    if state.past_keys is not None:  # a resumed run continues the same sums
+        editor.past_keys = state.past_keys
+    state.past_keys = editor.past_keys
+
+
+def finish(
+    steps: Steps, recorder: Recorder, with_deltas: bool, own_hydra_files: dict[Path, str]
 ) -> RunRecord:
-    post = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
-    post_aggregate = aggregate([result.metrics() for result in post])
-    return RunRecord(
-        algorithm=settings.algorithm,
-        model=settings.model_name,
-        layer=list(settings.layers),
-        mode=settings.mode,
-        batch_size=settings.batch_size,
-        n_edits=settings.n_edits,
-        lam=settings.lam,
-        keep_edits=settings.keep_edits,
-        nullspace_threshold=settings.nullspace_threshold,
-        null_space_dim=editor.null_space_dims(),
-        eval_schedule=settings.schedule,
-        every_k=settings.every_k if settings.schedule == "every_k" else None,
-        edits_done=progress.updates_done * settings.batch_size,
-        seed=settings.seed,
-        hparams=asdict(settings.hparams),
-        pre=aggregate([pre[fact.case_id].metrics() for fact in facts]),
-        post=post_aggregate,
-        each_batch=each_batch_aggregate(settings, facts, progress, post_aggregate),
-        update_mean=UpdateStats.mean([batch.update for batch in progress.batches]),
-        timing={**progress.timing, "total": elapsed},
-        run_dir=str(run_dir),
-        values=dict(progress.values),
-        config_hash=progress.config_hash,
-        data_hash=progress.data_hash,
+    """Write summary.json (and deltas.pt when ``with_deltas``), log the results; the record."""
+    state, directory, facts, pre = recorder.state, recorder.directory, steps.facts, recorder.pre
+    run_dir = directory.path
+    null_space_dims = steps.editor.null_space_dims()
+    record = run_record(
+        steps.settings, null_space_dims, facts, pre, state, run_dir, recorder.elapsed()
     )
+    files = [directory.summary_path, run_dir / "facts.jsonl", run_dir / "batches.jsonl"]
+    if with_deltas and state.deltas:
+        save_deltas(run_dir / "deltas.pt", steps.editor.model, state.deltas)
+        files.append(run_dir / "deltas.pt")
+    write_hydra_files(own_hydra_files)
+    record.write(directory.summary_path)
+    fact_rows = [row.to_json() for row in fact_records(facts, pre, state)]
+    step = state.updates_done + 1
+    recorder.tracker.log_results(record.to_json(), step, fact_rows, files, fact_text(facts))
+    return record
 
 
 def use_slurm_cpus() -> int | None:

@@ -6,13 +6,13 @@ prints, per layer, the cache file, the token count, the trace and the condition 
 and whether it was computed now or read from the cache. The config, the layers and the corpus
 are checked before anything is loaded or computed; a user error is one line on stderr and
 exit status 2 (the statistics' size against d_k from the model's config and tokenizer, before
-its weights load). It writes nothing but the cache (``editexp/conf/stats.yaml``: no outputs/
+its weights load). It writes nothing but the cache (``conf/stats.yaml``: no outputs/
 folder).
 
 Before computing it prints how long the statistics take: the forward work (2 FLOPs per weight
 of every layer up to the deepest requested one, per token; the pass stops there) over the
 reference rates below, and after computing the rate it reached. The large models' defaults
-(>= 100 tokens per key dimension, see editexp/conf/model) are docs/fidelity.md's table.
+(>= 100 tokens per key dimension, see conf/model) are docs/fidelity.md's table.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 from editexp.config import CONFIG_DIR, ConfigError, check_inputs, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.errors import cli_errors
+from editexp.layer_stats import LayerStats, StatsSettings, load_or_compute_stats
 from editexp.models import ModelSpec, load_model, model_shape
-from editexp.stats import LayerStats, StatsSettings, load_or_compute_stats
 
 # Forward rates (FLOP/s) to estimate from: one measured here, one assumed for a GPU.
 REFERENCE_RATES = {

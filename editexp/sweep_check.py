@@ -89,7 +89,7 @@ def check_run(cfg: DictConfig, memo: dict[str, Any]) -> None:
     model's shape) is read once (``memo``)."""
     from editexp.config import run_settings
     from editexp.models import model_shape
-    from editexp.runner import check_against_model, read_inputs
+    from editexp.run_inputs import check_against_model, read_inputs
 
     settings = run_settings(cfg)
     inputs_key = OmegaConf.to_yaml(

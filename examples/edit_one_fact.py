@@ -4,7 +4,7 @@
                                                       # the first time: statistics, cached)
     python examples/edit_one_fact.py tiny-llama3      # a tiny random model (what the test runs)
 
-Any model in editexp/conf/model or a Hugging Face id works; config keys can follow as key=value
+Any model in conf/model or a Hugging Face id works; config keys can follow as key=value
 (e.g. ``layer=2 stats.n_tokens=30000``).
 """
 

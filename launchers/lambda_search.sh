@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lambda search (Sec. 4.2, Tables 3-4): one batch of 1024 edits over each algorithm's lambda
-# grid (editexp/conf/algorithm/<name>.yaml), MEMIT then EMMET into SWEEP_DIR/memit and SWEEP_DIR/emmet (the job
+# grid (conf/algorithm/<name>.yaml), MEMIT then EMMET into SWEEP_DIR/memit and SWEEP_DIR/emmet (the job
 # directories are <algorithm>-<n>), one SLURM job per (algorithm, lambda).
 #
 #   launchers/lambda_search.sh                                  # llama3-8b

@@ -103,7 +103,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     source = root / "source"
     source.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
-    for name in ("pyproject.toml", "README.md", "editexp", "hydra_plugins"):
+    for name in ("pyproject.toml", "README.md", "conf", "editexp", "hydra_plugins"):
         if (PROJECT / name).is_dir():
             shutil.copytree(PROJECT / name, source / name, ignore=ignore)
         else:
@@ -123,10 +123,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
 def test_wheel_holds_the_configs_and_the_launcher_plugin(installed: Installed) -> None:
     names = set(zipfile.ZipFile(installed.wheel).namelist())
-    configs = {
-        path.relative_to(PROJECT).as_posix() for path in (PROJECT / "editexp" / "conf").rglob("*")
-    }
-    configs = {name for name in configs if name.endswith(".yaml")}
+    conf = PROJECT / "conf"
+    configs = {f"editexp/conf/{path.relative_to(conf).as_posix()}" for path in conf.rglob("*.yaml")}
     assert "editexp/conf/hydra/launcher/local.yaml" in configs
     assert configs <= names, sorted(configs - names)
     plugin = {
@@ -134,6 +132,21 @@ def test_wheel_holds_the_configs_and_the_launcher_plugin(installed: Installed) -
         "hydra_plugins/editexp_launcher/launcher.py",
     }
     assert plugin <= names, sorted(plugin - names)
+
+
+def test_pyproject_lists_every_package() -> None:
+    """pyproject.toml lists the packages (conf/ maps into one of them): a new subpackage must
+    be added there, or the wheel would lack it."""
+    import tomllib
+    from setuptools import find_packages
+
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    plugins = find_packages(str(PROJECT / "hydra_plugins"))  # hydra_plugins: a namespace
+    found = {*find_packages(str(PROJECT), include=["editexp*"]), "hydra_plugins"}
+    found |= {f"hydra_plugins.{name}" for name in plugins}
+    assert found | {"editexp.conf"} == listed
+    assert not (PROJECT / "editexp" / "conf").exists()  # the configs live in conf/ only
 
 
 @pytest.mark.slow  # about a minute of CPU: a tiny run, a 2-point multirun, 5 CLI starts

@@ -29,9 +29,9 @@ import editexp.runner as runner_module
 import editexp.stats_cli as stats_cli
 from editexp import report
 from editexp.cache import load_or_compute
+from editexp.layer_stats import StatsError, load_or_compute_stats
 from editexp.models import model_shape
 from editexp.run_dir import ATTEMPTS_DIR, RunDirectory
-from editexp.stats import StatsError, load_or_compute_stats
 
 DATA_DIR = Path(os.environ["EDITEXP_DATA_DIR"])
 COUNTERFACT = DATA_DIR / "counterfact" / "counterfact.json"

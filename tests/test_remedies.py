@@ -26,10 +26,10 @@ from editexp.editing.keys import EditRequest
 from editexp.editing.linalg import CovarianceFactor, EditingError, PastKeys
 from editexp.editing.memit import memit_delta
 from editexp.editing.plan import UpdatePlan
+from editexp.layer_stats import load_or_compute_stats
 from editexp.models import load_model
 from editexp.record import RunRecord
 from editexp.runner import SimulatedCrash, run
-from editexp.stats import load_or_compute_stats
 
 THRESHOLD = 1e-2  # the test C0's eigenvalues: half in [1, 10], half in [1e-4, 1e-3]
 

@@ -15,8 +15,8 @@ from editexp.editing.linalg import CovarianceFactor
 from editexp.editing.plan import UpdatePlan
 from editexp.editing.prefixes import context_prefixes
 from editexp.evaluation.scoring import score_continuations
+from editexp.layer_stats import load_or_compute_stats
 from editexp.runner import run
-from editexp.stats import load_or_compute_stats
 
 pytestmark = pytest.mark.slow
 

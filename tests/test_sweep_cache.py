@@ -13,7 +13,8 @@ from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor
 from editexp.evaluation.evaluator import Evaluator
 from editexp.models import load_model
-from editexp.runner import SimulatedCrash, choose_facts, generation_case_ids, run
+from editexp.run_inputs import choose_facts, generation_case_ids
+from editexp.runner import SimulatedCrash, run
 
 FAST = [
     "model=tiny-llama3",

@@ -174,11 +174,6 @@ class CorpusSource:
             yield record[self.text_field]
 
 
-def corpus_identity(stats_cfg: Any, data_cfg: Any) -> str:
-    """The corpus part of a statistics cache key."""
-    return CorpusSource.from_config(stats_cfg, data_cfg).identity()
-
-
 def _existing_file(path: str | Path, data_dir: str | None = None) -> Path:
     """``path`` itself, or for a bare file name not found here, ``<data.dir>/corpus/<name>``."""
     path = Path(path).expanduser()

@@ -61,9 +61,9 @@ from editexp.editing.value_cache import (
     weights_fingerprint,
 )
 from editexp.editing.values import Values
+from editexp.layer_stats import load_or_compute_stats
 from editexp.models import LoadedModel, load_model, wrap_model
 from editexp.row_edits import RankOneEdits
-from editexp.stats import load_or_compute_stats
 
 
 @dataclass
@@ -300,9 +300,9 @@ class Editor:
         modules: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Editor:
-        """An Editor for ``model``: a name in ``editexp/conf/model``, a Hugging Face id, a loaded
+        """An Editor for ``model``: a name in ``conf/model``, a Hugging Face id, a loaded
         :class:`LoadedModel`, or a ``transformers`` causal LM with its ``tokenizer`` (and
-        ``modules`` for an architecture that ``editexp/conf/model`` does not know). ``overrides``
+        ``modules`` for an architecture that ``conf/model`` does not know). ``overrides``
         are run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``, ``**{"stats.n_tokens": 10**6}``."""
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:

@@ -5,7 +5,7 @@ All three (``editexp_basic``, the default; ``hydra/launcher=local``; ``hydra/lau
 first check every grid point of the sweep (:func:`editexp.sweep_check.check_grid`) and refuse
 the whole sweep, naming its bad points, before any job is submitted.
 
-``hydra/launcher=local`` (``editexp/conf/hydra/launcher/local.yaml``) runs every grid point of a
+``hydra/launcher=local`` (``conf/hydra/launcher/local.yaml``) runs every grid point of a
 multirun as its own process through submitit, like hydra-submitit-launcher's ``submitit_local``,
 but at most ``parallel_jobs`` at a time, each with ``threads_per_job`` torch / OpenMP / MKL
 threads. Left null, both are derived from the machine (:func:`plan_parallelism`):

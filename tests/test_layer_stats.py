@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import editexp.stats as stats_module
+import editexp.layer_stats as stats_module
 import editexp.stats_cli as stats_cli
 from editexp.config import CONFIG_DIR
 from editexp.data.corpus import (
@@ -26,7 +26,7 @@ from editexp.data.corpus import (
     special_prefix,
     token_windows,
 )
-from editexp.stats import (
+from editexp.layer_stats import (
     HELD_OUT_STRIDE,
     StatsError,
     collect_layer_stats,

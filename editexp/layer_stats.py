@@ -135,20 +135,29 @@ def _forward_precision(
     )
 
 
+@dataclass(frozen=True)
+class _CapturePass:
+    """One forward pass capturing the keys at the input of ``module_template.format(layer)``:
+    ``n_select`` tokens, every ``stride``-th, in ``dtype`` (None: the model's own)."""
+
+    module_template: str
+    layers: list[int]
+    n_select: int
+    stride: int
+    dtype: torch.dtype | None
+    progress: bool
+    unit: str  # the progress bar's unit
+
+
 def _run_capture(
     model: nn.Module,
-    module_template: str,
-    layers: list[int],
     batches: Iterable[Batch],
-    n_select: int,
-    stride: int,
+    spec: _CapturePass,
     consume: Callable[[int, torch.Tensor], None],
-    dtype: torch.dtype | None,
-    progress: bool,
-    unit: str,
 ) -> int:
     """One pass over ``batches`` feeding the keys of the selected tokens to ``consume``;
     returns how many tokens were selected."""
+    module_template, layers, n_select = spec.module_template, spec.layers, spec.n_select
     if not layers:
         raise StatsError("no layers requested")
     if n_select < 1:
@@ -161,11 +170,11 @@ def _run_capture(
     try:
         with (
             torch.inference_mode(),
-            _forward_precision(model, dtype),
+            _forward_precision(model, spec.dtype),
             ActivationCapture(modules, "input", consume) as capture,
-            tqdm(total=n_select, unit=unit, unit_scale=True, disable=not progress) as bar,
+            tqdm(total=n_select, unit=spec.unit, unit_scale=True, disable=not spec.progress) as bar,
         ):
-            for batch in _select_tokens(batches, n_select, stride):
+            for batch in _select_tokens(batches, n_select, spec.stride):
                 mask = batch.attention_mask
                 reached = capture.run(
                     model,
@@ -240,9 +249,8 @@ def collect_layer_stats(
     def consume(layer: int, keys: torch.Tensor) -> None:
         sums[layer].add(keys)
 
-    _run_capture(
-        model, module_template, layers, batches, n_tokens, 1, consume, dtype, progress, "tok"
-    )
+    capture = _CapturePass(module_template, layers, n_tokens, 1, dtype, progress, "tok")
+    _run_capture(model, batches, capture, consume)
     return {layer: layer_sums.finish(layer) for layer, layer_sums in sums.items()}
 
 
@@ -376,6 +384,52 @@ def _load_or_compute_records(
     return records
 
 
+def _compute_stats(
+    loaded: LoadedModel,
+    layers: list[int],
+    source: CorpusSource,
+    settings: StatsSettings,
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
+    """The cache records of C0 and the mean key of ``layers``, in one pass over the corpus."""
+    log.info(
+        "collecting layer statistics for layers %s over %d tokens of %s",
+        layers,
+        settings.n_tokens,
+        source.describe(),
+    )
+    batches = corpus_batches(
+        loaded.tokenizer, source, settings.seq_len, settings.n_tokens, settings.batch_size
+    )
+    stats = collect_layer_stats(
+        loaded.model,
+        loaded.spec.edit_module,
+        layers,
+        batches,
+        settings.n_tokens,
+        progress=progress,
+        dtype=settings.torch_dtype,
+    )
+    for layer, item in stats.items():
+        d_k = item.second_moment.shape[0]
+        if item.n_tokens < d_k:  # C0 would be singular: refuse it, cache nothing
+            raise StatsError(
+                f"the statistics corpus ({source.describe()}) gave {item.n_tokens} tokens, "
+                f"fewer than d_k={d_k} at layer {layer}, so C0 would be singular; give "
+                "it more text (stats.corpus.files, <data.dir>/corpus) and stats.n_tokens "
+                f">= {d_k}"
+            )
+    return {
+        layer: {
+            "layer": layer,
+            "second_moment": item.second_moment.cpu(),
+            "mean": item.mean.cpu(),
+            "n_tokens": item.n_tokens,
+        }
+        for layer, item in stats.items()
+    }
+
+
 def load_or_compute_stats(
     loaded: LoadedModel,
     layers: list[int],
@@ -400,42 +454,7 @@ def load_or_compute_stats(
     paths = {layer: _cache_path(loaded, "c0", payloads[layer]) for layer in layers}
 
     def compute(missing: list[int]) -> dict[int, dict[str, Any]]:
-        log.info(
-            "collecting layer statistics for layers %s over %d tokens of %s",
-            missing,
-            settings.n_tokens,
-            source.describe(),
-        )
-        batches = corpus_batches(
-            loaded.tokenizer, source, settings.seq_len, settings.n_tokens, settings.batch_size
-        )
-        stats = collect_layer_stats(
-            loaded.model,
-            loaded.spec.edit_module,
-            missing,
-            batches,
-            settings.n_tokens,
-            progress=progress,
-            dtype=settings.torch_dtype,
-        )
-        for layer, item in stats.items():
-            d_k = item.second_moment.shape[0]
-            if item.n_tokens < d_k:  # C0 would be singular: refuse it, cache nothing
-                raise StatsError(
-                    f"the statistics corpus ({source.describe()}) gave {item.n_tokens} tokens, "
-                    f"fewer than d_k={d_k} at layer {layer}, so C0 would be singular; give "
-                    "it more text (stats.corpus.files, <data.dir>/corpus) and stats.n_tokens "
-                    f">= {d_k}"
-                )
-        return {
-            layer: {
-                "layer": layer,
-                "second_moment": item.second_moment.cpu(),
-                "mean": item.mean.cpu(),
-                "n_tokens": item.n_tokens,
-            }
-            for layer, item in stats.items()
-        }
+        return _compute_stats(loaded, missing, source, settings, progress)
 
     records = _load_or_compute_records(paths, payloads, compute)
     keys: dict[int, torch.Tensor] = {}
@@ -453,6 +472,44 @@ def load_or_compute_stats(
             held_out_keys=keys.get(layer),
         )
         for layer in layers
+    }
+
+
+def _capture_held_out_keys(
+    loaded: LoadedModel,
+    layers: list[int],
+    source: CorpusSource,
+    settings: StatsSettings,
+    n_keys: int,
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
+    """The cache records of ``n_keys`` held-out keys (d_k, n) per layer, in one pass over the
+    corpus windows after the ones C0 averages over."""
+    batches = corpus_batches(
+        loaded.tokenizer,
+        source,
+        settings.seq_len,
+        n_keys * HELD_OUT_STRIDE,
+        settings.batch_size,
+        first_window=math.ceil(settings.n_tokens / settings.seq_len),
+    )
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def consume(layer: int, keys: torch.Tensor) -> None:
+        chunks[layer].append(keys.to("cpu", torch.float32, copy=True))
+
+    capture = _CapturePass(
+        loaded.spec.edit_module,
+        layers,
+        n_keys,
+        HELD_OUT_STRIDE,
+        settings.torch_dtype,
+        progress,
+        "key",
+    )
+    _run_capture(loaded.model, batches, capture, consume)
+    return {
+        layer: {"layer": layer, "keys": torch.cat(chunks[layer]).T.contiguous()} for layer in layers
     }
 
 
@@ -490,35 +547,7 @@ def sample_keys(
     paths = {layer: _cache_path(loaded, "keys", payloads[layer]) for layer in layers}
 
     def compute(missing: list[int]) -> dict[int, dict[str, Any]]:
-        batches = corpus_batches(
-            loaded.tokenizer,
-            source,
-            settings.seq_len,
-            n_keys * HELD_OUT_STRIDE,
-            settings.batch_size,
-            first_window=first_window,
-        )
-        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in missing}
-
-        def consume(layer: int, keys: torch.Tensor) -> None:
-            chunks[layer].append(keys.to("cpu", torch.float32, copy=True))
-
-        _run_capture(
-            loaded.model,
-            loaded.spec.edit_module,
-            missing,
-            batches,
-            n_keys,
-            HELD_OUT_STRIDE,
-            consume,
-            settings.torch_dtype,
-            progress,
-            "key",
-        )
-        return {
-            layer: {"layer": layer, "keys": torch.cat(chunks[layer]).T.contiguous()}
-            for layer in missing
-        }
+        return _capture_held_out_keys(loaded, missing, source, settings, n_keys, progress)
 
     records = _load_or_compute_records(paths, payloads, compute)
     return {layer: records[layer][0]["keys"].to(loaded.device) for layer in layers}
