@@ -56,10 +56,10 @@ from editexp.errors import cli_errors, one_line
 from editexp.evaluation.counterfact_eval import FactScores
 from editexp.evaluation.evaluator import Evaluator
 from editexp.evaluation.generation_facts import spread_generation_facts
-from editexp.evaluation.metrics import aggregate
+from editexp.evaluation.metrics import aggregate, model_summaries
+from editexp.metric_specs import headline_metrics
 from editexp.models import ModelShape, load_model, model_shape
 from editexp.record import (
-    HEADLINE,
     BatchRecord,
     FactRecord,
     RunRecord,
@@ -248,7 +248,7 @@ def edited_so_far(progress: Progress) -> dict[str, dict[str, float]]:
     """Mean, std, n of each headline metric over every fact edited so far, as last scored
     (each_batch: the running mean of the batches' scorings; every_k / final: this one)."""
     aggregated = aggregate([scores.metrics() for _, scores in progress.post.values()])
-    return {key: aggregated[key] for key in HEADLINE if key in aggregated}
+    return {key: aggregated[key] for key in headline_metrics(aggregated) if key in aggregated}
 
 
 def log_update(tracker: Tracker, batch: BatchRecord) -> None:
@@ -283,7 +283,9 @@ def _logs_to_console(logger: logging.Logger) -> bool:
 
 def headline(results: list[FactScores]) -> dict[str, float]:
     aggregated = aggregate([result.metrics() for result in results]) if results else {}
-    return {key: aggregated[key]["mean"] for key in HEADLINE if key in aggregated}
+    return {
+        key: aggregated[key]["mean"] for key in headline_metrics(aggregated) if key in aggregated
+    }
 
 
 def run(
@@ -391,6 +393,7 @@ def edit_and_evaluate(
             )
         generate_for = generation_case_ids(facts, cfg.eval.generation_facts, settings.batch_size)
         pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
+        pre_model = evaluator.pre_edit_model()  # model-level metrics ({} without providers)
         if not progress.batches:
             progress.timing["statistics"] = editor.statistics_seconds
             progress.timing["evaluation"] = evaluator.seconds
@@ -417,7 +420,11 @@ def edit_and_evaluate(
         values_before = dict(progress.values)  # of earlier attempts; the editor counts this one
 
         def record_update(
-            index: int, results: list[FactScores], stats: UpdateStats, save: bool = True
+            index: int,
+            results: list[FactScores],
+            stats: UpdateStats,
+            save: bool = True,
+            model_metrics: dict[str, float] | None = None,
         ) -> None:
             """Book update ``index`` (the facts it scored, its statistics); ``save``: write the
             checkpoint and rows now (else a later update of the same chunk does)."""
@@ -431,10 +438,12 @@ def edit_and_evaluate(
                 batch=index,
                 edits_done=(index + 1) * settings.batch_size,
                 evaluated_facts=len(results),
-                metrics=headline(results),
+                metrics={**headline(results), **(model_metrics or {})},
                 update=stats,
                 timing=dict(progress.timing),
-                edited_so_far=edited_so_far(progress) if results else {},
+                edited_so_far=(
+                    {**edited_so_far(progress), **model_summaries(model_metrics)} if results else {}
+                ),
             )
             progress.batches.append(batch)
             if save:
@@ -456,6 +465,7 @@ def edit_and_evaluate(
             scored = scored_after(settings, facts, index)
             before = evaluator.seconds
             results = evaluator.score(scored, generate_for) if scored else []
+            model_metrics = evaluator.score_model() if scored else {}
             if settings.schedule == "every_k":
                 written = facts[index * size : (index + 1) * size]
                 progress.each_batch.update(scores_right_after(evaluator, written, results))
@@ -467,9 +477,9 @@ def edit_and_evaluate(
                 layer: loaded.weight(layer).detach().cpu().clone() for layer in settings.layers
             }
             stats = UpdateStats(update.delta_norm, update.preservation_error, update.value_steps)
-            record_update(index, results, stats)
+            record_update(index, results, stats, model_metrics=model_metrics)
 
-        record = run_record(settings, editor, facts, pre, progress, run_dir, elapsed())
+        record = run_record(settings, editor, facts, pre, pre_model, progress, run_dir, elapsed())
         files = [directory.summary_path, run_dir / "facts.jsonl", run_dir / "batches.jsonl"]
         if cfg.save_deltas and progress.deltas:
             save_deltas(run_dir / "deltas.pt", loaded, progress.deltas)
@@ -554,17 +564,32 @@ def each_batch_aggregate(
     return aggregate([result.metrics() for result in scores]) if scores else {}
 
 
+def latest_model_metrics(
+    batches: list[BatchRecord], pre_model: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """The model-level metrics (those of ``pre_model``) of the last update that scored them."""
+    for batch in reversed(batches):
+        found = {key: batch.edited_so_far[key] for key in pre_model if key in batch.edited_so_far}
+        if found:
+            return found
+    return {}
+
+
 def run_record(
     settings: RunSettings,
     editor: Editor,
     facts: list[Fact],
     pre: dict[int, FactScores],
+    pre_model: dict[str, float],
     progress: Progress,
     run_dir: Path,
     elapsed: float,
 ) -> RunRecord:
     post = [progress.post[fact.case_id][1] for fact in facts if fact.case_id in progress.post]
-    post_aggregate = aggregate([result.metrics() for result in post])
+    post_aggregate = {
+        **aggregate([result.metrics() for result in post]),
+        **latest_model_metrics(progress.batches, pre_model),
+    }
     return RunRecord(
         algorithm=settings.algorithm,
         model=settings.model_name,
@@ -581,7 +606,10 @@ def run_record(
         edits_done=progress.updates_done * settings.batch_size,
         seed=settings.seed,
         hparams=asdict(settings.hparams),
-        pre=aggregate([pre[fact.case_id].metrics() for fact in facts]),
+        pre={
+            **aggregate([pre[fact.case_id].metrics() for fact in facts]),
+            **model_summaries(pre_model),
+        },
         post=post_aggregate,
         each_batch=each_batch_aggregate(settings, facts, progress, post_aggregate),
         update_mean=UpdateStats.mean([batch.update for batch in progress.batches]),

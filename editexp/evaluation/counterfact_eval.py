@@ -16,7 +16,7 @@ facts are evaluated in one batched call, with no weight written. ``start_states`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,15 +38,18 @@ class FactScores:
     scores: dict[str, list[tuple[float, float]]]
     generation_texts: list[str] | None = None
     GE: float | None = None  # mean generation_entropy of generation_texts, in bits
+    extra: dict[str, float] = field(default_factory=dict)  # per-fact metric providers' values
 
     def metrics(self) -> dict[str, float]:
-        """ES/PS/NS, their magnitudes (see :func:`fact_metrics`) and GE when it was measured.
+        """ES/PS/NS, their magnitudes (see :func:`fact_metrics`), GE when it was measured and
+        the per-fact providers' metrics.
 
         Only numbers, so a list of these goes straight into :func:`metrics.aggregate`.
         """
         values = fact_metrics(self.scores)
         if self.GE is not None:
             values["GE"] = self.GE
+        values.update(self.extra)
         return values
 
     def to_json(self) -> dict[str, Any]:
@@ -68,7 +71,13 @@ class FactScores:
             family: [(float(new), float(true)) for new, true in pairs]
             for family, pairs in row["scores"].items()
         }
-        return cls(row["case_id"], scores, row.get("generation_texts"), row.get("GE"))
+        known = {"case_id", "GE", *fact_metrics(scores)}
+        extra = {
+            key: float(value)
+            for key, value in row.items()
+            if key not in known and isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        return cls(row["case_id"], scores, row.get("generation_texts"), row.get("GE"), extra)
 
 
 def fact_prompts(fact: Fact) -> dict[str, list[str]]:
