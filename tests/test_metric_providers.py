@@ -64,8 +64,10 @@ def test_held_out_text_starts_after_c0_and_the_held_out_keys() -> None:
     from editexp.stats import HELD_OUT_STRIDE
 
     for stats_tokens, seq_len, keys in [(3000, 64, 32), (100_000, 256, 256), (5, 2, 0)]:
-        start = first_window(stats_tokens, seq_len, keys) * (seq_len - 1)  # BOS in each window
-        assert start >= stats_tokens + keys * HELD_OUT_STRIDE
+        for text_len in (seq_len - 1, seq_len):  # with a BOS per window, without
+            c0_text = math.ceil(stats_tokens / seq_len) * text_len  # C0's windows
+            start = first_window(stats_tokens, seq_len, keys) * text_len
+            assert start >= c0_text + keys * HELD_OUT_STRIDE
 
 
 def _perplexity_provider(n_tokens: int = 300) -> HeldOutPerplexity:
