@@ -26,7 +26,12 @@ from omegaconf import DictConfig
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.data.counterfact import Fact
 from editexp.editing.rank_one import RankOneEdits, RowEdits
-from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts, scored_prompts
+from editexp.evaluation.counterfact_eval import (
+    EvalSettings,
+    FactScores,
+    evaluate_facts,
+    scored_prompts,
+)
 from editexp.evaluation.generation import SAMPLER_VERSION
 from editexp.evaluation.providers import (
     FactMetricProvider,
@@ -126,16 +131,19 @@ class Evaluator:
             row_edits = RowEdits.for_model(self.model, edits.select(order))
         start = time.perf_counter()
         states = self._states_for(ordered) if not record_states else None
-        results = evaluate_facts(
-            self.model.model,
-            self.model.tokenizer,
-            ordered,
+        settings = EvalSettings(
             batch_size=self.batch_size,
             generation_facts=sum(1 for fact in facts if fact.case_id in generate_for),
             generation_length=self.generation_length,
             seed=self.seed,
-            progress=len(facts) > 8,
             generation_batch_size=self.generation_batch_size,
+            progress=len(facts) > 8,
+        )
+        results = evaluate_facts(
+            self.model.model,
+            self.model.tokenizer,
+            ordered,
+            settings,
             edits=row_edits,
             start_states=states,
             record_states=self.layer_states if record_states else None,

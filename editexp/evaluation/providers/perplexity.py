@@ -86,8 +86,9 @@ def perplexity(
         for input_ids, attention_mask in batches:  # (B, T) each
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-            nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none"
+            )  # (B, T-1): -log p of each next token
             predicted = attention_mask[:, 1:].bool()  # (B, T-1)
             total += float(nll[predicted].double().sum())
             count += int(predicted.sum())
