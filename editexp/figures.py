@@ -32,15 +32,8 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, NullLocator
 
 from editexp.cache import atomic_write
+from editexp.metric_specs import headline_metrics, spec
 
-METRICS = ("ES", "PS", "NS", "S", "GE")
-METRIC_LABELS = {
-    "ES": "efficacy score ES (%)",
-    "PS": "paraphrase score PS (%)",
-    "NS": "neighborhood score NS (%)",
-    "S": "score S (%), harmonic mean",
-    "GE": "generation entropy GE (bits x 100)",
-}
 AXIS_LABELS = {
     "layer": "edited layer (index)",
     "batch_size": "batch size (edits per update)",
@@ -77,7 +70,7 @@ DPI = 200
 
 
 @dataclass(frozen=True)
-class Stat:
+class MetricSummary:
     """A metric over facts: mean, population std (as the reference reports) and count."""
 
     mean: float
@@ -92,17 +85,18 @@ class Stat:
         return self.std / math.sqrt(self.n - 1)
 
     @classmethod
-    def from_dict(cls, block: Mapping[str, Any] | None) -> Stat | None:
+    def from_dict(cls, block: Mapping[str, Any] | None) -> MetricSummary | None:
         if not block or block.get("mean") is None:
             return None
         return cls(float(block["mean"]), block.get("std"), block.get("n"))
 
 
-def stats_of(blocks: Mapping[str, Any] | None) -> dict[str, Stat]:
-    """{"ES": {"mean", "std", "n"}, ...} (summary.json's pre / post) -> {"ES": Stat, ...}."""
+def summaries_of(blocks: Mapping[str, Any] | None) -> dict[str, MetricSummary]:
+    """{"ES": {"mean", "std", "n"}, ...} (summary.json's pre / post) -> {"ES": MetricSummary,
+    ...}, for every headline metric (``editexp.metric_specs``) in ``blocks``."""
     out = {}
-    for metric in METRICS:
-        stat = Stat.from_dict((blocks or {}).get(metric))
+    for metric in headline_metrics(blocks or {}):
+        stat = MetricSummary.from_dict((blocks or {}).get(metric))
         if stat is not None:
             out[metric] = stat
     return out
@@ -114,8 +108,8 @@ class RunResult:
     lambda, eval_schedule) and its pre- and post-edit metrics."""
 
     axes: Mapping[str, Any]
-    pre: Mapping[str, Stat]
-    post: Mapping[str, Stat]
+    pre: Mapping[str, MetricSummary]
+    post: Mapping[str, MetricSummary]
 
 
 @dataclass(frozen=True)
@@ -124,25 +118,11 @@ class Curve:
 
     axes: Mapping[str, Any]
     edits_done: Sequence[int]
-    so_far: Sequence[Mapping[str, Stat]]
-    pre: Mapping[str, Stat] = field(default_factory=dict)
+    so_far: Sequence[Mapping[str, MetricSummary]]
+    pre: Mapping[str, MetricSummary] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- labels
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple | list):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e6:
-            return str(int(value))
-        return f"{value:g}"
-    return str(value)
 
 
 def _label(axes: Mapping[str, Any], names: Sequence[str]) -> str:
@@ -151,8 +131,28 @@ def _label(axes: Mapping[str, Any], names: Sequence[str]) -> str:
         value = axes.get(name)
         text = value.upper() if name == "algorithm" and isinstance(value, str) else None
         prefix = AXIS_NAMES.get(name, name)
-        parts.append(text or (f"{prefix} {format_value(value)}" if prefix else format_value(value)))
+        shown = _shown(value)
+        parts.append(text or (f"{prefix} {shown}" if prefix else shown))
     return ", ".join(parts) or "post-edit"
+
+
+def format_value(value: Any) -> str:
+    """A grid value in a table cell, tick or label: lists as "4,5,6", whole floats as ints,
+    None as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple | list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return str(value)
+
+
+def _shown(value: Any) -> str:
+    """A value in a legend or title: :func:`format_value`, with "on"/"off" and "none"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return format_value(value) or "none"
 
 
 def _varying(items: Iterable[Mapping[str, Any]], names: Iterable[str]) -> list[str]:
@@ -192,7 +192,7 @@ def _title(axes_list: Sequence[Mapping[str, Any]], skip: Sequence[str]) -> str:
                 "n_edits": f"{value} edits",
                 "eval_schedule": f"scored {value}",
             }.get(name)
-            or f"{AXIS_NAMES[name]} {format_value(value)}"
+            or f"{AXIS_NAMES[name]} {_shown(value)}"
         )
     return ", ".join(parts)
 
@@ -205,25 +205,27 @@ class Line:
     """One plotted line: x values with their metric statistics, and the pre-edit values."""
 
     label: str
-    points: list[tuple[Any, Mapping[str, Stat]]] = field(default_factory=list)
-    pre: list[tuple[Any, Mapping[str, Stat]]] = field(default_factory=list)
+    points: list[tuple[Any, Mapping[str, MetricSummary]]] = field(default_factory=list)
+    pre: list[tuple[Any, Mapping[str, MetricSummary]]] = field(default_factory=list)
 
 
-def _combine(stats: Sequence[Stat]) -> Stat:
+def _combine(stats: Sequence[MetricSummary]) -> MetricSummary:
     """Average of several runs' means at one x (e.g. seeds); their standard errors combined
     as independent: sqrt(sum sem^2) / k."""
     mean = sum(s.mean for s in stats) / len(stats)
     sems = [s.sem for s in stats]
     if len(stats) == 1 or any(sem is None for sem in sems):
-        return stats[0] if len(stats) == 1 else Stat(mean)
+        return stats[0] if len(stats) == 1 else MetricSummary(mean)
     sem = math.sqrt(sum(sem * sem for sem in sems)) / len(stats)
     n = sum(s.n or 0 for s in stats)
-    return Stat(mean, sem * math.sqrt(n - 1), n)  # a Stat whose .sem is the combined one
+    return MetricSummary(
+        mean, sem * math.sqrt(n - 1), n
+    )  # a MetricSummary whose .sem is the combined one
 
 
-def _collapse(points: Sequence[tuple[Any, Mapping[str, Stat]]]) -> list[tuple[Any, dict]]:
+def _collapse(points: Sequence[tuple[Any, Mapping[str, MetricSummary]]]) -> list[tuple[Any, dict]]:
     """Points sharing an x averaged, sorted by x."""
-    grouped: dict[Any, list[Mapping[str, Stat]]] = {}
+    grouped: dict[Any, list[Mapping[str, MetricSummary]]] = {}
     for x, stats in points:
         grouped.setdefault(x, []).append(stats)
     out = []
@@ -347,7 +349,7 @@ def _panel(
     else:
         _set_x_scale(ax, axis, xs_all)
     ax.set_xlabel(AXIS_LABELS.get(axis, axis))
-    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.set_ylabel(spec(metric).label)
     ax.grid(alpha=0.3)
 
 
@@ -360,9 +362,12 @@ def _draw(
     """One row of panels per key of ``rows`` (e.g. algorithm), one column per metric; a
     single row of 5 metrics is folded into 2 x 3 with the legend in the free cell. The legend
     (lines, the pre-edit dashes, what the error bars are) is outside every data panel."""
+    metrics = headline_metrics(
+        m for lines in rows.values() for line in lines for _, stats in line.points for m in stats
+    )
     metrics = [
         m
-        for m in METRICS
+        for m in metrics
         if any(m in stats for lines in rows.values() for line in lines for _, stats in line.points)
     ]
     labels = list(dict.fromkeys(line.label for lines in rows.values() for line in lines))

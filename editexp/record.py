@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from editexp.cache import atomic_write_json
+from editexp.cache import atomic_write_json, atomic_write_text
+from editexp.metric_specs import metrics_in, spec
 
-HEADLINE = ("ES", "PS", "NS", "S", "GE")
-
-# metric -> {"mean", "std", "n"} (S: mean only), as metrics.aggregate returns
+# metric -> its summary over facts {"mean", "std", "n"} (S and model-level metrics such as
+# PPL: mean only), as metrics.aggregate returns
 Aggregate = dict[str, dict[str, float]]
 
 
@@ -45,7 +45,7 @@ class BatchRecord:
     batch: int  # index of the update, from 0
     edits_done: int  # facts written so far
     evaluated_facts: int  # facts scored after this update (0: the schedule skipped it)
-    metrics: dict[str, float]  # headline means over those facts
+    metrics: dict[str, float]  # headline means over those facts, and model-level metrics
     update: UpdateStats
     timing: dict[str, float]  # seconds so far, per phase
     # mean, std, n over every fact edited so far as last scored ({} when nothing was scored)
@@ -150,7 +150,8 @@ class RunRecord:
             mean, std = self.metric(stage, key), self.metric(stage, key, "std")
             if mean is None:
                 return "-"
-            return f"{mean:7.2f}" + (f" ({std:6.2f})" if std is not None else "")
+            decimals = spec(key).decimals
+            return f"{mean:7.{decimals}f}" + (f" ({std:6.{decimals}f})" if std is not None else "")
 
         title = (
             f"{self.algorithm.upper()} on {self.model}, layer {self.layer}, mode={self.mode}, "
@@ -159,7 +160,10 @@ class RunRecord:
             + (", keeping earlier edits' keys" if self.keep_edits else "")
         )
         lines = [title, f"{'metric':<8}{'pre':>18}{'post':>18}"]
-        lines += [f"{key:<8}{cell('pre', key):>18}{cell('post', key):>18}" for key in HEADLINE]
+        lines += [
+            f"{key:<8}{cell('pre', key):>18}{cell('post', key):>18}"
+            for key in metrics_in([self.pre, self.post])
+        ]
         lines.append(
             "time (s): " + ", ".join(f"{name} {sec:.1f}" for name, sec in self.timing.items())
         )
@@ -167,6 +171,4 @@ class RunRecord:
 
 
 def write_jsonl(path: str | Path, records: list[Any]) -> Path:
-    from editexp.cache import atomic_write_text
-
     return atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))

@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 from editexp.data.counterfact import Fact
 from editexp.editing.value_cache import CacheCounts
-from editexp.evaluation.counterfact_eval import FactScores
 from editexp.record import BatchRecord
 from editexp.run_dir import RunDirectory
-from editexp.run_records import batch_record, write_rows
+from editexp.run_records import PreEdit, batch_record, write_rows
 from editexp.run_state import RunState
 from editexp.run_steps import Booking
 from editexp.tracking import Tracker
@@ -35,7 +34,7 @@ class Recorder:
     tracker: Tracker
     directory: RunDirectory
     facts: list[Fact]
-    pre: dict[int, FactScores]
+    pre: PreEdit
     batch_size: int
     value_counts: CacheCounts
     started: float  # time.perf_counter() when this attempt started
@@ -57,14 +56,14 @@ class Recorder:
         }
         for result in booking.results:
             state.post[result.case_id] = (booking.index, result)
-        batch = batch_record(state, booking.index, booking.results, booking.stats, self.batch_size)
+        batch = batch_record(state, booking, self.batch_size)
         state.batches.append(batch)
         log_update(self.tracker, batch)
 
     def save(self) -> None:
         """The checkpoint and the rows as they stand (after each step)."""
         self.state.save(self.directory.checkpoint_path, self.elapsed())
-        write_rows(self.directory.path, self.facts, self.pre, self.state)
+        write_rows(self.directory.path, self.facts, self.pre.facts, self.state)
 
     def relog(self) -> None:
         """Log the updates done by earlier attempts (when no earlier attempt logged them)."""

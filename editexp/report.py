@@ -31,25 +31,22 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import itertools
 import json
-import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
 from editexp import figures
 from editexp.cache import atomic_write_text
 from editexp.errors import cli_errors
-from editexp.record import BatchRecord, RunRecord
-from editexp.run_dir import ATTEMPTS_DIR, summary_problem
+from editexp.figures import format_value
+from editexp.metric_specs import metrics_in, spec
+from editexp.record import BatchRecord
+from editexp.sweep_runs import FinishedRun, Sweep, collect, grid_status
 
-METRICS = ("ES", "PS", "NS", "S", "GE")
 STAT_NOTE = (
     "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
     "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means.\n"
@@ -81,195 +78,19 @@ HEADERS = {
 }
 
 
-# --------------------------------------------------------------------------- collecting runs
-
-
-@dataclass
-class FinishedRun:
-    """A job directory's run record, where it lies, and the overrides that made it."""
-
-    directory: Path  # the directory holding summary.json
-    record: RunRecord
-    overrides: list[str] | None  # from the job's .hydra/overrides.yaml
-
-    def field(self, name: str) -> Any:
-        return self.record.field(name)
-
-    def metric(self, stage: str, metric: str, stat: str = "mean") -> float | None:
-        return self.record.metric(stage, metric, stat)
-
-    def batches(self) -> list[BatchRecord]:
-        """Rows of ``batches.jsonl`` beside the summary (unreadable lines skipped)."""
-        path = self.directory / "batches.jsonl"
-        if not path.is_file():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(BatchRecord.from_json(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-        return rows
-
-
-@dataclass
-class Sweep:
-    root: Path
-    runs: list[FinishedRun] = field(default_factory=list)
-    incomplete: list[tuple[Path, list[str] | None]] = field(default_factory=list)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)
-    grid: list[list[str]] | None = None  # expected points, each a list of "key=value"
-    grid_note: str | None = None  # why the grid size is unknown
-
-
-def read_overrides(job_dir: Path) -> list[str] | None:
-    path = job_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return None
-    try:
-        return [str(item) for item in OmegaConf.to_container(OmegaConf.load(path))]
-    except Exception:
-        return None
-
-
-def _natural_key(path: Path) -> list[tuple[int, int | str]]:
-    """Sort key putting job 2 before job 10."""
-    parts = re.split(r"(\d+)", str(path))
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in parts]
-
-
-def _job_dir_of(path: Path, root: Path) -> Path | None:
-    """The nearest directory at or above ``path`` (inside ``root``) with a ``.hydra`` folder."""
-    for candidate in (path, *path.parents):
-        if (candidate / ".hydra").is_dir():
-            return candidate
-        if candidate == root:
-            break
-    return None
-
-
-def collect(root: Path) -> Sweep:
-    """Completed runs, unfinished job directories and the expected grid of a sweep."""
-    root = root.resolve()
-    sweep = Sweep(root)
-    summary_dirs: set[Path] = set()
-    for path in sorted(root.rglob("summary.json")):
-        if ATTEMPTS_DIR in path.relative_to(root).parts:  # earlier attempts moved aside
-            continue
-        job_dir = _job_dir_of(path.parent, root)
-        try:
-            summary = json.loads(path.read_text())
-            # not an object, or the result of another config than the job's grid point
-            problem = summary_problem(summary, job_dir)
-            record = RunRecord.from_json(summary) if problem is None else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            sweep.unreadable.append((path, str(error)))
-            continue
-        except (KeyError, TypeError, AttributeError) as error:
-            sweep.unreadable.append((path, f"not a run record ({type(error).__name__}: {error})"))
-            continue
-        if record is None:
-            sweep.unreadable.append((path, problem))
-            continue
-        overrides = read_overrides(job_dir) if job_dir is not None else None
-        sweep.runs.append(FinishedRun(path.parent, record, overrides))
-        summary_dirs.add(path.parent)
-    for hydra_dir in sorted(root.rglob(".hydra"), key=_natural_key):
-        job_dir = hydra_dir.parent
-        if not hydra_dir.is_dir() or job_dir == root:
-            continue
-        if not any(d == job_dir or job_dir in d.parents for d in summary_dirs):
-            sweep.incomplete.append((job_dir, read_overrides(job_dir)))
-    # One multirun.yaml per Hydra multirun below the root (e.g. lambda_search runs one per
-    # algorithm into sibling directories): the expected grid is their union.
-    for multirun_yaml in sorted(root.rglob("multirun.yaml")):
-        grid, note = expected_grid(multirun_yaml)
-        if grid is None:
-            sweep.grid, sweep.grid_note = None, note
-            break
-        sweep.grid = (sweep.grid or []) + grid
-    return sweep
-
-
-# --------------------------------------------------------------------------- the sweep grid
-
-
-def expected_grid(multirun_yaml: Path) -> tuple[list[list[str]] | None, str | None]:
-    """The job overrides Hydra's basic sweeper generates from ``multirun.yaml``.
-
-    Returns ``(points, None)``, or ``(None, reason)`` when the grid cannot be expanded
-    (a non-discrete sweep such as ``interval``, an unparsable override, no hydra-core).
-    """
-    try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-    except ImportError:
-        return None, "hydra-core is not installed"
-    try:
-        config = OmegaConf.load(multirun_yaml)
-        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-        task = OmegaConf.select(config, "hydra.overrides.task") or []
-        arguments = [f"{key}={value}" for key, value in params.items()] + [str(t) for t in task]
-        overrides = OverridesParser.create().parse_overrides(arguments)
-        axes: dict[str, list[str]] = {}
-        for override in overrides:
-            key = override.get_key_element()
-            if not override.is_sweep_override():
-                axes[key] = [f"{key}={override.get_value_element_as_str()}"]
-            elif override.is_discrete_sweep():
-                axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-            else:
-                return None, f"non-discrete sweep {key} in {multirun_yaml.name}"
-    except Exception as error:  # bad YAML, glob() needs a config loader, bad syntax, ...
-        return None, f"cannot expand the grid of {multirun_yaml.name}: {error}"
-    return [list(point) for point in itertools.product(*axes.values())], None
-
-
-def _normalise(overrides: Iterable[str]) -> frozenset[str]:
-    return frozenset(item.replace(" ", "") for item in overrides)
-
-
-@dataclass
-class GridStatus:
-    complete: int
-    total: int
-    not_started: list[list[str]]  # grid points without any job directory
-    unmatched_runs: int  # completed runs whose overrides are not a grid point
-
-
-def grid_status(sweep: Sweep) -> GridStatus | None:
-    if sweep.grid is None:
-        return None
-    points = {_normalise(point): point for point in sweep.grid}
-    done = {_normalise(run.overrides) for run in sweep.runs if run.overrides is not None}
-    started = done | {_normalise(o) for _, o in sweep.incomplete if o is not None}
-    unmatched = sum(
-        1 for run in sweep.runs if run.overrides is None or _normalise(run.overrides) not in points
-    )
-    return GridStatus(
-        complete=len(done & points.keys()),
-        total=len(points),
-        not_started=[point for key, point in points.items() if key not in started],
-        unmatched_runs=unmatched,
-    )
-
-
 # --------------------------------------------------------------------------- tables
 
 
-def format_value(name: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if name == "layer" and isinstance(value, tuple | list):
-        return ",".join(str(v) for v in value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return str(value)
+def report_metrics(runs: Sequence[FinishedRun]) -> tuple[str, ...]:
+    """The metric columns: CounterFact's, then those any run measured (e.g. PPL)."""
+    return metrics_in(block for run in runs for block in (run.record.pre, run.record.post))
 
 
-def format_cell(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ({std:.2f})"
+def stat_note(metrics: Sequence[str]) -> str:
+    """What the metric cells are, with a line for every metric beyond CounterFact's."""
+    extra = [spec(m) for m in metrics if not spec(m).always]
+    lines = [f"{s.name}: {s.description}" + (f" ({s.unit})" if s.unit else "") for s in extra]
+    return STAT_NOTE + "".join(f"{line}; model-level, no std.\n" for line in lines)
 
 
 def _sort_key(run: FinishedRun) -> tuple:
@@ -301,17 +122,18 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def results_csv(sweep: Sweep) -> str:
+    metrics = report_metrics(sweep.runs)
     header = list(GRID_FIELDS)
     for stage in STAGES:
-        header += [f"{stage}_{m}_{stat}" for m in METRICS for stat in ("mean", "std")]
+        header += [f"{stage}_{m}_{stat}" for m in metrics for stat in ("mean", "std")]
     header.append("run_dir")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for run in sorted_runs(sweep.runs):
-        row = [format_value(name, run.field(name)) for name in GRID_FIELDS]
+        row = [format_value(run.field(name)) for name in GRID_FIELDS]
         for stage in STAGES:
-            for metric in METRICS:
+            for metric in metrics:
                 for stat in ("mean", "std"):
                     value = run.metric(stage, metric, stat)
                     row.append("" if value is None else repr(value))
@@ -326,22 +148,23 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metric_cells(run: FinishedRun, stage: str) -> list[str]:
+def _metric_cells(run: FinishedRun, stage: str, metrics: Sequence[str]) -> list[str]:
     return [
-        format_cell(run.metric(stage, metric), run.metric(stage, metric, "std"))
-        for metric in METRICS
+        spec(metric).format(run.metric(stage, metric), run.metric(stage, metric, "std"))
+        for metric in metrics
     ]
 
 
 def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
     runs = sorted_runs(sweep.runs)
-    header = [HEADERS[name] for name in GRID_FIELDS] + list(METRICS) + ["Run"]
+    metrics = report_metrics(runs)
+    header = [HEADERS[name] for name in GRID_FIELDS] + list(metrics) + ["Run"]
     parts = [f"# Results: {sweep.root}\n"]
     parts += [line + "  " for line in status_lines]
     for stage, title in (("post", "Post-edit"), ("pre", "Pre-edit")):
         rows = [
-            [format_value(name, run.field(name)) for name in GRID_FIELDS]
-            + _metric_cells(run, stage)
+            [format_value(run.field(name)) for name in GRID_FIELDS]
+            + _metric_cells(run, stage, metrics)
             + [_relative(run.directory, sweep.root)]
             for run in runs
         ]
@@ -358,13 +181,13 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
     if both:
         parts.append(EACH_BATCH_TITLE)
         rows = [
-            [format_value(name, run.field(name)) for name in GRID_FIELDS]
-            + _metric_cells(run, "each_batch")
+            [format_value(run.field(name)) for name in GRID_FIELDS]
+            + _metric_cells(run, "each_batch", metrics)
             + [_relative(run.directory, sweep.root)]
             for run in both
         ]
         parts.append(markdown_table(header, rows))
-    parts.append("\n" + STAT_NOTE)
+    parts.append("\n" + stat_note(metrics))
     return "\n".join(parts)
 
 
@@ -386,19 +209,20 @@ def lambda_tables(sweep: Sweep) -> dict[str, str]:
     tables = {}
     for algorithm in sorted({str(run.field("algorithm")) for run in sweep.runs}):
         runs = [run for run in sweep.runs if str(run.field("algorithm")) == algorithm]
+        metrics = report_metrics(runs)
         if len({run.field("lambda") for run in runs if run.field("lambda") is not None}) < 2:
             continue
         context = _varying(runs, [n for n in GRID_FIELDS if n not in ("algorithm", "lambda")])
         runs = sorted(runs, key=lambda r: (_sort_key(r)[3], _sort_key(r)))
-        header = ["λ"] + [HEADERS[name] for name in context] + list(METRICS)
+        header = ["λ"] + [HEADERS[name] for name in context] + list(metrics)
         rows = [
-            [format_value("lambda", run.field("lambda"))]
-            + [format_value(name, run.field(name)) for name in context]
-            + _metric_cells(run, "post")
+            [format_value(run.field("lambda"))]
+            + [format_value(run.field(name)) for name in context]
+            + _metric_cells(run, "post", metrics)
             for run in runs
         ]
         title = f"# {algorithm}: post-edit metrics vs λ\n\n"
-        tables[f"lambda_{algorithm}.md"] = title + markdown_table(header, rows) + STAT_NOTE
+        tables[f"lambda_{algorithm}.md"] = title + markdown_table(header, rows) + stat_note(metrics)
         scores = [run.metric("post", "S") for run in runs]
         best = max(
             (i for i, score in enumerate(scores) if score is not None),
@@ -420,8 +244,8 @@ def run_result(run: FinishedRun) -> figures.RunResult:
     """What the figures need of a run: its axes and its pre / post metric statistics."""
     return figures.RunResult(
         axes={name: run.field(name) for name in GRID_FIELDS},
-        pre=figures.stats_of(run.record.pre),
-        post=figures.stats_of(run.record.post),
+        pre=figures.summaries_of(run.record.pre),
+        post=figures.summaries_of(run.record.post),
     )
 
 
@@ -434,30 +258,30 @@ def sequential_curve(run: FinishedRun) -> figures.Curve:
     """
     rows = run.batches()
     edits_done: list[int] = []
-    so_far: list[dict[str, figures.Stat]] = []
+    so_far: list[dict[str, figures.MetricSummary]] = []
     if any(row.edited_so_far for row in rows):
         for row in rows:
             if row.edited_so_far:
                 edits_done.append(row.edits_done)
-                so_far.append(figures.stats_of(row.edited_so_far))
+                so_far.append(figures.summaries_of(row.edited_so_far))
     elif run.field("eval_schedule") == "each_batch" and (run.directory / "facts.jsonl").is_file():
         edits_done, so_far = _running_means(run, rows)
     else:
         for row in rows:
             if row.metrics:
                 edits_done.append(row.edits_done)
-                so_far.append({k: figures.Stat(float(v)) for k, v in row.metrics.items()})
+                so_far.append({k: figures.MetricSummary(float(v)) for k, v in row.metrics.items()})
     return figures.Curve(
         axes={name: run.field(name) for name in GRID_FIELDS},
         edits_done=edits_done,
         so_far=so_far,
-        pre=figures.stats_of(run.record.pre),
+        pre=figures.summaries_of(run.record.pre),
     )
 
 
 def _running_means(
     run: FinishedRun, rows: list[BatchRecord]
-) -> tuple[list[int], list[dict[str, figures.Stat]]]:
+) -> tuple[list[int], list[dict[str, figures.MetricSummary]]]:
     from editexp.evaluation.metrics import aggregate
 
     by_update: dict[int, list[dict]] = {}
@@ -474,7 +298,7 @@ def _running_means(
         seen += by_update.get(row.batch, [])
         if seen:
             edits_done.append(row.edits_done)
-            so_far.append(figures.stats_of(aggregate(seen)))
+            so_far.append(figures.summaries_of(aggregate(seen)))
     return edits_done, so_far
 
 

@@ -3,43 +3,67 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from editexp.config import RunSettings
 from editexp.data.counterfact import Fact
 from editexp.evaluation.counterfact_eval import FactScores
-from editexp.evaluation.metrics import aggregate
-from editexp.record import HEADLINE, BatchRecord, FactRecord, RunRecord, UpdateStats, write_jsonl
+from editexp.evaluation.metrics import aggregate, model_summaries
+from editexp.metric_specs import headline_metrics
+from editexp.record import BatchRecord, FactRecord, RunRecord, UpdateStats, write_jsonl
 from editexp.run_state import RunState
+from editexp.run_steps import Booking
+
+
+@dataclass
+class PreEdit:
+    """The unedited model's scores: per fact (CounterFact), and model-level metrics."""
+
+    facts: dict[int, FactScores]  # case_id -> scores
+    model: dict[str, float] = field(default_factory=dict)  # {"PPL": 41.6}; {}: no providers
 
 
 def headline(results: list[FactScores]) -> dict[str, float]:
     """The mean of each headline metric over ``results``."""
     aggregated = aggregate([result.metrics() for result in results]) if results else {}
-    return {key: aggregated[key]["mean"] for key in HEADLINE if key in aggregated}
+    shown = headline_metrics(aggregated)
+    return {key: aggregated[key]["mean"] for key in shown if key in aggregated}
 
 
 def edited_so_far(state: RunState) -> dict[str, dict[str, float]]:
     """Mean, std, n of each headline metric over every fact edited so far, as last scored
     (each_batch: the running mean of the batches' scorings; every_k / final: this one)."""
     aggregated = aggregate([scores.metrics() for _, scores in state.post.values()])
-    return {key: aggregated[key] for key in HEADLINE if key in aggregated}
+    return {key: aggregated[key] for key in headline_metrics(aggregated) if key in aggregated}
 
 
-def batch_record(
-    state: RunState, index: int, results: list[FactScores], stats: UpdateStats, batch_size: int
-) -> BatchRecord:
-    """The line of batches.jsonl of update ``index`` (``results`` already in ``state.post``)."""
+def batch_record(state: RunState, booking: Booking, batch_size: int) -> BatchRecord:
+    """The line of batches.jsonl of one update (its results already in ``state.post``);
+    model-level metrics (``booking.model_metrics``) count for the scored update and so far."""
+    results, model_metrics = booking.results, booking.model_metrics
     return BatchRecord(
-        batch=index,
-        edits_done=(index + 1) * batch_size,
+        batch=booking.index,
+        edits_done=(booking.index + 1) * batch_size,
         evaluated_facts=len(results),
-        metrics=headline(results),
-        update=stats,
+        metrics={**headline(results), **model_metrics},
+        update=booking.stats,
         timing=dict(state.timing),
-        edited_so_far=edited_so_far(state) if results else {},
+        edited_so_far=(
+            {**edited_so_far(state), **model_summaries(model_metrics)} if results else {}
+        ),
     )
+
+
+def latest_model_metrics(
+    batches: list[BatchRecord], pre_model: dict[str, float]
+) -> dict[str, dict[str, float]]:
+    """The model-level metrics (those of ``pre_model``) of the last update that scored them."""
+    for batch in reversed(batches):
+        found = {key: batch.edited_so_far[key] for key in pre_model if key in batch.edited_so_far}
+        if found:
+            return found
+    return {}
 
 
 def fact_records(
@@ -85,14 +109,17 @@ def run_record(
     settings: RunSettings,
     null_space_dims: list[int] | None,
     facts: list[Fact],
-    pre: dict[int, FactScores],
+    pre: PreEdit,
     state: RunState,
     run_dir: Path,
     elapsed: float,
 ) -> RunRecord:
     """summary.json: the run's axes, pre/post aggregates, update norms and timings."""
     post = [state.post[fact.case_id][1] for fact in facts if fact.case_id in state.post]
-    post_aggregate = aggregate([result.metrics() for result in post])
+    post_aggregate = {
+        **aggregate([result.metrics() for result in post]),
+        **latest_model_metrics(state.batches, pre.model),
+    }
     return RunRecord(
         algorithm=settings.algorithm,
         model=settings.model_name,
@@ -109,7 +136,10 @@ def run_record(
         edits_done=state.updates_done * settings.batch_size,
         seed=settings.seed,
         hparams=asdict(settings.hparams),
-        pre=aggregate([pre[fact.case_id].metrics() for fact in facts]),
+        pre={
+            **aggregate([pre.facts[fact.case_id].metrics() for fact in facts]),
+            **model_summaries(pre.model),
+        },
         post=post_aggregate,
         each_batch=each_batch_aggregate(settings, facts, state, post_aggregate),
         update_mean=UpdateStats.mean([batch.update for batch in state.batches]),

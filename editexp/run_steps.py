@@ -10,7 +10,7 @@ one after another (``tests/test_singular.py`` proves it equals that).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from editexp.config import RunSettings
 from editexp.data.counterfact import Fact
@@ -31,6 +31,7 @@ class Booking:
     index: int
     results: list[FactScores]
     stats: UpdateStats
+    model_metrics: dict[str, float] = field(default_factory=dict)  # e.g. {"PPL": 41.6}
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Steps:
         scored = scored_after(self.settings, facts, index)
         with self.timer.phase("evaluation"):
             results = self.evaluator.score(scored, self.generate_for) if scored else []
+            model_metrics = self.evaluator.score_model() if scored else {}
             if self.settings.schedule == "every_k":
                 right_after = scores_right_after(self.evaluator, written, results)
                 self.state.each_batch.update(right_after)
@@ -77,7 +79,7 @@ class Steps:
             layer: model.weight(layer).detach().cpu().clone() for layer in self.settings.layers
         }
         stats = UpdateStats(update.delta_norm, update.preservation_error, update.value_steps)
-        return Booking(index, results, stats)
+        return Booking(index, results, stats, model_metrics)
 
     def _singular_chunk(self, start: int) -> list[Booking]:
         """Facts ``start`` on (a chunk), each edited alone and scored with its own update."""

@@ -59,7 +59,7 @@ from editexp.record import RunRecord
 from editexp.recorder import Recorder
 from editexp.run_dir import RunDirectory, RunDirError, hydra_files, write_hydra_files
 from editexp.run_inputs import check_against_model, generation_case_ids, read_inputs
-from editexp.run_records import fact_records, fact_text, run_record
+from editexp.run_records import PreEdit, fact_records, fact_text, run_record
 from editexp.run_state import RunState, claim, fingerprint
 from editexp.run_steps import Steps, scorings_per_fact
 from editexp.timing import PhaseTimer
@@ -145,7 +145,8 @@ def edit_and_evaluate(
         editor = Editor(loaded, cfg)
         evaluator = evaluator_for(loaded, cfg, settings)
         generate_for = generation_case_ids(facts, cfg.eval.generation_facts, settings.batch_size)
-        pre = dict(zip([f.case_id for f in facts], evaluator.pre_edit(facts, generate_for)))
+        scores = evaluator.pre_edit(facts, generate_for)
+        pre = PreEdit(dict(zip([f.case_id for f in facts], scores)), evaluator.pre_edit_model())
         restore(state, editor, evaluator, base, settings.model_name, directory.checkpoint_path)
         recorder = Recorder(
             state, tracker, directory, facts, pre, settings.batch_size, editor.values, started
@@ -249,7 +250,7 @@ def finish(
         files.append(run_dir / "deltas.pt")
     write_hydra_files(own_hydra_files)
     record.write(directory.summary_path)
-    fact_rows = [row.to_json() for row in fact_records(facts, pre, state)]
+    fact_rows = [row.to_json() for row in fact_records(facts, pre.facts, state)]
     step = state.updates_done + 1
     recorder.tracker.log_results(record.to_json(), step, fact_rows, files, fact_text(facts))
     return record

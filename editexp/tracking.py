@@ -8,10 +8,12 @@ end, `finish` always (`tracking` guarantees it). What a W&B run holds:
   run used (a batch-mode run's `batch_size` is its `n_edits`, `lambda` is the model's default
   when the config left it null, one layer is an int, several are "4,5,6"), and the full
   resolved Hydra config under `cfg`. Group a dashboard by any axis.
-- **summary**: the result. `ES`, `PS`, `NS`, `S`, `GE` are the post-edit means over all facts
-  of the run; beside them the `pre/<metric>/{mean,std,n}` and `post/...` blocks of
-  summary.json, `each_batch/...` (every fact right after its own update: the paper's
-  schedule, also measured in sequential `every_k` runs), `update_mean/*` (over the updates),
+- **summary**: the result. The headline metrics (`editexp.metric_specs`: `ES`, `PS`, `NS`,
+  `S`, `GE` and those of the run's metric providers, e.g. `PPL`) are the post-edit means over
+  all facts of the run (model-level metrics: after the last update); beside them the
+  `pre/<metric>/{mean,std,n}` and `post/...` blocks of summary.json, `each_batch/...` (every
+  fact right after its own update: the paper's schedule, also measured in sequential `every_k`
+  runs), `update_mean/*` (over the updates),
   `timing/*` and `edits_done`.
 - **history**, against `edits_done`: `per_update/*` (the metrics of the facts scored at that
   update and the update's norms) and `edited_so_far/*` (the mean over all facts edited so
@@ -47,24 +49,13 @@ from typing import Any, Protocol
 from omegaconf import DictConfig
 
 from editexp.cache import atomic_write_json, stable_hash
+from editexp.metric_specs import metrics_in
 
 log = logging.getLogger(__name__)
 
 STEP_METRIC = "edits_done"
 PER_UPDATE = "per_update"  # history: the scoring at this update and the update's norms
 SO_FAR = "edited_so_far"  # history: mean over every fact edited so far
-HEADLINE = ("ES", "PS", "NS", "S", "GE")
-AXES = (
-    "model",
-    "algorithm",
-    "layer",
-    "batch_size",
-    "n_edits",
-    "lambda",
-    "mode",
-    "experiment",
-    "eval_schedule",
-)
 DEFAULT_MODE = "offline"
 IDENTITY_FILE = "editexp-identity.json"  # <run dir>/wandb/: id and group, for editexp-report
 
@@ -180,7 +171,7 @@ def summary_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     The run's axes are left out (they are the config), so nothing appears twice in two forms.
     """
     post = summary.get("post") or {}
-    headline = {key: post[key]["mean"] for key in HEADLINE if key in post}
+    headline = {key: post[key]["mean"] for key in metrics_in([post]) if key in post}
     stages = ("pre", "post", "each_batch", "update_mean", "timing")
     blocks = {k: summary[k] for k in stages if summary.get(k)}
     extra = {key: summary[key] for key in ("edits_done", "run_dir") if key in summary}

@@ -16,22 +16,26 @@ from matplotlib.collections import PolyCollection
 from matplotlib.container import ErrorbarContainer
 
 from editexp import figures as F
+from editexp.metric_specs import spec
 from editexp.record import RunRecord
-from editexp.report import FinishedRun, main, sequential_curve
+from editexp.report import main, sequential_curve
+from editexp.sweep_runs import FinishedRun
 
 METRICS = ("ES", "PS", "NS", "S", "GE")
 
 
-def stats(es: float, ns: float = 80.0, n: int = 16, pre: bool = False) -> dict[str, F.Stat]:
+def stats(
+    es: float, ns: float = 80.0, n: int = 16, pre: bool = False
+) -> dict[str, F.MetricSummary]:
     ps = es - 10
     out = {
-        "ES": F.Stat(es, 20.0, n),
-        "PS": F.Stat(ps, 10.0, n),
-        "NS": F.Stat(ns, 5.0, n),
-        "S": F.Stat(3 / (1 / es + 1 / ps + 1 / ns)),
+        "ES": F.MetricSummary(es, 20.0, n),
+        "PS": F.MetricSummary(ps, 10.0, n),
+        "NS": F.MetricSummary(ns, 5.0, n),
+        "S": F.MetricSummary(3 / (1 / es + 1 / ps + 1 / ns)),
     }
     if not pre:
-        out["GE"] = F.Stat(600.0, 8.0, 4)
+        out["GE"] = F.MetricSummary(600.0, 8.0, 4)
     return out
 
 
@@ -100,7 +104,7 @@ def test_axis_figure_panels_are_labelled_with_baseline_and_standard_errors() -> 
     assert [ax.get_title() for ax in axes] == list(METRICS)
     for ax, metric in zip(axes, METRICS):
         assert ax.get_xlabel() == "batch size (edits per update)"
-        assert ax.get_ylabel() == F.METRIC_LABELS[metric] and "(" in ax.get_ylabel()
+        assert ax.get_ylabel() == spec(metric).label and "(" in ax.get_ylabel()
         assert ax.get_xscale() == "log"
         assert [t.get_text() for t in ax.get_xticklabels()] == ["16", "64", "256", "1024"]
         dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
@@ -146,7 +150,7 @@ def test_pre_edit_baseline_per_line_when_runs_differ() -> None:
     """Batch scaling edits different fact sets: each line's own dashed pre-edit values."""
     runs = []
     for b, pre_es in ((16, 10.0), (64, 20.0)):
-        pre = {**PRE, "ES": F.Stat(pre_es, 1.0, b)}
+        pre = {**PRE, "ES": F.MetricSummary(pre_es, 1.0, b)}
         runs.append(F.RunResult({**result().axes, "batch_size": b, "n_edits": b}, pre, stats(90)))
     ax = data_axes(F.axis_figures(runs)["metric_vs_batch_size"])[0]
     (dashed,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
@@ -160,7 +164,9 @@ def test_pre_edit_baseline_per_line_when_runs_differ() -> None:
     assert list(dashed.get_ydata()) == [10.0, 20.0] and dashed.get_color() == "0.35"
 
     # other facts for EMMET: a dashed line per algorithm, in its colour
-    emmet = [F.RunResult(r.axes, {**r.pre, "ES": F.Stat(30.0, 1.0, 16)}, r.post) for r in emmet]
+    emmet = [
+        F.RunResult(r.axes, {**r.pre, "ES": F.MetricSummary(30.0, 1.0, 16)}, r.post) for r in emmet
+    ]
     ax = data_axes(F.axis_figures(runs + emmet)["metric_vs_batch_size"])[0]
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert sorted(tuple(line.get_ydata()) for line in dashed) == [(10.0, 20.0), (30.0, 30.0)]

@@ -8,7 +8,8 @@ import pytest
 
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.record import BatchRecord, RunRecord, UpdateStats
-from editexp.report import expected_grid, main
+from editexp.report import main
+from editexp.sweep_runs import expected_grid
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 

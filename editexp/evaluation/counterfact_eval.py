@@ -16,7 +16,7 @@ facts are evaluated in one batched call, with no weight written. ``start_states`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,15 +39,18 @@ class FactScores:
     scores: dict[str, list[tuple[float, float]]]
     generation_texts: list[str] | None = None
     GE: float | None = None  # mean generation_entropy of generation_texts, in bits
+    extra: dict[str, float] = field(default_factory=dict)  # per-fact metric providers' values
 
     def metrics(self) -> dict[str, float]:
-        """ES/PS/NS, their magnitudes (see :func:`fact_metrics`) and GE when it was measured.
+        """ES/PS/NS, their magnitudes (see :func:`fact_metrics`), GE when it was measured and
+        the per-fact providers' metrics.
 
         Only numbers, so a list of these goes straight into :func:`metrics.aggregate`.
         """
         values = fact_metrics(self.scores)
         if self.GE is not None:
             values["GE"] = self.GE
+        values.update(self.extra)
         return values
 
     def to_json(self) -> dict[str, Any]:
@@ -69,7 +72,13 @@ class FactScores:
             family: [(float(new), float(true)) for new, true in pairs]
             for family, pairs in row["scores"].items()
         }
-        return cls(row["case_id"], scores, row.get("generation_texts"), row.get("GE"))
+        known = {"case_id", "GE", *fact_metrics(scores)}
+        extra = {
+            key: float(value)
+            for key, value in row.items()
+            if key not in known and isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        return cls(row["case_id"], scores, row.get("generation_texts"), row.get("GE"), extra)
 
 
 def fact_prompts(fact: Fact) -> dict[str, list[str]]:
@@ -98,28 +107,38 @@ def scored_prompts(
     return prompts, targets, slots
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How :func:`evaluate_facts` scores and samples."""
+
+    batch_size: int = 64  # prompts scored together
+    generation_facts: int = 0  # GE for the first this many facts
+    generation_length: int = 100  # tokens per generated text, prompt included
+    seed: int = 0  # the run seed: each generation prompt's seed derives from it
+    generation_batch_size: int = 256  # prompts sampled together
+    progress: bool = True  # a progress bar over scoring batches
+
+
 def evaluate_facts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     facts: Sequence[Fact],
-    batch_size: int = 64,
-    generation_facts: int = 0,
-    generation_length: int = 100,
-    seed: int = 0,
-    progress: bool = True,
+    settings: EvalSettings | None = None,
     *,
     edits: RowEdits | None = None,
     start_states: LayerStates | None = None,
     record_states: LayerStates | None = None,
-    generation_batch_size: int = 256,
+    **options: Any,
 ) -> list[FactScores]:
     """Scores of every fact's prompts, and generated texts and GE for the first few facts.
 
+    ``settings`` (or single :class:`EvalSettings` fields as keywords, e.g. ``progress=False``):
     ``batch_size`` prompts are scored together, ``generation_batch_size`` sampled together
     (sampling is one token of every prompt per step: bigger batches use the CPU's matrix
     units better, and every prompt samples the same text in any batch).
     ``edits``: fact i is evaluated with edit i only (``len(edits) == len(facts)``).
     """
+    settings = replace(settings or EvalSettings(), **options)
     if edits is not None and edits.n_edits != len(facts):
         raise ValueError(f"{edits.n_edits} edits for {len(facts)} facts; expected one per fact")
     prompts, targets, slots = scored_prompts(facts)
@@ -128,8 +147,8 @@ def evaluate_facts(
         tokenizer,
         prompts,
         targets,
-        batch_size,
-        progress,
+        settings.batch_size,
+        settings.progress,
         edits=edits,
         prompt_edits=None if edits is None else [index for index, _ in slots],
         start_states=start_states,
@@ -142,7 +161,7 @@ def evaluate_facts(
 
     generated = [
         (index, fact)
-        for index, fact in enumerate(facts[:generation_facts])
+        for index, fact in enumerate(facts[: settings.generation_facts])
         if fact.generation_prompts
     ]
     if not generated:
@@ -151,15 +170,15 @@ def evaluate_facts(
     for index, fact in generated:
         for position, prompt in enumerate(fact.generation_prompts):
             generation_prompts.append(prompt)
-            seeds.append(generation_seed(seed, fact.case_id, position))
+            seeds.append(generation_seed(settings.seed, fact.case_id, position))
             prompt_edits.append(index)
     texts = generate_texts(
         model,
         tokenizer,
         generation_prompts,
-        generation_length,
+        settings.generation_length,
         seed=seeds,
-        batch_size=generation_batch_size,
+        batch_size=settings.generation_batch_size,
         edits=edits,
         prompt_edits=None if edits is None else prompt_edits,
     )

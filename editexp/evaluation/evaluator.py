@@ -4,9 +4,14 @@
     before = evaluator.pre_edit(facts)                  # cached on disk per model and facts
     after = evaluator.score(facts, generate_for={facts[0].case_id})
     evaluator.compare("The Eiffel Tower is in", "Rome", "Paris")
+    model_before = evaluator.pre_edit_model()           # {"PPL": ...}: model-level providers
+    model_after = evaluator.score_model()
 
 Results are :class:`~editexp.evaluation.counterfact_eval.FactScores`, one per fact in the
-order asked; they become JSON only when written (``FactScores.to_json``).
+order asked; they become JSON only when written (``FactScores.to_json``). Beside CounterFact,
+the metric providers of ``eval.metrics`` (:mod:`editexp.evaluation.providers`) are scored:
+per-fact ones inside :meth:`Evaluator.score` (their values in ``FactScores.extra``),
+model-level ones by :meth:`Evaluator.score_model`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,18 @@ from omegaconf import DictConfig
 
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.data.counterfact import Fact
-from editexp.evaluation.counterfact_eval import FactScores, evaluate_facts, scored_prompts
+from editexp.evaluation.counterfact_eval import (
+    EvalSettings,
+    FactScores,
+    evaluate_facts,
+    scored_prompts,
+)
+from editexp.evaluation.providers import (
+    FactMetricProvider,
+    ModelMetricProvider,
+    Provider,
+    providers_from_config,
+)
 from editexp.evaluation.scoring import (
     LayerStates,
     encode_continuations,
@@ -58,8 +74,11 @@ class Evaluator:
         generation_length: int = 100,
         seed: int = 0,
         generation_batch_size: int = 256,
+        providers: Sequence[Provider] = (),
     ) -> None:
         self.model = model
+        self.fact_providers = [p for p in providers if isinstance(p, FactMetricProvider)]
+        self.model_providers = [p for p in providers if isinstance(p, ModelMetricProvider)]
         self.batch_size = batch_size  # prompts per scoring batch
         self.generation_length = generation_length
         self.generation_batch_size = generation_batch_size  # prompts sampled together (GE)
@@ -76,6 +95,7 @@ class Evaluator:
             cfg.eval.generation_length,
             int(cfg.seed),
             cfg.eval.generation_batch_size,
+            providers_from_config(cfg),
         )
 
     def keep_layer_states(
@@ -111,23 +131,64 @@ class Evaluator:
             row_edits = RowEdits.for_model(self.model, edits.select(order))
         start = time.perf_counter()
         states = self._states_for(ordered) if not record_states else None
-        results = evaluate_facts(
-            self.model.model,
-            self.model.tokenizer,
-            ordered,
+        settings = EvalSettings(
             batch_size=self.batch_size,
             generation_facts=sum(1 for fact in facts if fact.case_id in generate_for),
             generation_length=self.generation_length,
             seed=self.seed,
-            progress=len(facts) > 8,
             generation_batch_size=self.generation_batch_size,
+            progress=len(facts) > 8,
+        )
+        results = evaluate_facts(
+            self.model.model,
+            self.model.tokenizer,
+            ordered,
+            settings,
             edits=row_edits,
             start_states=states,
             record_states=self.layer_states if record_states else None,
         )
+        self._score_fact_providers(ordered, results, edits)
         self.seconds += time.perf_counter() - start
         by_case = {result.case_id: result for result in results}
         return [by_case[fact.case_id] for fact in facts]
+
+    def _score_fact_providers(
+        self, facts: Sequence[Fact], results: list[FactScores], edits: RankOneEdits | None
+    ) -> None:
+        """The per-fact providers' values, into each result's ``extra``."""
+        if self.fact_providers and edits is not None:
+            raise ValueError("per-fact metric providers cannot score singular (row) edits")
+        for fact_provider in self.fact_providers:
+            values = fact_provider.score_facts(self.model, facts)
+            for result, fact_values in zip(results, values, strict=True):
+                result.extra.update(fact_values)
+
+    def score_model(self) -> dict[str, float]:
+        """The model-level providers' metrics of the model as it is now ({} without any)."""
+        start = time.perf_counter()
+        values: dict[str, float] = {}
+        for model_provider in self.model_providers:
+            values.update(model_provider.score(self.model))
+        self.seconds += time.perf_counter() - start
+        return values
+
+    def pre_edit_model(self) -> dict[str, float]:
+        """:meth:`score_model` of the unedited model, cached under the model's identity and
+        every provider's :meth:`~editexp.evaluation.providers.MetricProvider.cache_key`."""
+        if not self.model_providers:
+            return {}
+        key = stable_hash([self.model.identity, [p.cache_key() for p in self.model_providers]])
+        name = self.model.spec.name.replace("/", "--")
+        names = {spec.name for p in self.model_providers for spec in p.specs}
+        return load_or_compute(
+            cache_root() / "pre_edit_model" / f"{name}-{key}.json",
+            load=lambda p: {k: float(v) for k, v in json.loads(p.read_text()).items()},
+            save=atomic_write_json,
+            compute=self.score_model,
+            problem=lambda values: None if set(values) == names else f"metrics {sorted(values)}",
+            what="pre-edit model metric cache",
+        )
 
     def _states_for(self, facts: Sequence[Fact]) -> LayerStates | None:
         """The layer states to start from for ``facts``, recording missing ones if allowed;
@@ -164,6 +225,7 @@ class Evaluator:
                 self.generation_length,
                 self.seed,
                 SAMPLER_VERSION,
+                *([[p.cache_key() for p in self.fact_providers]] if self.fact_providers else []),
             ]
         )
         path = cache_root() / "pre_edit" / f"{self.model.spec.name.replace('/', '--')}-{key}.json"

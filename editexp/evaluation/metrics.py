@@ -167,3 +167,9 @@ def aggregate(per_fact: list[dict[str, float]]) -> dict[str, dict[str, float | i
         means = [float(out[key]["mean"]) for key in ("ES", "PS", "NS")]
         out["S"] = {"mean": harmonic_mean(means)}
     return out
+
+
+def model_summaries(values: dict[str, float] | None) -> dict[str, dict[str, float]]:
+    """Model-level metrics (one value for the model, not one per fact) as record blocks:
+    ``{"PPL": 23.1}`` -> ``{"PPL": {"mean": 23.1}}``, unscaled."""
+    return {key: {"mean": float(value)} for key, value in (values or {}).items()}

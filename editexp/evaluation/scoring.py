@@ -129,9 +129,6 @@ class LayerStates:
                     return False
         return True
 
-    def nbytes(self) -> int:
-        return self.stored_bytes
-
 
 @dataclass
 class _Shortcuts:
@@ -245,6 +242,41 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id if pad_id is None else pad_id
 
 
+@dataclass
+class _Pass:
+    """One forward pass over right-padded sequences (B, T), and how its states are keyed."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, cached length + T)
+    position_ids: torch.Tensor  # (B, T)
+    rows: list[int] | None  # each sequence's row edit (shortcuts.edits), None: no edits
+    keys: list  # each sequence's key in the stored / recorded states
+    lengths: list[int]  # each sequence's unpadded length
+    stored: dict | None = None  # states to start from (a table of shortcuts.start)
+    recorded: dict | None = None  # where to record states (a table of shortcuts.record)
+
+
+@dataclass
+class _PromptBatch:
+    """A batch's prompts after their pass: what the target tokens' scoring needs."""
+
+    attention_mask: torch.Tensor  # (B, T) of the padded prompts
+    keys: list[tuple[int, ...]]  # prompt ids, per prompt
+    lengths: torch.Tensor  # (B,) unpadded prompt lengths
+    edit_rows: list[int] | None  # each prompt's row edit
+    row_prompt: torch.Tensor  # (R,) the prompt of each (prompt, target) row
+    row_targets: list[list[int]]  # (R) target ids of each row
+    cache: DynamicCache  # the prompts' keys and values
+
+
+def _tables(shortcuts: _Shortcuts, table: str) -> dict[str, dict | None]:
+    """The ``stored`` / ``recorded`` states tables (``prompts`` or ``continuations``)."""
+    return {
+        "stored": None if shortcuts.start is None else getattr(shortcuts.start, table),
+        "recorded": None if shortcuts.record is None else getattr(shortcuts.record, table),
+    }
+
+
 def _score_batch(
     model: PreTrainedModel,
     pad_id: int,
@@ -258,69 +290,42 @@ def _score_batch(
         return []
     device = model.device
     prompts = pad_sequences([item.prompt_ids for item in items], pad_id).to(device)
-    prompt_keys = [tuple(item.prompt_ids) for item in items]
-    prompt_lengths = prompts.attention_mask.sum(dim=1)
-    cache = DynamicCache(config=model.config)
-    prompt_hidden = _forward(
-        model,
-        shortcuts,
+    lengths = prompts.attention_mask.sum(dim=1)
+    batch = _PromptBatch(
+        attention_mask=prompts.attention_mask,
+        keys=[tuple(item.prompt_ids) for item in items],
+        lengths=lengths,
+        edit_rows=edit_rows,
+        row_prompt=torch.tensor(
+            [i for i, item in enumerate(items) for _ in item.target_ids], device=device
+        ),
+        row_targets=[ids for item in items for ids in item.target_ids],
+        cache=DynamicCache(config=model.config),
+    )
+    prompt_pass = _Pass(
         prompts.input_ids,
         prompts.attention_mask,
         prompts.position_ids,
-        cache,
-        rows=edit_rows,
-        keys=prompt_keys,
-        lengths=prompt_lengths.tolist(),
-        stored=None if shortcuts.start is None else shortcuts.start.prompts,
-        recorded=None if shortcuts.record is None else shortcuts.record.prompts,
+        edit_rows,
+        batch.keys,
+        lengths.tolist(),
+        **_tables(shortcuts, "prompts"),
     )
-    row_prompt = torch.tensor(
-        [i for i, item in enumerate(items) for _ in item.target_ids], device=device
-    )
-    row_targets = [ids for item in items for ids in item.target_ids]
-    multi_token = [row for row, ids in enumerate(row_targets) if len(ids) > 1]
-
+    prompt_hidden = _forward(model, shortcuts, prompt_pass, batch.cache)
     if prompt_hidden is not None:
-        last_hidden = prompt_hidden[torch.arange(len(items), device=device), prompt_lengths - 1]
+        last_hidden = prompt_hidden[torch.arange(len(items), device=device), lengths - 1]
         # Token 0 of every target is predicted by its prompt's last hidden state: unembedded
         # once per prompt, however many targets share it. One row per (prompt, target) now.
         first_log_probs = _log_softmax_logits(model, last_hidden)  # (B, vocab)
-        first_ids = torch.tensor([ids[0] for ids in row_targets], device=device)
-        nll_sums = -first_log_probs[row_prompt, first_ids]  # (R,)
-
-    # Rows with more than one target token feed all but their last token on the cache; the
-    # others (most CounterFact targets are one token) are done and skip this pass.
-    if multi_token:
-        fed_rows = torch.tensor(multi_token, device=device)
-        fed_prompt = row_prompt[fed_rows]
-        cache.batch_select_indices(fed_prompt)
-        fed_ids = [row_targets[row][:-1] for row in multi_token]
-        fed = pad_sequences(fed_ids, pad_id).to(device)
-        fed_prompt_list = fed_prompt.tolist()
-        fed_hidden = _forward(
-            model,
-            shortcuts,
-            fed.input_ids,
-            torch.cat([prompts.attention_mask[fed_prompt], fed.attention_mask], 1),
-            fed.position_ids + prompt_lengths[fed_prompt].unsqueeze(1),
-            cache,
-            rows=None if edit_rows is None else [edit_rows[i] for i in fed_prompt_list],
-            keys=[(prompt_keys[i], tuple(ids)) for i, ids in zip(fed_prompt_list, fed_ids)],
-            lengths=[len(ids) for ids in fed_ids],
-            stored=None if shortcuts.start is None else shortcuts.start.continuations,
-            recorded=None if shortcuts.record is None else shortcuts.record.continuations,
-        )
-        if fed_hidden is not None:
-            predicted = pad_sequences([row_targets[row][1:] for row in multi_token], pad_id)
-            is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
-            log_probs = _log_softmax_logits(model, fed_hidden[is_fed])
-            labels = predicted.input_ids.to(device)[is_fed]
-            nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
-            row_of_token = fed_rows.repeat_interleave(is_fed.sum(dim=1))
-            nll_sums = nll_sums.index_add(0, row_of_token, nll)
+        first_ids = torch.tensor([ids[0] for ids in batch.row_targets], device=device)
+        nll_sums = -first_log_probs[batch.row_prompt, first_ids]  # (R,)
+    later = _later_tokens_nll(model, shortcuts, pad_id, batch)
     if prompt_hidden is None:
         return None
-    target_lengths = torch.tensor([len(ids) for ids in row_targets], device=device)
+    if later is not None:
+        row_of_token, nll = later
+        nll_sums = nll_sums.index_add(0, row_of_token, nll)
+    target_lengths = torch.tensor([len(ids) for ids in batch.row_targets], device=device)
     means = (nll_sums / target_lengths).tolist()
     out, start = [], 0
     for item in items:
@@ -329,42 +334,70 @@ def _score_batch(
     return out
 
 
+def _later_tokens_nll(
+    model: PreTrainedModel, shortcuts: _Shortcuts, pad_id: int, batch: _PromptBatch
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """-log p of every target token after the first, with the row it belongs to: rows with
+    more than one target token feed all but their last token on the prompts' cache; the others
+    (most CounterFact targets are one token) are done and skip this pass. None when no row has
+    more tokens, or the pass only recorded states."""
+    device = model.device
+    multi_token = [row for row, ids in enumerate(batch.row_targets) if len(ids) > 1]
+    if not multi_token:
+        return None
+    fed_rows = torch.tensor(multi_token, device=device)
+    fed_prompt = batch.row_prompt[fed_rows]
+    batch.cache.batch_select_indices(fed_prompt)
+    fed_ids = [batch.row_targets[row][:-1] for row in multi_token]
+    fed = pad_sequences(fed_ids, pad_id).to(device)
+    fed_prompt_list = fed_prompt.tolist()
+    fed_pass = _Pass(
+        fed.input_ids,
+        torch.cat([batch.attention_mask[fed_prompt], fed.attention_mask], 1),
+        fed.position_ids + batch.lengths[fed_prompt].unsqueeze(1),
+        None if batch.edit_rows is None else [batch.edit_rows[i] for i in fed_prompt_list],
+        [(batch.keys[i], tuple(ids)) for i, ids in zip(fed_prompt_list, fed_ids)],
+        [len(ids) for ids in fed_ids],
+        **_tables(shortcuts, "continuations"),
+    )
+    fed_hidden = _forward(model, shortcuts, fed_pass, batch.cache)
+    if fed_hidden is None:
+        return None
+    predicted = pad_sequences([batch.row_targets[row][1:] for row in multi_token], pad_id)
+    is_fed = fed.attention_mask.bool()  # where a token was fed, its successor is scored
+    log_probs = _log_softmax_logits(model, fed_hidden[is_fed])
+    labels = predicted.input_ids.to(device)[is_fed]
+    nll = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return fed_rows.repeat_interleave(is_fed.sum(dim=1)), nll
+
+
 def _forward(
-    model: PreTrainedModel,
-    shortcuts: _Shortcuts,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: DynamicCache,
-    rows: list[int] | None,
-    keys: list,
-    lengths: list[int],
-    stored: dict | None,
-    recorded: dict | None,
+    model: PreTrainedModel, shortcuts: _Shortcuts, step: _Pass, cache: DynamicCache
 ) -> torch.Tensor | None:
     """One pass of the base model over right-padded sequences (B, T): the final hidden
     states, or None when it stopped after recording the states entering a layer."""
     base = model.base_model
     if shortcuts.edits is not None:
-        shortcuts.edits.select(rows)
+        shortcuts.edits.select(step.rows)
     if shortcuts.start is not None:
-        hidden = _padded_states(stored, keys, lengths, input_ids.shape[1], model.device)
+        width = step.input_ids.shape[1]
+        hidden = _padded_states(step.stored, step.keys, step.lengths, width, model.device)
         out = forward_from_layer(
             base,
             shortcuts.start.layers,
             shortcuts.start.layer,
             hidden,
-            input_ids,
-            attention_mask,
-            position_ids,
+            step.input_ids,
+            step.attention_mask,
+            step.position_ids,
             cache,
             use_cache=True,
         )
         return out.last_hidden_state
     inputs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        input_ids=step.input_ids,
+        attention_mask=step.attention_mask,
+        position_ids=step.position_ids,
         cache=cache,
         use_cache=True,
     )
@@ -376,8 +409,8 @@ def _forward(
             last_hidden = base(**inputs).last_hidden_state
         except StopForward:
             last_hidden = None
-    for row, (key, length) in enumerate(zip(keys, lengths)):
-        record.store(recorded, key, captured[0][row, :length])
+    for row, (key, length) in enumerate(zip(step.keys, step.lengths)):
+        record.store(step.recorded, key, captured[0][row, :length])
     return last_hidden
 
 
