@@ -67,7 +67,7 @@ def mean(values: list[float]) -> float:
 def aggregate_table(runs: dict[str, tuple[Path, dict[int, Fact]]], reference: dict[int, Fact]):
     lines = [
         "| run | ES | PS | NS | ES margin | PS margin | NS margin | ES facts off | PS facts off"
-        " | ||Delta|| |",
+        " | delta norm |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ids = sorted(reference)
