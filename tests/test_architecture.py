@@ -1,5 +1,6 @@
-"""The import graph of ``editexp``: no circles, and editing and evaluation never import each
-other (read from the source with ``ast``; nothing is imported)."""
+"""The rules of the code's layout, read from the source with ``ast`` (nothing is imported):
+no import circle, editing and evaluation never import each other, no function over 60 lines
+or 8 parameters, and the runner under 300 lines."""
 
 from __future__ import annotations
 
@@ -80,3 +81,56 @@ def test_editing_and_evaluation_do_not_import_each_other():
 def test_the_cycle_finder_finds_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_FUNCTION_LINES = 60
+MAX_PARAMETERS = 8
+MAX_RUNNER_LINES = 300
+
+
+def parameter_count(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Parameters of a function, ``*args`` and ``**kwargs`` included, ``self`` / ``cls`` not."""
+    args = function.args
+    names = [arg.arg for arg in args.posonlyargs + args.args + args.kwonlyargs]
+    names += [arg.arg for arg in (args.vararg, args.kwarg) if arg is not None]
+    return len([name for name in names if name not in ("self", "cls")])
+
+
+def oversized_functions(root: Path) -> list[str]:
+    """Every function under ``root`` longer than MAX_FUNCTION_LINES (from its ``def`` to its
+    last line) or with more than MAX_PARAMETERS parameters, as ``path:name lines params``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            parameters = parameter_count(node)
+            if lines > MAX_FUNCTION_LINES or parameters > MAX_PARAMETERS:
+                where = path.relative_to(root.parent)
+                found.append(f"{where}:{node.name} {lines} lines, {parameters} parameters")
+    return found
+
+
+def test_no_function_is_over_60_lines_or_8_parameters():
+    assert oversized_functions(PACKAGE) == []
+
+
+def test_the_runner_is_under_300_lines():
+    assert len((PACKAGE / "runner.py").read_text().splitlines()) < MAX_RUNNER_LINES
+
+
+def test_the_size_check_finds_long_and_wide_functions(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    (package / "sizes.py").write_text(
+        f"def long():\n{body}\n\n"
+        "def wide(a, b, c, d, e, f, g, h, *rest):\n    return a\n\n"
+        "class Holder:\n"
+        "    def method(self, a, b, c, d, e, f, g, h):\n        return a\n"
+    )
+    assert oversized_functions(package) == [
+        "pkg/sizes.py:long 61 lines, 0 parameters",
+        "pkg/sizes.py:wide 2 lines, 9 parameters",
+    ]

@@ -29,8 +29,8 @@ from editexp.editing.rank_one import singular_updates
 from editexp.editing.singular import solve_singular
 from editexp.editing.solvers import closed_form_delta
 from editexp.evaluation.counterfact_eval import evaluate_facts
-from editexp.evaluation.scoring import score_continuations
-from editexp.row_edits import RankOneEdits, RowEdits
+from editexp.evaluation.scoring import ScoringShortcuts, score_continuations
+from editexp.row_edits import PromptEdits, RankOneEdits, RowEdits
 from editexp.sampling import generation_seed, sample_continuation_ids, top_k_pick
 
 PROMPTS = [
@@ -160,8 +160,7 @@ def test_row_edits_score_as_written_weights(tiny):
         PROMPTS,
         TARGETS,
         batch_size=2,
-        edits=rows,
-        prompt_edits=PROMPT_EDITS,
+        shortcuts=ScoringShortcuts(edits=PromptEdits(rows, PROMPT_EDITS)),
     )
     for prompt, targets, index, scores in zip(PROMPTS, TARGETS, PROMPT_EDITS, batched):
         alone = with_written_edit(
@@ -174,8 +173,9 @@ def test_row_edits_score_as_written_weights(tiny):
     # negative control: the edits change the scores, and a wrong row mapping is caught
     plain = score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS)
     assert max(abs(a - b) for x, y in zip(plain, batched) for a, b in zip(x, y)) > 1e-2
+    shifted_rows = ScoringShortcuts(edits=PromptEdits(rows, [1, 2, 0, -1, 0]))
     shifted = score_continuations(
-        tiny.model, tiny.tokenizer, PROMPTS, TARGETS, edits=rows, prompt_edits=[1, 2, 0, -1, 0]
+        tiny.model, tiny.tokenizer, PROMPTS, TARGETS, shortcuts=shifted_rows
     )
     assert max(abs(a - b) for x, y in zip(shifted, batched) for a, b in zip(x, y)) > 1e-3
 
@@ -192,8 +192,7 @@ def test_row_edits_sample_as_written_weights(tiny):
             top_k,
             seeds,
             batch_size=3,
-            edits=RowEdits.for_model(tiny, edits),
-            prompt_edits=PROMPT_EDITS,
+            edits=PromptEdits(RowEdits.for_model(tiny, edits), PROMPT_EDITS),
         )
         for prompt, seed, index, ids in zip(PROMPTS, seeds, PROMPT_EDITS, batched):
             alone = with_written_edit(
@@ -211,8 +210,9 @@ def test_row_edits_check_their_rows(tiny):
     rows = RowEdits.for_model(tiny, random_edits(tiny, 1, 2))
     with pytest.raises(IndexError):
         rows.select([0, 2])
-    with pytest.raises(ValueError, match="together"):
-        score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, edits=rows)
+    with pytest.raises(ValueError, match="1 prompt edits for 5 prompts"):
+        shortcuts = ScoringShortcuts(edits=PromptEdits(rows, [0]))
+        score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, shortcuts=shortcuts)
     with rows.installed(), pytest.raises(RuntimeError, match="one edit index per batch row"):
         rows.select([0])
         tiny.model(input_ids=torch.tensor([[1, 2], [3, 4]]))
