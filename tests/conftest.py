@@ -1,7 +1,9 @@
-"""Shared fixtures: composed configs and models (tiny random ones, and the real SmolLM2)."""
+"""Shared fixtures: composed configs, models (tiny random ones, float64 copies, the real
+SmolLM2), the CounterFact data folder, a cache of each test's own, a finished tiny run."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -66,3 +68,59 @@ def tiny_gpt2():
 @pytest.fixture(scope="session")
 def smollm2():
     return cached_model("smollm2-135m")
+
+
+@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
+def tiny(request):
+    """Each tiny model in turn (shared by the session: a test that edits weights restores them)."""
+    return cached_model(request.param)
+
+
+@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
+def model64(request):
+    """A float64 copy of each tiny model, so that two computations agree far below float32's
+    rounding (~1e-10)."""
+    loaded = copy.copy(cached_model(request.param))
+    loaded.model = copy.deepcopy(loaded.model).double()
+    return loaded
+
+
+def counterfact_dir() -> str:
+    """The data folder holding ``counterfact/counterfact.json``; skips the test without one."""
+    data_dir = os.environ["EDITEXP_DATA_DIR"]
+    if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
+        pytest.skip(f"no CounterFact file under {data_dir}")
+    return data_dir
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A cache of this test's own (``$EDITEXP_CACHE_DIR``, empty at the start)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the runner loads a model (user errors come before it)."""
+    import editexp.runner as runner_module
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(runner_module, "load_model", must_not_load)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> tuple[Path, Path]:
+    """A finished two-update tiny run and the cache it filled (copy them before changing them)."""
+    from console_scripts import TWO_UPDATES, editexp
+
+    root = tmp_path_factory.mktemp("finished")
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDITEXP_CACHE_DIR", str(cache))
+        result = editexp(root / "run", *TWO_UPDATES)
+    assert result.code == 0, result.err
+    return root / "run", cache
