@@ -37,6 +37,28 @@ TINY_RUN = [
     "model.hparams.emmet.v_steps=3",
 ]
 
+# Small statistics and prefixes, as keyword overrides for ``Editor.from_pretrained``.
+FAST_EDITING = {
+    "stats.n_tokens": 3000,
+    "stats.seq_len": 64,
+    "eval.held_out_keys": 32,
+    "editing.prefixes.count": 2,
+    "editing.prefixes.length": 5,
+}
+# Two facts as a library user writes them (dicts; "{}" is where the subject goes).
+EXAMPLE_FACTS = [
+    {
+        "prompt": "{} was invented in the city of",
+        "subject": "The Velloran harp",
+        "target_new": "Lisbon",
+    },
+    {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+    },
+]
+
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -76,13 +98,24 @@ def tiny(request):
     return cached_model(request.param)
 
 
-@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
-def model64(request):
-    """A float64 copy of each tiny model, so that two computations agree far below float32's
+def float64_copy(name: str):
+    """A float64 copy of a model, so that two computations agree far below float32's
     rounding (~1e-10)."""
-    loaded = copy.copy(cached_model(request.param))
+    loaded = copy.copy(cached_model(name))
     loaded.model = copy.deepcopy(loaded.model).double()
     return loaded
+
+
+@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
+def model64(request):
+    """A float64 copy of each tiny model, shared by a test module."""
+    return float64_copy(request.param)
+
+
+@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
+def own_model64(request):
+    """A float64 copy of each tiny model for one test alone (it may leave its edits there)."""
+    return float64_copy(request.param)
 
 
 def counterfact_dir() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cached_model
 from transformers import DynamicCache
 
 from editexp.evaluation.scoring import (
@@ -29,11 +28,6 @@ TARGETS = [
     ["the Kingdom of Sweden", "Spain"],
     ["English", "French", "Old Church Slavonic"],
 ]
-
-
-@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
-def tiny(request):
-    return cached_model(request.param)
 
 
 def layers_of(loaded):

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from conftest import cached_model, compose_config, counterfact_dir
 
 from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.evaluation.counterfact_eval import (
@@ -31,7 +29,7 @@ from editexp.evaluation.scoring import (
     score_continuation_unbatched,
     score_continuations,
 )
-from editexp.models import LoadedModel, load_model
+from editexp.models import LoadedModel
 from editexp.sampling import sample_continuation_ids
 from editexp.tokens import encode_prompt
 
@@ -54,30 +52,14 @@ TARGETS = [
 ]
 
 
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*overrides, "~logger"])
-
-
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, LoadedModel]:
-    return {
-        name: load_model(compose_config([f"model={name}"]).model, "cpu") for name in TINY_MODELS
-    }
-
-
-@pytest.fixture(params=TINY_MODELS)
-def tiny(request, tiny_models) -> LoadedModel:
-    return tiny_models[request.param]
+    return {name: cached_model(name) for name in TINY_MODELS}
 
 
 @pytest.fixture(scope="session")
 def counterfact_facts():
-    data_dir = os.environ["EDITEXP_DATA_DIR"]  # conftest defaults it to ../shared/data
-    if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
-        pytest.skip(f"no CounterFact file under {data_dir}")
-    cfg = compose_config([f"data.dir={data_dir}"])
-    facts, _ = load_counterfact(cfg.data)
+    facts, _ = load_counterfact(compose_config(f"data.dir={counterfact_dir()}").data)
     return select_facts(facts, 3, order="seeded", seed=0)
 
 

@@ -36,14 +36,6 @@ class Planted:
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(runner_module, "load_model", must_not_load)
-
-
-@pytest.fixture
 def work(tmp_path, monkeypatch) -> Path:
     """A working directory of its own, and a cache beside it."""
     monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))

@@ -11,12 +11,9 @@
 
 from __future__ import annotations
 
-import copy
-import os
-
 import pytest
 import torch
-from conftest import cached_model, compose_config
+from conftest import compose_config, counterfact_dir
 
 from editexp.config import ValueHparams
 from editexp.data.counterfact import load_counterfact, select_facts
@@ -65,25 +62,9 @@ def random_edits(loaded, layer: int, n: int, scale: float = 0.3) -> RankOneEdits
     return RankOneEdits(layer, left, scale * torch.randn(n, d_k, generator=generator))
 
 
-@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
-def tiny(request):
-    return cached_model(request.param)
-
-
-@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
-def model64(request):
-    """A float64 copy of a tiny model: the two paths agree far below the 1e-5 tolerance."""
-    loaded = copy.copy(cached_model(request.param))
-    loaded.model = copy.deepcopy(loaded.model).double()
-    return loaded
-
-
 @pytest.fixture(scope="module")
 def facts():
-    data_dir = os.environ.get("EDITEXP_DATA_DIR", "/work/shared/data")
-    if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
-        pytest.skip(f"no CounterFact file under {data_dir}")
-    loaded_facts, _ = load_counterfact(compose_config(f"data.dir={data_dir}").data)
+    loaded_facts, _ = load_counterfact(compose_config(f"data.dir={counterfact_dir()}").data)
     return select_facts(loaded_facts, 3, order="seeded", seed=0)
 
 
