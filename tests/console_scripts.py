@@ -1,5 +1,6 @@
-"""Running the console scripts in this process as a user does (through Hydra, with their exit
-status, stdout and stderr), and reading what a user reads: the one error line, JSONL rows."""
+"""Running the console scripts as a user does: in this process (through Hydra, with their exit
+status, stdout and stderr), or ``editexp -m`` as a subprocess; and reading what a user reads:
+the one error line, JSONL rows, the job directories of a sweep."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
 
 import editexp.runner as runner_module
 
@@ -29,6 +37,7 @@ TINY = [
     "model.hparams.emmet.v_steps=2",
     "model.hparams.rome.v_steps=2",
 ]
+# Two updates: the history of a run (and its W&B curve) has two points.
 TWO_UPDATES = ["mode=sequential", "n_edits=2", "batch_size=1"]
 
 
@@ -101,3 +110,63 @@ def user_error(result: Result, prog: str = "editexp") -> str:
     line = result.message
     assert line.startswith(f"{prog}: error: "), line
     return line
+
+
+# --------------------------------------------------------------------------- multiruns
+
+# The console script next to this Python (a venv's), as a user starts it.
+EDITEXP = shutil.which("editexp", path=str(Path(sys.executable).parent)) or "editexp"
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def sweep_environment(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        env[var] = str(tmp_path / "wandb-home" / var.lower())
+    return env
+
+
+def cancel_slurm_jobs(sweep_dir: Path) -> None:
+    """scancel the jobs this sweep submitted (submitit names its folders after the job ids)."""
+    ids = {m.group(1) for p in sweep_dir.glob(".submitit/*") if (m := re.match(r"(\d+)", p.name))}
+    for job_id in sorted(ids):
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=False)
+
+
+def run_command(args: list[str], tmp_path: Path, timeout: float, sweep_dir: Path | None = None):
+    """Run a command in its own process group; on timeout stop the group (and its SLURM jobs)."""
+    process = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=sweep_environment(tmp_path),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate()
+        if sweep_dir is not None:
+            cancel_slurm_jobs(sweep_dir)
+        pytest.fail(f"{' '.join(args[:3])} ... did not finish in {timeout} s:\n{tail(output)}")
+    return subprocess.CompletedProcess(args, process.returncode, output)
+
+
+def multirun(tmp_path: Path, *overrides: str, timeout: float = 600):
+    sweep_dir = tmp_path / "sweep"
+    args = [EDITEXP, "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return run_command(args, tmp_path, timeout, sweep_dir), sweep_dir
+
+
+def job_dirs(sweep_dir: Path) -> dict[str, Path]:
+    """Each job directory by the value of its swept override, e.g. {"1": <sweep>/0}."""
+    jobs = {}
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        jobs[tuple(OmegaConf.load(overrides_file))] = overrides_file.parents[1]
+    return jobs

@@ -2,8 +2,8 @@
 leaves its directory, names built from overrides stay short and inside their folders, a sweep
 is checked whole before it starts and continues when its command is run again.
 
-Runs go through the console script in this process (as tests/test_reliability.py); sweeps
-run ``editexp -m`` as a subprocess (as tests/test_sweeps.py).
+Runs go through the console script in this process, sweeps run ``editexp -m`` as a
+subprocess (both with tests/console_scripts.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RUN, cached_model
-from test_reliability import TINY, cli, user_error
-from test_sweeps import EDITEXP, job_dirs, multirun, run_command
+from console_scripts import EDITEXP, TINY, cli, job_dirs, multirun, run_command, user_error
 
 import editexp.runner as runner_module
 from editexp.editing.prefixes import context_prefixes
