@@ -59,6 +59,23 @@ EXAMPLE_FACTS = [
     },
 ]
 
+# Prompts of several lengths (one shares a prefix with another) with one to three targets,
+# single- and multi-token: the scoring and generation tests' inputs.
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "Autonomous University of Madrid, which is located in",
+    "and Sallie Beavers Riley. Autonomous University of Madrid is located in",
+    "Danielle Darrieux's mother tongue is",
+]
+TARGETS = [
+    ["Paris", "Berlin"],
+    ["there", "Xylophone orchestra of the north"],
+    ["Sweden", "Spain"],
+    ["the Kingdom of Sweden", "Spain"],
+    ["English", "French", "Old Church Slavonic"],  # three targets: any number is allowed
+]
+
 
 def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -124,6 +141,21 @@ def counterfact_dir() -> str:
     if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
         pytest.skip(f"no CounterFact file under {data_dir}")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def counterfact_facts():
+    """Three facts of the shared CounterFact file, in the seeded order."""
+    from editexp.data.counterfact import load_counterfact, select_facts
+
+    facts, _ = load_counterfact(compose_config(f"data.dir={counterfact_dir()}").data)
+    return select_facts(facts, 3, order="seeded", seed=0)
+
+
+def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    """The largest difference between two tables of scores of the same shape."""
+    assert [len(row) for row in a] == [len(row) for row in b]
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
 @pytest.fixture

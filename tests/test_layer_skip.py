@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_difference
 from transformers import DynamicCache
 
 from editexp.evaluation.scoring import (
@@ -32,10 +33,6 @@ TARGETS = [
 
 def layers_of(loaded):
     return loaded.model.get_submodule(loaded.spec.layers_module)
-
-
-def max_difference(a, b) -> float:
-    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
 def test_forward_from_layer_equals_the_full_forward(tiny):

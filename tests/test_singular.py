@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config, counterfact_dir
+from conftest import compose_config
 
 from editexp.config import ValueHparams
-from editexp.data.counterfact import load_counterfact, select_facts
 from editexp.editing.deltas import restore_weights, snapshot_weights
 from editexp.editing.editor import edit_batch
 from editexp.editing.keys import EditRequest
@@ -60,12 +59,6 @@ def random_edits(loaded, layer: int, n: int, scale: float = 0.3) -> RankOneEdits
     d_v, d_k = loaded.weight(layer).shape
     left = torch.randn(n, d_v, generator=generator)
     return RankOneEdits(layer, left, scale * torch.randn(n, d_k, generator=generator))
-
-
-@pytest.fixture(scope="module")
-def facts():
-    loaded_facts, _ = load_counterfact(compose_config(f"data.dir={counterfact_dir()}").data)
-    return select_facts(loaded_facts, 3, order="seeded", seed=0)
 
 
 def with_written_edit(loaded, edits: RankOneEdits, index: int, run):
@@ -230,7 +223,9 @@ def test_a_prompt_samples_the_same_alone_or_in_any_batch(tiny):
     assert generation_seed(0, 1, 2) != generation_seed(0, 2, 1) != generation_seed(1, 1, 2)
 
 
-def test_generation_batch_size_from_the_config_changes_no_text(tiny, facts, monkeypatch):
+def test_generation_batch_size_from_the_config_changes_no_text(
+    tiny, counterfact_facts, monkeypatch
+):
     """``eval.generation_batch_size`` reaches the sampler and changes only the speed."""
     import editexp.evaluation.counterfact_eval as counterfact_eval
     from editexp.evaluation.evaluator import Evaluator
@@ -243,7 +238,7 @@ def test_generation_batch_size_from_the_config_changes_no_text(tiny, facts, monk
 
     generate_texts = counterfact_eval.generate_texts
     monkeypatch.setattr(counterfact_eval, "generate_texts", spy)
-    chosen = facts[:3]
+    chosen = counterfact_facts[:3]
     results = {}
     for size in (1, 4, 256):
         cfg = compose_config("eval.generation_length=16", f"eval.generation_batch_size={size}")
@@ -260,15 +255,17 @@ def test_generation_batch_size_from_the_config_changes_no_text(tiny, facts, monk
 
 
 @pytest.mark.parametrize("algorithm, lam", [("rome", None), ("memit", 1.0)])
-def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm, lam):
+def test_singular_procedure_equals_one_fact_at_a_time(model64, counterfact_facts, algorithm, lam):
     layer = 1
     covariance = random_covariance(model64.weight(layer).shape[1])
-    requests = [EditRequest(f.case_id, f.prompt, f.subject, f.target_new) for f in facts]
+    requests = [
+        EditRequest(f.case_id, f.prompt, f.subject, f.target_new) for f in counterfact_facts
+    ]
     evaluate = dict(generation_length=20, seed=0, progress=False)
 
     snapshot = snapshot_weights(model64, [layer])
     one_at_a_time, written_deltas = [], []
-    for request, fact in zip(requests, facts):
+    for request, fact in zip(requests, counterfact_facts):
         update = edit_batch(
             model64,
             [request],
@@ -293,8 +290,8 @@ def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm,
     together = evaluate_facts(
         model64.model,
         model64.tokenizer,
-        facts,
-        generation_facts=len(facts),
+        counterfact_facts,
+        generation_facts=len(counterfact_facts),
         edits=RowEdits.for_model(model64, singular.edits),
         **evaluate,
     )
@@ -312,7 +309,7 @@ def test_singular_procedure_equals_one_fact_at_a_time(model64, facts, algorithm,
         assert alone.generation_texts == batched.generation_texts
         assert alone.GE == pytest.approx(batched.GE)
     # negative control: the edits did something
-    unedited = evaluate_facts(model64.model, model64.tokenizer, facts, progress=False)
+    unedited = evaluate_facts(model64.model, model64.tokenizer, counterfact_facts, progress=False)
     assert any(
         abs(a.scores["rewrite"][0][0] - b.scores["rewrite"][0][0]) > 1e-3
         for a, b in zip(unedited, together)
