@@ -167,6 +167,16 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    """A working directory of its own, and a cache beside it."""
+    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))
+    directory = tmp_path / "work"
+    directory.mkdir()
+    monkeypatch.chdir(directory)
+    return directory
+
+
+@pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the runner loads a model (user errors come before it)."""
     import editexp.runner as runner_module

@@ -81,6 +81,12 @@ def editexp(run_dir: Path, *overrides: str) -> Result:
     return cli(runner_module.main, *TINY, f"hydra.run.dir={run_dir}", *overrides)
 
 
+def editexp_here(*overrides: str) -> Result:
+    """``editexp`` on one fact of the tiny run, in the working directory (Hydra's default
+    ``outputs/...`` run directory below it)."""
+    return cli(runner_module.main, *TINY, "n_edits=1", *overrides)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

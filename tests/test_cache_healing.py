@@ -17,8 +17,6 @@ from console_scripts import (
 
 from editexp.cache import load_or_compute
 
-# --------------------------------------------------------------------------- caches heal
-
 
 def test_damaged_pre_edit_and_prefixes_caches_heal(tmp_path, finished, monkeypatch):
     monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))

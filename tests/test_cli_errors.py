@@ -26,8 +26,6 @@ import editexp.runner as runner_module
 import editexp.stats_cli as stats_cli
 from editexp import report
 
-# --------------------------------------------------------------------------- disks and tools
-
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, finished, monkeypatch):
     """torch.save reports a full disk as ``RuntimeError: ... unexpected pos``; the checkpoint

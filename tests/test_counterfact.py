@@ -12,8 +12,6 @@ from omegaconf import OmegaConf
 
 from editexp.data.counterfact import CounterFactError, load_counterfact, parse_records, select_facts
 
-# --------------------------------------------------------------------------- CounterFact
-
 
 def record(case_id=1, **rewrite):
     base = {

@@ -19,8 +19,6 @@ from editexp.evaluation.scoring import (
     score_continuations,
 )
 
-# --- CounterFact evaluation ---------------------------------------------------------------
-
 
 @pytest.fixture(scope="session")
 def evaluated(tiny_llama3, counterfact_facts):

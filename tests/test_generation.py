@@ -12,8 +12,6 @@ from editexp.models import LoadedModel
 from editexp.sampling import sample_continuation_ids
 from editexp.tokens import encode_prompt
 
-# --- generation ---------------------------------------------------------------------------
-
 
 def plain_greedy_continuation(lm: LoadedModel, prompt: str, length: int) -> list[int]:
     ids = encode_prompt(lm.tokenizer, prompt)

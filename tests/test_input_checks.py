@@ -30,8 +30,6 @@ import editexp.runner as runner_module
 from editexp.layer_stats import StatsError, load_or_compute_stats
 from editexp.models import model_shape
 
-# --------------------------------------------------------------------------- user input
-
 
 @pytest.mark.parametrize(
     ("overrides", "says"),

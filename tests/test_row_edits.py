@@ -49,9 +49,6 @@ def with_written_edit(loaded, edits: RankOneEdits, index: int, run):
         restore_weights(loaded, snapshot)
 
 
-# --- per-row application -------------------------------------------------------------------
-
-
 def test_row_edits_score_as_written_weights(tiny):
     edits = random_edits(tiny, 1, 3)
     rows = RowEdits.for_model(tiny, edits)

@@ -9,8 +9,6 @@ from conftest import PROMPTS, compose_config
 
 from editexp.sampling import generation_seed, sample_continuation_ids, top_k_pick
 
-# --- seeded sampling ---------------------------------------------------------------------
-
 
 def test_top_k_pick_is_the_inverse_cdf_of_the_top_k_softmax():
     probabilities = torch.tensor([0.05, 0.5, 0.1, 0.3, 0.05])  # top 3: 1 (.5), 3 (.3), 2 (.1)

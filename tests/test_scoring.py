@@ -38,9 +38,6 @@ def plain_scores(lm: LoadedModel, prompts=PROMPTS, targets=TARGETS) -> list[list
     ]
 
 
-# --- scoring ------------------------------------------------------------------------------
-
-
 def test_test_inputs_cover_padding_and_multi_token_targets(tiny):
     encoded = encode_continuations(tiny.tokenizer, PROMPTS, TARGETS)
     assert len({len(item.prompt_ids) for item in encoded}) == len(PROMPTS)
