@@ -342,7 +342,7 @@ def test_a_point_refused_when_it_starts_fails_only_its_grid_point(tmp_path, laun
     multirun: a SystemExit escapes Hydra's run_job, which stops the basic launcher's sweep, and
     a submitit job then writes no result (the launcher fails, or hangs on a SLURM cluster
     without accounting). Bad configs are refused before any point starts
-    (tests/test_shared_cluster.py)."""
+    (tests/test_sweep_check.py)."""
     launcher_args = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
     refused_num = layers.split(",").index("2")
     lock = tmp_path / "sweep" / str(refused_num) / ".editexp.lock"
