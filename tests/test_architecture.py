@@ -5,6 +5,7 @@ or 8 parameters, and the runner under 300 lines."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "editexp"
@@ -133,4 +134,100 @@ def test_the_size_check_finds_long_and_wide_functions(tmp_path):
     assert oversized_functions(package) == [
         "pkg/sizes.py:long 61 lines, 0 parameters",
         "pkg/sizes.py:wide 2 lines, 9 parameters",
+    ]
+
+
+ROOT = PACKAGE.parent
+ARCHITECTURE_DOC = ROOT / "docs" / "architecture.md"
+DOC_PATH = re.compile(r"^(?:editexp|conf|tests|hydra_plugins|docs)/[\w./-]*$")
+DOTTED_NAME = re.compile(r"^editexp(?:\.\w+)+$")
+CLASS_MEMBER = re.compile(r"^[A-Z]\w*\.\w+$")
+
+
+def defined_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
+    """The names a module or class body defines (functions, classes, assignments, imports)."""
+    names: dict[str, ast.AST] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.Assign):
+            names.update({target.id: node for target in node.targets if hasattr(target, "id")})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update({(alias.asname or alias.name).split(".")[0]: node for alias in node.names})
+    return names
+
+
+def module_file(dotted: str) -> Path | None:
+    path = ROOT.joinpath(*dotted.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``editexp.a.b`` is a module, or a module followed by names defined in it (a
+    class's members included)."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        path = module_file(".".join(parts[:split]))
+        if path is None:
+            continue
+        body: list[ast.stmt] = ast.parse(path.read_text()).body
+        for name in parts[split:]:
+            node = defined_names(body).get(name)
+            if node is None:
+                return False
+            body = node.body if isinstance(node, ast.ClassDef) else []
+        return True
+    return False
+
+
+def classes_in_package() -> dict[str, list[ast.ClassDef]]:
+    classes: dict[str, list[ast.ClassDef]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, []).append(node)
+    return classes
+
+
+def missing_in_doc(text: str) -> list[str]:
+    """The backticked paths, ``editexp.*`` names and ``Class.member`` names of ``text`` that do
+    not exist (placeholders such as ``<name>`` are left alone)."""
+    classes = classes_in_package()
+    missing = []
+    for name in sorted(set(re.findall(r"`([^`\s]+)`", text))):
+        if "<" in name:
+            continue
+        if DOC_PATH.match(name):
+            exists = (ROOT / name).exists()
+        elif DOTTED_NAME.match(name):
+            exists = resolves(name)
+        elif CLASS_MEMBER.match(name):
+            owner, member = name.split(".")
+            exists = any(member in defined_names(node.body) for node in classes.get(owner, []))
+        else:
+            continue
+        if not exists:
+            missing.append(name)
+    return missing
+
+
+def test_every_name_in_the_architecture_doc_exists():
+    assert missing_in_doc(ARCHITECTURE_DOC.read_text()) == []
+
+
+def test_the_doc_check_finds_what_does_not_exist():
+    text = (
+        "`editexp/runner.py` `editexp.runner.edit_all` `Editor.edit` `editexp.editing.<name>`"
+        " `editexp/nonesuch.py` `editexp.runner.nonesuch` `Editor.nonesuch` `Nonesuch.edit`"
+    )
+    assert missing_in_doc(text) == [
+        "Editor.nonesuch",
+        "Nonesuch.edit",
+        "editexp.runner.nonesuch",
+        "editexp/nonesuch.py",
     ]
