@@ -1,7 +1,8 @@
-"""The run directory holds one config and one attempt: a second job on a locked directory fails at
-once, a finished run is skipped or refused by its config, ``force=true`` moves earlier results
-aside, a damaged checkpoint or summary is named, and a killed run resumes bit for bit (tiny
-models; SmolLM2 for one kill -9).
+"""The run directory holds one config and one attempt: a second job on a locked directory fails
+at once, a finished run is skipped or refused by its config (and the report refuses a summary
+that is not its grid point), ``force=true`` moves earlier results aside, a damaged checkpoint
+or summary is named, and a killed run resumes bit for bit (tiny models; SmolLM2 for one
+kill -9).
 
 Each case runs the console script as a user does (in process, through Hydra, with its exit
 status); real subprocesses only where a second process or a kill is the point.
