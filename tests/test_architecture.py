@@ -159,6 +159,17 @@ def defined_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
     return names
 
 
+def exported_lazily(body: list[ast.stmt], name: str) -> ast.AST | None:
+    """The module's ``__all__`` when it lists ``name`` and a module ``__getattr__`` serves
+    it (imported on first use)."""
+    names = defined_names(body)
+    exported = names.get("__all__")
+    if "__getattr__" not in names or not isinstance(exported, ast.Assign):
+        return None
+    listed = ast.literal_eval(exported.value)
+    return exported if name in listed else None
+
+
 def module_file(dotted: str) -> Path | None:
     path = ROOT.joinpath(*dotted.split("."))
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
@@ -177,7 +188,7 @@ def resolves(dotted: str) -> bool:
             continue
         body: list[ast.stmt] = ast.parse(path.read_text()).body
         for name in parts[split:]:
-            node = defined_names(body).get(name)
+            node = defined_names(body).get(name) or exported_lazily(body, name)
             if node is None:
                 return False
             body = node.body if isinstance(node, ast.ClassDef) else []
@@ -231,3 +242,33 @@ def test_the_doc_check_finds_what_does_not_exist():
         "editexp.runner.nonesuch",
         "editexp/nonesuch.py",
     ]
+
+
+def unresolved_imports(root: Path) -> list[str]:
+    """``editexp`` imports anywhere under ``root`` (lazy ones too) that name no module or no
+    name defined in it, as ``path: name``."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            where = path.relative_to(ROOT)
+            found += [f"{where}: {name}" for name in names if not importable(name)]
+    return found
+
+
+def importable(name: str) -> bool:
+    return name.split(".")[0] != "editexp" or resolves(name)
+
+
+def test_every_editexp_import_exists():
+    assert unresolved_imports(PACKAGE) + unresolved_imports(ROOT / "tests") == []
+
+
+def test_the_import_check_finds_a_module_that_does_not_exist():
+    assert importable("editexp.layer_stats.HELD_OUT_STRIDE") and importable("editexp.Editor")
+    assert not importable("editexp.stats.HELD_OUT_STRIDE") and not importable("editexp.Nonesuch")
