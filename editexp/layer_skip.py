@@ -116,10 +116,10 @@ def forward_from_layer(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     cache=None,
-    use_cache: bool = False,
 ):
     """``base(input_ids, attention_mask, position_ids, cache)`` with the layers below ``layer``
-    skipped and ``hidden`` (B, T, d), the states entering ``layers[layer]``, fed there.
+    skipped and ``hidden`` (B, T, d), the states entering ``layers[layer]``, fed there; the
+    pass uses and fills ``cache`` when one is given.
 
     ``attention_mask`` covers the cached past and the new tokens, as for the full pass.
     Returns the base model's output (``last_hidden_state`` after the final norm).
@@ -133,5 +133,5 @@ def forward_from_layer(
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            use_cache=use_cache,
+            use_cache=cache is not None,
         )

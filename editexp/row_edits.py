@@ -12,7 +12,7 @@ so no weight is written or restored per fact. Rows with edit index -1 stay unedi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -87,3 +87,11 @@ class RowEdits:
             raise RuntimeError("RowEdits.select(rows) must give one edit index per batch row")
         coefficients = torch.einsum("btk,bk->bt", inputs, self.right[self.rows])  # w . x
         return output + coefficients.unsqueeze(-1) * self.left[self.rows].unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class PromptEdits:
+    """Which edit of ``edits`` each prompt runs with: ``rows[i]`` for prompt i (-1: none)."""
+
+    edits: RowEdits
+    rows: Sequence[int]

@@ -63,7 +63,7 @@ from editexp.run_records import PreEdit, fact_records, fact_text, run_record
 from editexp.run_state import RunState, claim, fingerprint
 from editexp.run_steps import Steps, scorings_per_fact
 from editexp.timing import PhaseTimer
-from editexp.tracking import WandbIdentity, flat_axes, run_id_for, run_identity, tracking
+from editexp.tracking import RunAxes, WandbIdentity, flat_axes, run_id_for, run_identity, tracking
 
 log = logging.getLogger("editexp")
 
@@ -179,7 +179,7 @@ def tracker_config(
     cfg: DictConfig, settings: RunSettings, experiment: str | None
 ) -> tuple[dict, list[str]]:
     """The tracker's run config (the run's axes flat, the resolved config) and tags."""
-    axes = flat_axes(
+    axes = RunAxes(
         model=settings.model_name,
         algorithm=settings.algorithm,
         layers=settings.layers,
@@ -190,7 +190,7 @@ def tracker_config(
         experiment=experiment,
         eval_schedule=settings.schedule,
     )
-    config = {**axes, "cfg": OmegaConf.to_container(cfg, resolve=True)}
+    config = {**flat_axes(axes), "cfg": OmegaConf.to_container(cfg, resolve=True)}
     return config, [settings.model_name, settings.algorithm]
 
 

@@ -31,7 +31,7 @@ from contextlib import nullcontext
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from editexp.row_edits import RowEdits
+from editexp.row_edits import PromptEdits, RowEdits
 from editexp.tokens import encode_prompt, pad_sequences
 
 # Part of every cache key of sampled text (pre-edit GE, context prefixes): bump it when the
@@ -53,10 +53,10 @@ def sample_continuation_ids(
     top_k: int = 5,
     seed: int | Sequence[int] = 0,
     batch_size: int = 32,
-    edits: RowEdits | None = None,
-    prompt_edits: Sequence[int] | None = None,
+    edits: PromptEdits | None = None,
 ) -> list[list[int]]:
-    """The sampled continuation ids of each prompt: ``length - len(prompt ids)`` of them."""
+    """The sampled continuation ids of each prompt: ``length - len(prompt ids)`` of them;
+    with ``edits``, prompt i runs with edit ``edits.rows[i]``."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; expected a positive number of prompts")
     if top_k < 1:
@@ -67,10 +67,8 @@ def sample_continuation_ids(
         seeds = [int(s) for s in seed]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    if (edits is None) != (prompt_edits is None):
-        raise ValueError("edits and prompt_edits go together: one edit index per prompt")
-    if prompt_edits is not None and len(prompt_edits) != len(prompts):
-        raise ValueError(f"{len(prompt_edits)} prompt_edits for {len(prompts)} prompts")
+    if edits is not None and len(edits.rows) != len(prompts):
+        raise ValueError(f"{len(edits.rows)} prompt edits for {len(prompts)} prompts")
 
     prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     wanted = [max(length - len(ids), 0) for ids in prompt_ids]
@@ -79,7 +77,7 @@ def sample_continuation_ids(
     )
     continuations: list[list[int]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    hook = edits.installed() if edits is not None else nullcontext()
+    hook = edits.edits.installed() if edits is not None else nullcontext()
     with torch.inference_mode(), hook:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -87,9 +85,15 @@ def sample_continuation_ids(
                 torch.rand(wanted[i], generator=torch.Generator().manual_seed(seeds[i]))
                 for i in batch
             ]
-            rows = [prompt_edits[i] for i in batch] if prompt_edits is not None else None
+            rows = [edits.rows[i] for i in batch] if edits is not None else None
             sampled = _sample_batch(
-                model, pad_id, [prompt_ids[i] for i in batch], draws, top_k, edits, rows
+                model,
+                pad_id,
+                [prompt_ids[i] for i in batch],
+                draws,
+                top_k,
+                edits.edits if edits is not None else None,
+                rows,
             )
             for i, ids in zip(batch, sampled):
                 continuations[i] = ids

@@ -126,30 +126,34 @@ def run_id_for(run_dir: Path, fresh: bool = False) -> str:
     return "ee-" + stable_hash(key, 20)
 
 
-def flat_axes(
-    *,
-    model: str,
-    algorithm: str,
-    layers: Sequence[int],
-    batch_size: int,
-    n_edits: int,
-    lam: float | None,
-    mode: str,
-    experiment: str | None,
-    eval_schedule: str,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunAxes:
+    """The sweep axes of one run."""
+
+    model: str
+    algorithm: str
+    layers: Sequence[int]
+    batch_size: int
+    n_edits: int
+    lam: float | None
+    mode: str
+    experiment: str | None
+    eval_schedule: str
+
+
+def flat_axes(axes: RunAxes) -> dict[str, Any]:
     """The sweep axes a run used, as scalars (W&B groups and filters by scalars)."""
-    layers = list(layers)
+    layers = list(axes.layers)
     return {
-        "model": model,
-        "algorithm": algorithm,
+        "model": axes.model,
+        "algorithm": axes.algorithm,
         "layer": layers[0] if len(layers) == 1 else ",".join(str(layer) for layer in layers),
-        "batch_size": batch_size,
-        "n_edits": n_edits,
-        "lambda": lam,
-        "mode": mode,
-        "experiment": experiment or "none",
-        "eval_schedule": eval_schedule,
+        "batch_size": axes.batch_size,
+        "n_edits": axes.n_edits,
+        "lambda": axes.lam,
+        "mode": axes.mode,
+        "experiment": axes.experiment or "none",
+        "eval_schedule": axes.eval_schedule,
     }
 
 

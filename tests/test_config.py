@@ -112,7 +112,10 @@ def test_cli_prints_the_composed_config(model):
 
 
 def test_every_conf_file_parses():
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    for path in Path(CONFIG_DIR).rglob("*.yaml"):
-        OmegaConf.load(path)
+    paths = sorted(Path(CONFIG_DIR).rglob("*.yaml"))
+    assert Path(CONFIG_DIR) / "config.yaml" in paths
+    assert {path.parent.name for path in paths} >= {"model", "algorithm", "experiment"}
+    for path in paths:
+        assert isinstance(OmegaConf.load(path), DictConfig), f"{path} is not a mapping"

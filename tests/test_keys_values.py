@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -20,16 +18,6 @@ REQUESTS = [
 ]
 PREFIXES = ["", "The weather was nice today. ", "I think that. "]
 HPARAMS = ValueHparams(v_lr=0.5, v_steps=6, early_stop_loss=0.0)
-
-
-@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
-def model64(request):
-    """A float64 copy of a tiny model, so that agreements are checked to ~1e-10."""
-    from conftest import cached_model
-
-    loaded = copy.copy(cached_model(request.param))
-    loaded.model = copy.deepcopy(loaded.model).double()
-    return loaded
 
 
 def test_keys_are_module_inputs_at_the_subject_bare_prompt_weighing_one_half(model64):

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cached_model
+from conftest import max_difference
 from transformers import DynamicCache
 
 from editexp.evaluation.scoring import (
     LayerStates,
+    ScoringShortcuts,
     encode_continuations,
     record_layer_states,
     score_continuations,
 )
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
-from editexp.row_edits import RankOneEdits, RowEdits
+from editexp.row_edits import PromptEdits, RankOneEdits, RowEdits
 
 PROMPTS = [
     "The capital of France is",
@@ -30,17 +31,8 @@ TARGETS = [
 ]
 
 
-@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
-def tiny(request):
-    return cached_model(request.param)
-
-
 def layers_of(loaded):
     return loaded.model.get_submodule(loaded.spec.layers_module)
-
-
-def max_difference(a, b) -> float:
-    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
 
 
 def test_forward_from_layer_equals_the_full_forward(tiny):
@@ -65,7 +57,6 @@ def test_forward_from_layer_equals_the_full_forward(tiny):
                 mask[:, :4],
                 positions[:, :4],
                 cache,
-                use_cache=True,
             ).last_hidden_state
             tail = forward_from_layer(
                 base,
@@ -76,7 +67,6 @@ def test_forward_from_layer_equals_the_full_forward(tiny):
                 mask,
                 positions[:, 4:],
                 cache,
-                use_cache=True,
             ).last_hidden_state
             torch.testing.assert_close(torch.cat([head, tail], 1), full, rtol=1e-5, atol=1e-5)
 
@@ -100,13 +90,23 @@ def test_scores_from_stored_states_equal_full_scores(tiny, layer):
     record_layer_states(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, states, batch_size=2)
     assert states.covers(encode_continuations(tiny.tokenizer, PROMPTS, TARGETS))
     started = score_continuations(
-        tiny.model, tiny.tokenizer, PROMPTS, TARGETS, batch_size=3, start_states=states
+        tiny.model,
+        tiny.tokenizer,
+        PROMPTS,
+        TARGETS,
+        batch_size=3,
+        shortcuts=ScoringShortcuts(start_states=states),
     )
     assert max_difference(started, full) < 1e-5
     # states recorded during a full scoring pass serve as well, in another batching
     during = LayerStates.for_model(tiny, layer)
     recorded_scores = score_continuations(
-        tiny.model, tiny.tokenizer, PROMPTS, TARGETS, batch_size=4, record_states=during
+        tiny.model,
+        tiny.tokenizer,
+        PROMPTS,
+        TARGETS,
+        batch_size=4,
+        shortcuts=ScoringShortcuts(record_states=during),
     )
     assert max_difference(recorded_scores, full) < 1e-5
     started = score_continuations(
@@ -115,7 +115,7 @@ def test_scores_from_stored_states_equal_full_scores(tiny, layer):
         PROMPTS[::-1],
         TARGETS[::-1],
         batch_size=1,
-        start_states=during,
+        shortcuts=ScoringShortcuts(start_states=during),
     )
     assert max_difference(started[::-1], full) < 1e-5
 
@@ -132,7 +132,13 @@ def test_layers_below_the_start_never_run(tiny):
         for index in range(len(layers))
     ]
     try:
-        score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, start_states=states)
+        score_continuations(
+            tiny.model,
+            tiny.tokenizer,
+            PROMPTS,
+            TARGETS,
+            shortcuts=ScoringShortcuts(start_states=states),
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -148,7 +154,13 @@ def test_states_of_another_layer_are_caught(tiny):
     states = LayerStates.for_model(tiny, 1)
     record_layer_states(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, states)
     states.layer = 2
-    wrong = score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, start_states=states)
+    wrong = score_continuations(
+        tiny.model,
+        tiny.tokenizer,
+        PROMPTS,
+        TARGETS,
+        shortcuts=ScoringShortcuts(start_states=states),
+    )
     assert max_difference(wrong, full) > 1e-3
 
 
@@ -157,19 +169,17 @@ def test_missing_states_and_edits_below_the_start_are_refused(tiny):
     record_layer_states(tiny.model, tiny.tokenizer, PROMPTS[:2], TARGETS[:2], states)
     assert not states.covers(encode_continuations(tiny.tokenizer, PROMPTS, TARGETS))
     with pytest.raises(KeyError, match="record them first"):
-        score_continuations(tiny.model, tiny.tokenizer, PROMPTS, TARGETS, start_states=states)
-    d_v, d_k = tiny.weight(1).shape
-    rows = RowEdits.for_model(tiny, RankOneEdits(1, torch.zeros(1, d_v), torch.zeros(1, d_k)))
-    with pytest.raises(ValueError, match="skip the edit"):
         score_continuations(
             tiny.model,
             tiny.tokenizer,
-            PROMPTS[:2],
-            TARGETS[:2],
-            edits=rows,
-            prompt_edits=[0, 0],
-            start_states=states,
+            PROMPTS,
+            TARGETS,
+            shortcuts=ScoringShortcuts(start_states=states),
         )
+    d_v, d_k = tiny.weight(1).shape
+    rows = RowEdits.for_model(tiny, RankOneEdits(1, torch.zeros(1, d_v), torch.zeros(1, d_k)))
+    with pytest.raises(ValueError, match="skip the edit"):
+        ScoringShortcuts(edits=PromptEdits(rows, [0, 0]), start_states=states)
 
 
 def test_row_edits_from_stored_states_equal_written_weights(tiny):
@@ -189,9 +199,9 @@ def test_row_edits_from_stored_states_equal_written_weights(tiny):
         tiny.tokenizer,
         PROMPTS,
         TARGETS,
-        edits=RowEdits.for_model(tiny, edits),
-        prompt_edits=prompt_edits,
-        start_states=states,
+        shortcuts=ScoringShortcuts(
+            edits=PromptEdits(RowEdits.for_model(tiny, edits), prompt_edits), start_states=states
+        ),
     )
     weight = tiny.weight(layer)
     for prompt, targets, index, scores in zip(PROMPTS, TARGETS, prompt_edits, started):

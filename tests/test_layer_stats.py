@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import editexp.layer_stats as stats_module
 import editexp.stats_cli as stats_cli
-from editexp.config import CONFIG_DIR
 from editexp.data.corpus import (
     CorpusError,
     CorpusSource,
@@ -38,11 +37,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("EDITEXP_DATA_DIR", str(PROJECT.parent / "shared" / "data"))
 SEQ_LEN = 64
 N_TOKENS = 1000
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def stats_config(**overrides) -> DictConfig:
@@ -98,17 +92,6 @@ def plain_second_moment(keys: torch.Tensor) -> torch.Tensor:
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
     scale = float(expected.abs().max())
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * scale)
-
-
-@pytest.fixture(params=["tiny-llama3", "tiny-gpt2"])
-def tiny(request, tiny_llama3, tiny_gpt2):
-    return {"tiny-llama3": tiny_llama3, "tiny-gpt2": tiny_gpt2}[request.param]
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 # --- C0 itself --------------------------------------------------------------------------------

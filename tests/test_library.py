@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PROJECT, cached_model
+from conftest import EXAMPLE_FACTS, FAST_EDITING, PROJECT, cached_model
 
 import editexp
 from editexp import Editor, Evaluator
@@ -21,26 +21,6 @@ from editexp.editing.editor import BatchEdit, edit_batch
 from editexp.editing.linalg import EditingError
 from editexp.editing.plan import UpdatePlan
 from editexp.models import ModelConfigError, load_model, wrap_model
-
-FAST = {
-    "stats.n_tokens": 3000,
-    "stats.seq_len": 64,
-    "eval.held_out_keys": 32,
-    "editing.prefixes.count": 2,
-    "editing.prefixes.length": 5,
-}
-FACTS = [
-    {
-        "prompt": "{} was invented in the city of",
-        "subject": "The Velloran harp",
-        "target_new": "Lisbon",
-    },
-    {
-        "prompt": "The mother tongue of {} is",
-        "subject": "Danielle Darrieux",
-        "target_new": "English",
-    },
-]
 
 
 def fresh(name: str):
@@ -95,8 +75,8 @@ def test_wrap_model_finds_module_paths_from_conf_model():
 def test_editor_update_revert_save_apply(name, tmp_path):
     loaded = fresh(name)
     original = loaded.weight(1).detach().clone()
-    editor = Editor.from_pretrained(loaded, algorithm="memit", layer=1, **FAST)
-    update = editor.edit(FACTS)
+    editor = Editor.from_pretrained(loaded, algorithm="memit", layer=1, **FAST_EDITING)
+    update = editor.edit(EXAMPLE_FACTS)
     assert update.case_ids == [0, 1] and set(update.deltas) == {1}
     assert update.delta_norm == pytest.approx(float(update.deltas[1].norm()))
     assert update.delta_norm > 0
@@ -110,7 +90,7 @@ def test_editor_update_revert_save_apply(name, tmp_path):
     editor.apply(path)
     torch.testing.assert_close(loaded.weight(1), edited, rtol=0, atol=1e-6)
     with pytest.raises(EditingError, match="revertible=False"):
-        editor.edit(FACTS[:1], revertible=False).revert()
+        editor.edit(EXAMPLE_FACTS[:1], revertible=False).revert()
 
 
 def test_editor_computes_what_edit_batch_computes(tmp_path, monkeypatch):
@@ -119,13 +99,13 @@ def test_editor_computes_what_edit_batch_computes(tmp_path, monkeypatch):
     differ from edit_batch's in the last float32 bits.)"""
     monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))
     loaded = fresh("tiny-llama3")
-    editor = Editor.from_pretrained(loaded, algorithm="emmet", lam=0.01, **FAST)
+    editor = Editor.from_pretrained(loaded, algorithm="emmet", lam=0.01, **FAST_EDITING)
     snapshot = loaded.weight(1).detach().clone()
-    update = editor.edit(FACTS)
+    update = editor.edit(EXAMPLE_FACTS)
     update.revert()
     direct: BatchEdit = edit_batch(
         loaded,
-        [editexp.editing.editor.as_request(fact, i) for i, fact in enumerate(FACTS)],
+        [editexp.editing.editor.as_request(fact, i) for i, fact in enumerate(EXAMPLE_FACTS)],
         UpdatePlan("emmet", [1], 0.01, editor.hparams, progress=False),
         editor.covariances,
         editor.prefixes,
@@ -136,13 +116,15 @@ def test_editor_computes_what_edit_batch_computes(tmp_path, monkeypatch):
 
 def test_editor_from_a_loaded_transformers_model():
     loaded = fresh("tiny-llama3")
-    editor = Editor.from_pretrained(loaded.model, loaded.tokenizer, algorithm="rome", **FAST)
+    editor = Editor.from_pretrained(
+        loaded.model, loaded.tokenizer, algorithm="rome", **FAST_EDITING
+    )
     assert editor.settings.algorithm == "rome" and editor.settings.layers == (1,)
     with pytest.raises(EditingError, match="ROME edits one fact per update"):
-        editor.edit(FACTS)
+        editor.edit(EXAMPLE_FACTS)
     with pytest.raises(EditingError, match="'target_new'"):
         editor.edit({"prompt": "{} is", "subject": "x"})
-    editor.edit(FACTS[0]).revert()
+    editor.edit(EXAMPLE_FACTS[0]).revert()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +169,7 @@ def test_readme_from_python_example_runs(tmp_path, monkeypatch):
 
 def test_example_edits_one_fact_and_reverts():
     example = runpy.run_path(str(PROJECT / "examples" / "edit_one_fact.py"))
-    result = example["main"]("tiny-llama3", **FAST)
+    result = example["main"]("tiny-llama3", **FAST_EDITING)
     before, after, reverted = result["before"], result["after"], result["reverted"]
     assert after["comparison"].score_a < before["comparison"].score_a  # Lisbon became likelier
     assert reverted == before
@@ -196,12 +178,12 @@ def test_example_edits_one_fact_and_reverts():
 def test_editor_keeps_earlier_keys_and_revert_takes_them_back():
     loaded = fresh("tiny-llama3")
     keep = {"mode": "sequential", "batch_size": 1, "n_edits": 2, "sequential.keep_edits": True}
-    editor = Editor.from_pretrained(loaded, algorithm="memit", **keep, **FAST)
+    editor = Editor.from_pretrained(loaded, algorithm="memit", **keep, **FAST_EDITING)
     past = editor.past_keys[1]
-    first = editor.edit(FACTS[0])
+    first = editor.edit(EXAMPLE_FACTS[0])
     gram = past.gram.clone()
     assert past.count == 1 and float(gram.norm()) > 0
-    second = editor.edit(FACTS[1])
+    second = editor.edit(EXAMPLE_FACTS[1])
     assert past.count == 2
     second.revert()
     assert past.count == 1

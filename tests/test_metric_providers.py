@@ -61,7 +61,7 @@ def test_fact_scores_keep_provider_values_through_json() -> None:
 
 
 def test_held_out_text_starts_after_c0_and_the_held_out_keys() -> None:
-    from editexp.stats import HELD_OUT_STRIDE
+    from editexp.layer_stats import HELD_OUT_STRIDE
 
     for stats_tokens, seq_len, keys in [(3000, 64, 32), (100_000, 256, 256), (5, 2, 0)]:
         for text_len in (seq_len - 1, seq_len):  # with a BOS per window, without

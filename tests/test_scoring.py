@@ -1,84 +1,34 @@
-"""Batched scoring, generation and CounterFact evaluation against the plain computations.
+"""Batched scoring against the plain computation.
 
-Scores: the batched path (shared-prompt KV cache, right padding, logits only at target
-positions) must equal one full forward per (prompt, target) on a Llama-3-style model (BOS,
-rotary positions) and a GPT-2-style model (no BOS, absolute positions). In float64 the two
-agree to ~1e-10, so the float32 differences are rounding only.
+The batched path (shared-prompt KV cache, right padding, logits only at target positions) must
+equal one full forward per (prompt, target) on a Llama-3-style model (BOS, rotary positions) and
+a GPT-2-style model (no BOS, absolute positions). In float64 the two agree to ~1e-10, so the
+float32 differences are rounding only.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
+from conftest import PROMPTS, TARGETS, cached_model, max_difference
 
-from editexp.data.counterfact import load_counterfact, select_facts
-from editexp.evaluation.counterfact_eval import (
-    FactScores,
-    evaluate_facts,
-    fact_prompts,
-)
-from editexp.evaluation.generation import generate_texts
-from editexp.evaluation.metrics import FAMILIES, aggregate
 from editexp.evaluation.scoring import (
     encode_continuations,
     length_batches,
     score_continuation_unbatched,
     score_continuations,
 )
-from editexp.models import LoadedModel, load_model
-from editexp.sampling import sample_continuation_ids
-from editexp.tokens import encode_prompt
+from editexp.models import LoadedModel
 
 LLAMA3_BOS = 128000
 TINY_MODELS = ["tiny-llama3", "tiny-gpt2"]
 
-PROMPTS = [
-    "The capital of France is",
-    "Hi",
-    "Autonomous University of Madrid, which is located in",
-    "and Sallie Beavers Riley. Autonomous University of Madrid is located in",
-    "Danielle Darrieux's mother tongue is",
-]
-TARGETS = [
-    ["Paris", "Berlin"],
-    ["there", "Xylophone orchestra of the north"],
-    ["Sweden", "Spain"],
-    ["the Kingdom of Sweden", "Spain"],
-    ["English", "French", "Old Church Slavonic"],  # three targets: any number is allowed
-]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=[*overrides, "~logger"])
-
 
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, LoadedModel]:
-    return {
-        name: load_model(compose_config([f"model={name}"]).model, "cpu") for name in TINY_MODELS
-    }
-
-
-@pytest.fixture(params=TINY_MODELS)
-def tiny(request, tiny_models) -> LoadedModel:
-    return tiny_models[request.param]
-
-
-@pytest.fixture(scope="session")
-def counterfact_facts():
-    data_dir = os.environ["EDITEXP_DATA_DIR"]  # conftest defaults it to ../shared/data
-    if not os.path.isfile(os.path.join(data_dir, "counterfact", "counterfact.json")):
-        pytest.skip(f"no CounterFact file under {data_dir}")
-    cfg = compose_config([f"data.dir={data_dir}"])
-    facts, _ = load_counterfact(cfg.data)
-    return select_facts(facts, 3, order="seeded", seed=0)
+    return {name: cached_model(name) for name in TINY_MODELS}
 
 
 def plain_scores(lm: LoadedModel, prompts=PROMPTS, targets=TARGETS) -> list[list[float]]:
@@ -86,14 +36,6 @@ def plain_scores(lm: LoadedModel, prompts=PROMPTS, targets=TARGETS) -> list[list
         [score_continuation_unbatched(lm.model, lm.tokenizer, prompt, target) for target in ts]
         for prompt, ts in zip(prompts, targets)
     ]
-
-
-def max_difference(a: list[list[float]], b: list[list[float]]) -> float:
-    assert [len(row) for row in a] == [len(row) for row in b]
-    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
-
-
-# --- scoring ------------------------------------------------------------------------------
 
 
 def test_test_inputs_cover_padding_and_multi_token_targets(tiny):
@@ -177,107 +119,3 @@ def test_prompt_without_targets_and_mismatched_lengths(tiny):
     assert scores[0] == [] and len(scores[1]) == 1
     with pytest.raises(ValueError, match="target lists"):
         score_continuations(tiny.model, tiny.tokenizer, ["a"], [["b"], ["c"]])
-
-
-# --- generation ---------------------------------------------------------------------------
-
-
-def plain_greedy_continuation(lm: LoadedModel, prompt: str, length: int) -> list[int]:
-    ids = encode_prompt(lm.tokenizer, prompt)
-    start = len(ids)
-    with torch.inference_mode():
-        while len(ids) < length:
-            logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[start:]
-
-
-def test_generation_is_seeded_and_leaves_the_global_rng_alone(tiny):
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    first = generate_texts(tiny.model, tiny.tokenizer, PROMPTS, length=20, seed=7, batch_size=2)
-    assert torch.equal(torch.get_rng_state(), before)
-    again = generate_texts(tiny.model, tiny.tokenizer, PROMPTS, length=20, seed=7, batch_size=2)
-    other = generate_texts(tiny.model, tiny.tokenizer, PROMPTS, length=20, seed=8, batch_size=2)
-    assert first == again
-    assert first != other
-
-
-def test_generation_length_counts_the_prompt(tiny):
-    length = 24
-    continuations = sample_continuation_ids(tiny.model, tiny.tokenizer, PROMPTS, length)
-    for prompt, ids in zip(PROMPTS, continuations):
-        assert len(encode_prompt(tiny.tokenizer, prompt)) + len(ids) == length
-    long_prompt = " ".join(["word"] * 40)
-    assert sample_continuation_ids(tiny.model, tiny.tokenizer, [long_prompt], length) == [[]]
-
-
-def test_greedy_generation_equals_plain_loop_without_the_prompt(tiny):
-    """top_k=1 is greedy: left-padded batches must give the unpadded continuation exactly."""
-    length = 16
-    ids = sample_continuation_ids(
-        tiny.model, tiny.tokenizer, PROMPTS, length, top_k=1, batch_size=len(PROMPTS)
-    )
-    assert ids == [plain_greedy_continuation(tiny, prompt, length) for prompt in PROMPTS]
-    texts = generate_texts(tiny.model, tiny.tokenizer, PROMPTS, length, top_k=1)
-    assert texts == [tiny.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-
-
-def test_generation_restores_the_model_generation_config(tiny):
-    saved = tiny.model.generation_config
-    generate_texts(tiny.model, tiny.tokenizer, PROMPTS[:1], length=8)
-    assert tiny.model.generation_config is saved
-
-
-# --- CounterFact evaluation ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def evaluated(tiny_models, counterfact_facts):
-    lm = tiny_models["tiny-llama3"]
-    return evaluate_facts(
-        lm.model,
-        lm.tokenizer,
-        counterfact_facts,
-        batch_size=16,
-        generation_facts=1,
-        generation_length=30,
-        progress=False,
-    )
-
-
-def test_evaluation_structure(evaluated, counterfact_facts):
-    assert [result.case_id for result in evaluated] == [f.case_id for f in counterfact_facts]
-    for result, fact in zip(evaluated, counterfact_facts):
-        assert set(result.scores) == set(FAMILIES)
-        assert len(result.scores["rewrite"]) == 1
-        assert len(result.scores["paraphrase"]) == len(fact.paraphrase_prompts)
-        assert len(result.scores["neighborhood"]) == len(fact.neighborhood_prompts)
-        assert all(len(pair) == 2 for pairs in result.scores.values() for pair in pairs)
-    first, *rest = evaluated
-    assert len(first.generation_texts) == len(counterfact_facts[0].generation_prompts)
-    assert isinstance(first.GE, float) and first.GE > 0
-    assert all(result.generation_texts is None and result.GE is None for result in rest)
-
-
-def test_evaluation_equals_scoring_each_fact_alone(tiny_models, evaluated, counterfact_facts):
-    lm = tiny_models["tiny-llama3"]
-    for result, fact in zip(evaluated, counterfact_facts):
-        for family, prompts in fact_prompts(fact).items():
-            pair_targets = [[fact.target_new, fact.target_true]] * len(prompts)
-            alone = score_continuations(lm.model, lm.tokenizer, prompts, pair_targets)
-            together = [list(pair) for pair in result.scores[family]]
-            assert max_difference(together, alone) < 1e-5
-
-
-def test_fact_rows_are_json_and_metrics_aggregate(evaluated):
-    rows = [json.loads(json.dumps(result.to_json())) for result in evaluated]
-    for row, result in zip(rows, evaluated):
-        assert row["case_id"] == result.case_id
-        assert {"ES", "PS", "NS", "ES_magnitude", "PS_magnitude", "NS_magnitude"} <= set(row)
-        assert row["scores"]["rewrite"] == [list(result.scores["rewrite"][0])]
-        assert ("GE" in row) == (result.GE is not None)
-    summary = aggregate([result.metrics() for result in evaluated])
-    assert [FactScores.from_json(row) for row in rows] == evaluated
-    assert summary["ES"]["n"] == len(evaluated) and summary["GE"]["n"] == 1
-    assert "S" in summary

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import cached_model
+from conftest import EXAMPLE_FACTS, FAST_EDITING, cached_model
 from hydra.core.config_store import ConfigStore
 
 from editexp import Editor
@@ -36,25 +36,6 @@ TOY = Algorithm(
     solver=ridge_delta,
     defaults={"lambda": 1e-3, **VALUE_DEFAULTS, "v_steps": 3},
 )
-FAST = {
-    "stats.n_tokens": 3000,
-    "stats.seq_len": 64,
-    "eval.held_out_keys": 32,
-    "editing.prefixes.count": 2,
-    "editing.prefixes.length": 5,
-}
-FACTS = [
-    {
-        "prompt": "{} was invented in the city of",
-        "subject": "The Velloran harp",
-        "target_new": "Lisbon",
-    },
-    {
-        "prompt": "The mother tongue of {} is",
-        "subject": "Danielle Darrieux",
-        "target_new": "English",
-    },
-]
 
 
 @pytest.fixture
@@ -77,10 +58,10 @@ def fresh_tiny():
 def test_a_registered_algorithm_edits_through_the_editor(toy):
     loaded = fresh_tiny()
     original = loaded.weight(1).detach().clone()
-    editor = Editor.from_pretrained(loaded, algorithm=toy.name, layer=1, **FAST)
+    editor = Editor.from_pretrained(loaded, algorithm=toy.name, layer=1, **FAST_EDITING)
     # no model YAML names the toy: its defaults come from the record
     assert editor.settings.lam == 1e-3 and editor.settings.hparams.v_steps == 3
-    update = editor.edit(FACTS)
+    update = editor.edit(EXAMPLE_FACTS)
     assert len(SOLVED) == 1 and SOLVED[0].shape == original.shape
     torch.testing.assert_close(update.deltas[1], SOLVED[0].float(), rtol=0, atol=0)
     torch.testing.assert_close(loaded.weight(1), original + update.deltas[1], rtol=1e-6, atol=1e-6)
@@ -90,8 +71,10 @@ def test_a_registered_algorithm_edits_through_the_editor(toy):
 
 def test_a_registered_algorithm_runs_in_singular_mode(toy):
     loaded = fresh_tiny()
-    editor = Editor.from_pretrained(loaded, algorithm=toy.name, layer=1, mode="singular", **FAST)
-    singular = editor.edit_singular(FACTS)
+    editor = Editor.from_pretrained(
+        loaded, algorithm=toy.name, layer=1, mode="singular", **FAST_EDITING
+    )
+    singular = editor.edit_singular(EXAMPLE_FACTS)
     assert len(SOLVED) == 2  # not rank_one: each fact solved alone, then factored as r w^T
     for index, delta in enumerate(SOLVED):
         torch.testing.assert_close(

@@ -16,6 +16,7 @@ from wandb_offline import read_run, read_runs
 
 from editexp.tracking import (
     NullTracker,
+    RunAxes,
     WandbIdentity,
     fact_table_data,
     flat_axes,
@@ -202,7 +203,7 @@ def test_run_identity() -> None:
 def test_flat_axes_are_scalars() -> None:
     common = dict(batch_size=64, n_edits=64, mode="batch", eval_schedule="each_batch")
     one = flat_axes(
-        model="m", algorithm="memit", layers=(1,), lam=15000.0, experiment=None, **common
+        RunAxes(model="m", algorithm="memit", layers=(1,), lam=15000.0, experiment=None, **common)
     )
     assert one == {
         "model": "m",
@@ -216,7 +217,7 @@ def test_flat_axes_are_scalars() -> None:
         "eval_schedule": "each_batch",
     }
     many = flat_axes(
-        model="m", algorithm="memit", layers=(4, 5, 6), lam=1.0, experiment="x", **common
+        RunAxes(model="m", algorithm="memit", layers=(4, 5, 6), lam=1.0, experiment="x", **common)
     )
     assert (many["layer"], many["experiment"]) == ("4,5,6", "x")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cached_model
 
 from editexp.config import ValueHparams
 from editexp.editing.keys import EditRequest, compute_keys
@@ -27,6 +26,8 @@ from editexp.editing.value_cache import (
 )
 from editexp.editing.values import compute_values
 
+pytestmark = pytest.mark.usefixtures("cache_dir")  # every test with a cache of its own
+
 REQUESTS = [
     EditRequest(1, "The mother tongue of {} is", "Danielle Darrieux", "English"),
     EditRequest(2, "{}, which is located in", "Eiffel Tower", "Rome, Italy"),
@@ -35,17 +36,6 @@ REQUESTS = [
 PREFIXES = ["", "The weather was nice today. "]
 HPARAMS = ValueHparams(v_lr=0.5, v_steps=4)
 LAYER = 1
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
-def tiny():
-    return cached_model("tiny-llama3")
 
 
 class Counting:
@@ -69,33 +59,35 @@ def values_via_cache(loaded, requests, compute, prefixes=PREFIXES, layer=LAYER, 
     return values, counts
 
 
-def test_cached_values_equal_computed_values_and_are_computed_once(tiny):
-    direct = compute_values(tiny, REQUESTS, PREFIXES, LAYER, HPARAMS, batch_size=2, progress=False)
-    compute = Counting(tiny)
-    first, counts = values_via_cache(tiny, REQUESTS, compute)
+def test_cached_values_equal_computed_values_and_are_computed_once(tiny_llama3):
+    direct = compute_values(
+        tiny_llama3, REQUESTS, PREFIXES, LAYER, HPARAMS, batch_size=2, progress=False
+    )
+    compute = Counting(tiny_llama3)
+    first, counts = values_via_cache(tiny_llama3, REQUESTS, compute)
     assert (counts.computed, counts.read) == (3, 0) and sorted(compute.asked) == [1, 2, 3]
     for name in ("deltas", "outputs", "losses", "steps"):
         torch.testing.assert_close(getattr(first, name), getattr(direct, name))
-    second, counts = values_via_cache(tiny, REQUESTS, compute)
+    second, counts = values_via_cache(tiny_llama3, REQUESTS, compute)
     assert (counts.computed, counts.read) == (0, 3) and len(compute.asked) == 3
     for name in ("deltas", "outputs", "losses", "steps"):
         assert torch.equal(getattr(second, name), getattr(first, name))
 
 
-def test_a_larger_batch_computes_only_the_new_facts(tiny):
-    compute = Counting(tiny)
-    values_via_cache(tiny, REQUESTS[:2], compute)
-    values, counts = values_via_cache(tiny, [REQUESTS[2], REQUESTS[0], REQUESTS[0]], compute)
+def test_a_larger_batch_computes_only_the_new_facts(tiny_llama3):
+    compute = Counting(tiny_llama3)
+    values_via_cache(tiny_llama3, REQUESTS[:2], compute)
+    values, counts = values_via_cache(tiny_llama3, [REQUESTS[2], REQUESTS[0], REQUESTS[0]], compute)
     assert compute.asked == [1, 2, 3]
     assert (counts.computed, counts.read) == (1, 2)
     assert torch.equal(values.deltas[1], values.deltas[2])
 
 
 @pytest.mark.parametrize("change", ["hparams", "layer", "prefixes", "target", "model", "code"])
-def test_everything_that_changes_the_values_changes_the_key(tiny, change, monkeypatch):
-    compute = Counting(tiny)
-    values_via_cache(tiny, REQUESTS[:1], compute)
-    loaded, requests, kwargs = tiny, REQUESTS[:1], {}
+def test_everything_that_changes_the_values_changes_the_key(tiny_llama3, change, monkeypatch):
+    compute = Counting(tiny_llama3)
+    values_via_cache(tiny_llama3, REQUESTS[:1], compute)
+    loaded, requests, kwargs = tiny_llama3, REQUESTS[:1], {}
     if change == "hparams":
         kwargs["hparams"] = dataclasses.replace(HPARAMS, v_lr=0.1)
     elif change == "layer":
@@ -105,33 +97,35 @@ def test_everything_that_changes_the_values_changes_the_key(tiny, change, monkey
     elif change == "target":
         requests = [dataclasses.replace(REQUESTS[0], target_new="German")]
     elif change == "model":
-        loaded = copy.copy(tiny)
-        loaded.identity = tiny.identity + "-other-weights"
+        loaded = copy.copy(tiny_llama3)
+        loaded.identity = tiny_llama3.identity + "-other-weights"
     elif change == "code":
         monkeypatch.setattr("editexp.editing.value_cache._CODE_HASH", ["another-version"])
     other = Counting(loaded, **kwargs)
     _, counts = values_via_cache(loaded, requests, other, **kwargs)
     assert counts.computed == 1 and counts.read == 0
     # and the unchanged setting still reads
-    _, counts = values_via_cache(tiny, REQUESTS[:1], compute)
+    _, counts = values_via_cache(tiny_llama3, REQUESTS[:1], compute)
     assert (counts.computed, counts.read) == (0, 1)
 
 
-def test_settings_are_written_next_to_the_entries(tiny, cache_dir):
-    values_via_cache(tiny, REQUESTS[:1], Counting(tiny))
-    cache = value_cache(tiny, LAYER, PREFIXES, HPARAMS)
-    assert cache.directory.is_relative_to(cache_dir / "values" / tiny.spec.name)
+def test_settings_are_written_next_to_the_entries(tiny_llama3, cache_dir):
+    values_via_cache(tiny_llama3, REQUESTS[:1], Counting(tiny_llama3))
+    cache = value_cache(tiny_llama3, LAYER, PREFIXES, HPARAMS)
+    assert cache.directory.is_relative_to(cache_dir / "values" / tiny_llama3.spec.name)
     assert cache.entry_path(value_fact_key(REQUESTS[0])).is_file()
     settings = (cache.directory / "settings.json").read_text()
-    for part in (tiny.identity, code_hash(), '"v_lr": 0.5', "The weather was nice today."):
+    for part in (tiny_llama3.identity, code_hash(), '"v_lr": 0.5', "The weather was nice today."):
         assert part in settings
 
 
 @pytest.mark.parametrize("damage", ["bytes", "names", "shape", "nan"])
-def test_a_bad_entry_is_recomputed(tiny, damage):
-    compute = Counting(tiny)
-    first, _ = values_via_cache(tiny, REQUESTS[:1], compute)
-    path = value_cache(tiny, LAYER, PREFIXES, HPARAMS).entry_path(value_fact_key(REQUESTS[0]))
+def test_a_bad_entry_is_recomputed(tiny_llama3, damage):
+    compute = Counting(tiny_llama3)
+    first, _ = values_via_cache(tiny_llama3, REQUESTS[:1], compute)
+    path = value_cache(tiny_llama3, LAYER, PREFIXES, HPARAMS).entry_path(
+        value_fact_key(REQUESTS[0])
+    )
     entry = torch.load(path)
     if damage == "bytes":
         path.write_bytes(b"not a torch file")
@@ -141,33 +135,33 @@ def test_a_bad_entry_is_recomputed(tiny, damage):
         torch.save({**entry, "deltas": entry["deltas"][:-1]}, path)
     else:
         torch.save({**entry, "outputs": entry["outputs"] * float("nan")}, path)
-    again, counts = values_via_cache(tiny, REQUESTS[:1], compute)
+    again, counts = values_via_cache(tiny_llama3, REQUESTS[:1], compute)
     assert counts.computed == 1 and torch.equal(again.deltas, first.deltas)
     assert torch.equal(torch.load(path)["outputs"], entry["outputs"])  # healed
 
 
-def test_a_complete_cache_is_read_without_the_lock(tiny):
-    compute = Counting(tiny)
-    values_via_cache(tiny, REQUESTS, compute)
-    directory = value_cache(tiny, LAYER, PREFIXES, HPARAMS).directory
+def test_a_complete_cache_is_read_without_the_lock(tiny_llama3):
+    compute = Counting(tiny_llama3)
+    values_via_cache(tiny_llama3, REQUESTS, compute)
+    directory = value_cache(tiny_llama3, LAYER, PREFIXES, HPARAMS).directory
     lock = Path(f"{directory}.lock")
     lock.unlink()
-    _, counts = values_via_cache(tiny, REQUESTS, compute)
+    _, counts = values_via_cache(tiny_llama3, REQUESTS, compute)
     assert counts.read == 3 and not lock.exists()
 
 
-def test_cached_keys_equal_computed_keys(tiny):
-    direct = compute_keys(tiny, REQUESTS, PREFIXES, [LAYER])[LAYER]
+def test_cached_keys_equal_computed_keys(tiny_llama3):
+    direct = compute_keys(tiny_llama3, REQUESTS, PREFIXES, [LAYER])[LAYER]
 
     def compute(requests):
-        return compute_keys(tiny, requests, PREFIXES, [LAYER])[LAYER]
+        return compute_keys(tiny_llama3, requests, PREFIXES, [LAYER])[LAYER]
 
     counts = CacheCounts()
-    keys = cached_keys(key_cache(tiny, LAYER, PREFIXES), REQUESTS, compute, 2, counts)
+    keys = cached_keys(key_cache(tiny_llama3, LAYER, PREFIXES), REQUESTS, compute, 2, counts)
     torch.testing.assert_close(keys, direct)
     # keys depend on prompt and subject only: another target reads the same key
     other = [dataclasses.replace(REQUESTS[0], case_id=9, target_new="German")]
-    again = cached_keys(key_cache(tiny, LAYER, PREFIXES), other, compute, 2, counts)
+    again = cached_keys(key_cache(tiny_llama3, LAYER, PREFIXES), other, compute, 2, counts)
     assert (counts.computed, counts.read) == (3, 1)
     assert torch.equal(again[:, 0], keys[:, 0])
 

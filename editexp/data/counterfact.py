@@ -316,47 +316,11 @@ def select_facts(
     study's sample). With ``unique_subjects`` a fact whose subject was already chosen is
     skipped; a listed fact is never skipped: one that repeats a subject is refused.
     """
-    if order not in ORDERS:
-        raise CounterFactError(f"data.order={order!r}; expected one of {ORDERS}")
-    if case_ids is not None and order != "case_ids":  # data.case_ids implies order=case_ids
-        if order == "file":
-            raise CounterFactError(
-                "data.case_ids is set but data.order=file; data.case_ids implies "
-                "data.order=case_ids (set it, or leave data.case_ids null)"
-            )
-        log.info("data.case_ids is set: taking the facts in its order (data.order=case_ids)")
-        order = "case_ids"
+    order = _effective_order(order, case_ids)
     if n_edits < 1:
         raise CounterFactError(f"n_edits={n_edits}; expected a positive number of facts")
     if order == "case_ids":
-        if case_ids is None:
-            raise CounterFactError("data.order=case_ids needs data.case_ids (a list or a file)")
-        by_id = {fact.case_id: fact for fact in facts}
-        wanted = _read_case_ids(case_ids)
-        missing = [case_id for case_id in wanted if case_id not in by_id]
-        if missing:
-            raise CounterFactError(f"data.case_ids: not in the data set: {missing[:10]}")
-        candidates = [by_id[case_id] for case_id in wanted[:n_edits]]
-        if unique_subjects:
-            seen: set[str] = set()
-            repeats = []
-            for fact in candidates:
-                if fact.subject in seen:
-                    repeats.append(fact.case_id)
-                seen.add(fact.subject)
-            if repeats:
-                raise CounterFactError(
-                    f"data.case_ids lists facts whose subject an earlier listed fact already has: "
-                    f"case_ids {repeats[:10]}; drop them, or set data.unique_subjects=false to "
-                    "edit them all"
-                )
-        if len(wanted) > n_edits:
-            log.warning(
-                "data.case_ids lists %d facts; n_edits=%d edits the first %d of them",
-                len(wanted),
-                n_edits,
-                n_edits,
-            )
+        candidates = _listed_facts(facts, case_ids, n_edits, unique_subjects)
     elif order == "seeded":
         candidates = list(facts)
         random.Random(seed).shuffle(candidates)
@@ -375,3 +339,54 @@ def select_facts(
         f"n_edits={n_edits} but only {len(chosen)} facts are available "
         f"(order={order}, unique_subjects={unique_subjects}, {len(facts)} records)"
     )
+
+
+def _effective_order(order: str, case_ids: Any) -> str:
+    """``order``, checked; ``data.case_ids`` implies ``case_ids`` over the seeded order."""
+    if order not in ORDERS:
+        raise CounterFactError(f"data.order={order!r}; expected one of {ORDERS}")
+    if case_ids is None or order == "case_ids":
+        return order
+    if order == "file":
+        raise CounterFactError(
+            "data.case_ids is set but data.order=file; data.case_ids implies "
+            "data.order=case_ids (set it, or leave data.case_ids null)"
+        )
+    log.info("data.case_ids is set: taking the facts in its order (data.order=case_ids)")
+    return "case_ids"
+
+
+def _listed_facts(
+    facts: list[Fact], case_ids: Any, n_edits: int, unique_subjects: bool
+) -> list[Fact]:
+    """The first ``n_edits`` facts listed in ``case_ids``, in the listed order; with
+    ``unique_subjects`` one that repeats an earlier listed fact's subject is refused."""
+    if case_ids is None:
+        raise CounterFactError("data.order=case_ids needs data.case_ids (a list or a file)")
+    by_id = {fact.case_id: fact for fact in facts}
+    wanted = _read_case_ids(case_ids)
+    missing = [case_id for case_id in wanted if case_id not in by_id]
+    if missing:
+        raise CounterFactError(f"data.case_ids: not in the data set: {missing[:10]}")
+    candidates = [by_id[case_id] for case_id in wanted[:n_edits]]
+    if unique_subjects:
+        seen: set[str] = set()
+        repeats = []
+        for fact in candidates:
+            if fact.subject in seen:
+                repeats.append(fact.case_id)
+            seen.add(fact.subject)
+        if repeats:
+            raise CounterFactError(
+                f"data.case_ids lists facts whose subject an earlier listed fact already has: "
+                f"case_ids {repeats[:10]}; drop them, or set data.unique_subjects=false to "
+                "edit them all"
+            )
+    if len(wanted) > n_edits:
+        log.warning(
+            "data.case_ids lists %d facts; n_edits=%d edits the first %d of them",
+            len(wanted),
+            n_edits,
+            n_edits,
+        )
+    return candidates

@@ -417,7 +417,6 @@ def _tail_forward(chunk: _Chunk, group: _TailGroup, rows: torch.Tensor) -> torch
         attention_mask=batch.attention_mask[rows, : group.columns.stop],
         position_ids=batch.position_ids[rows, group.columns],
         cache=cache,
-        use_cache=cache is not None,
     ).last_hidden_state
 
 

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editexp.data.counterfact import Fact
 from editexp.evaluation.generation import generate_texts
 from editexp.evaluation.metrics import fact_metrics, generation_entropy
-from editexp.evaluation.scoring import LayerStates, score_continuations
-from editexp.row_edits import RowEdits
+from editexp.evaluation.scoring import LayerStates, ScoringShortcuts, score_continuations
+from editexp.row_edits import PromptEdits, RowEdits
 from editexp.sampling import generation_seed
 
 
@@ -142,30 +142,40 @@ def evaluate_facts(
     if edits is not None and edits.n_edits != len(facts):
         raise ValueError(f"{edits.n_edits} edits for {len(facts)} facts; expected one per fact")
     prompts, targets, slots = scored_prompts(facts)
-    scores = score_continuations(
-        model,
-        tokenizer,
-        prompts,
-        targets,
-        settings.batch_size,
-        settings.progress,
-        edits=edits,
-        prompt_edits=None if edits is None else [index for index, _ in slots],
+    rows = [index for index, _ in slots]
+    shortcuts = ScoringShortcuts(
+        edits=None if edits is None else PromptEdits(edits, rows),
         start_states=start_states,
         record_states=record_states,
+    )
+    scores = score_continuations(
+        model, tokenizer, prompts, targets, settings.batch_size, settings.progress, shortcuts
     )
 
     results = [FactScores(case_id=fact.case_id, scores={}) for fact in facts]
     for (index, family), (score_new, score_true) in zip(slots, scores):
         results[index].scores.setdefault(family, []).append((score_new, score_true))
+    _add_generations(model, tokenizer, facts, settings, edits, results)
+    return results
 
+
+def _add_generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    facts: Sequence[Fact],
+    settings: EvalSettings,
+    edits: RowEdits | None,
+    results: list[FactScores],
+) -> None:
+    """Sample the generation prompts of the first ``settings.generation_facts`` facts (fact i
+    with edit i) and set their texts and GE in ``results``."""
     generated = [
         (index, fact)
         for index, fact in enumerate(facts[: settings.generation_facts])
         if fact.generation_prompts
     ]
     if not generated:
-        return results
+        return
     generation_prompts, seeds, prompt_edits = [], [], []
     for index, fact in generated:
         for position, prompt in enumerate(fact.generation_prompts):
@@ -179,8 +189,7 @@ def evaluate_facts(
         settings.generation_length,
         seed=seeds,
         batch_size=settings.generation_batch_size,
-        edits=edits,
-        prompt_edits=None if edits is None else prompt_edits,
+        edits=None if edits is None else PromptEdits(edits, prompt_edits),
     )
     start = 0
     for index, fact in generated:
@@ -188,4 +197,3 @@ def evaluate_facts(
         start += len(fact_texts)
         results[index].generation_texts = fact_texts
         results[index].GE = float(np.mean([generation_entropy(text) for text in fact_texts]))
-    return results

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editexp.row_edits import RowEdits
+from editexp.row_edits import PromptEdits
 from editexp.sampling import sample_continuation_ids
 
 
@@ -19,8 +19,7 @@ def generate_texts(
     top_k: int = 5,
     seed: int | Sequence[int] = 0,
     batch_size: int = 32,
-    edits: RowEdits | None = None,
-    prompt_edits: Sequence[int] | None = None,
+    edits: PromptEdits | None = None,
 ) -> list[str]:
     """The sampled continuation of each prompt as text (prompt not included).
 
@@ -28,6 +27,6 @@ def generate_texts(
     ``generation_seed(s, -1, i)``.
     """
     continuations = sample_continuation_ids(
-        model, tokenizer, prompts, length, top_k, seed, batch_size, edits, prompt_edits
+        model, tokenizer, prompts, length, top_k, seed, batch_size, edits
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in continuations]

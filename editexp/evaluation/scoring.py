@@ -20,7 +20,7 @@ How a batch of prompts is scored without wasted work (see :func:`score_continuat
 
 Two shortcuts serve post-edit scoring (each optional, each tested against the plain path):
 
-- ``edits`` (:class:`~editexp.row_edits.RowEdits`) with ``prompt_edits``: every prompt's
+- ``edits`` (:class:`~editexp.row_edits.PromptEdits`): every prompt's
   rows carry their own fact's rank-one update at the edited layer, so the prompts of many
   singular edits are scored in one batched pass without writing weights;
 - ``start_states`` (:class:`LayerStates`): the passes start at layer L's input from hidden
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
-from editexp.row_edits import RowEdits
+from editexp.row_edits import PromptEdits, RowEdits
 from editexp.tokens import encode_prompt, encode_target, pad_sequences
 
 
@@ -140,6 +140,25 @@ class _Shortcuts:
     stop: bool = False  # with record: stop at the layer (no scores)
 
 
+@dataclass(frozen=True)
+class ScoringShortcuts:
+    """The shortcuts of the module docstring for one scoring call: every prompt's row edit,
+    and layer states to start from or to record during the pass (not both)."""
+
+    edits: PromptEdits | None = None
+    start_states: LayerStates | None = None
+    record_states: LayerStates | None = None
+
+    def __post_init__(self) -> None:
+        start, edits = self.start_states, self.edits
+        if start is not None and self.record_states is not None:
+            raise ValueError("start_states and record_states exclude each other")
+        if start is not None and edits is not None and edits.edits.layer < start.layer:
+            raise ValueError(
+                f"states entering layer {start.layer} skip the edit at layer {edits.edits.layer}"
+            )
+
+
 def score_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -147,33 +166,26 @@ def score_continuations(
     targets: Sequence[Sequence[str]],
     batch_size: int = 64,
     progress: bool = False,
-    *,
-    edits: RowEdits | None = None,
-    prompt_edits: Sequence[int] | None = None,
-    start_states: LayerStates | None = None,
-    record_states: LayerStates | None = None,
+    shortcuts: ScoringShortcuts | None = None,
 ) -> list[list[float]]:
     """Mean NLL of each target of each prompt, ``result[i][j]`` for ``targets[i][j]``.
 
     ``batch_size`` counts prompts (each with all its targets); see :func:`length_batches` for
-    how prompts are grouped. Results come back in the input order. ``edits`` with
-    ``prompt_edits`` (the edit index of each prompt, -1 for none) and ``start_states`` /
-    ``record_states`` are the shortcuts of the module docstring.
+    how prompts are grouped. Results come back in the input order. ``shortcuts``: row edits
+    (prompt i with edit ``rows[i]``, -1 for none) and stored layer states, as in the module
+    docstring.
     """
-    if (edits is None) != (prompt_edits is None):
-        raise ValueError("edits and prompt_edits go together: one edit index per prompt")
-    if prompt_edits is not None and len(prompt_edits) != len(prompts):
-        raise ValueError(f"{len(prompt_edits)} prompt_edits for {len(prompts)} prompts")
-    if start_states is not None and record_states is not None:
-        raise ValueError("start_states and record_states exclude each other")
-    if start_states is not None and edits is not None and edits.layer < start_states.layer:
-        raise ValueError(
-            f"states entering layer {start_states.layer} skip the edit at layer {edits.layer}"
-        )
-    shortcuts = _Shortcuts(edits=edits, start=start_states, record=record_states)
-    return _score_all(
-        model, tokenizer, prompts, targets, batch_size, progress, shortcuts, prompt_edits
+    shortcuts = shortcuts or ScoringShortcuts()
+    edits = shortcuts.edits
+    if edits is not None and len(edits.rows) != len(prompts):
+        raise ValueError(f"{len(edits.rows)} prompt edits for {len(prompts)} prompts")
+    passes = _Shortcuts(
+        edits=None if edits is None else edits.edits,
+        start=shortcuts.start_states,
+        record=shortcuts.record_states,
     )
+    rows = None if edits is None else edits.rows
+    return _score_all(model, tokenizer, prompts, targets, batch_size, progress, passes, rows)
 
 
 def record_layer_states(
@@ -391,7 +403,6 @@ def _forward(
             step.attention_mask,
             step.position_ids,
             cache,
-            use_cache=True,
         )
         return out.last_hidden_state
     inputs = dict(

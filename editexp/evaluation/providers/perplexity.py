@@ -4,7 +4,7 @@ along a sequential run).
 
 The text is the statistics corpus (``stats.corpus``, e.g. WikiText-2 test for SmolLM2) *after*
 what the run's layer statistics read: C0's ``stats.n_tokens`` tokens, then the held-out keys'
-``eval.held_out_keys`` x ``editexp.stats.HELD_OUT_STRIDE`` tokens (see
+``eval.held_out_keys`` x ``editexp.layer_stats.HELD_OUT_STRIDE`` tokens (see
 :func:`first_window`). No token of it entered C0. ``eval.perplexity.n_tokens`` tokens (the
 budget, BOS included) are cut into ``stats.seq_len`` windows as the statistics cut theirs;
 PPL = exp of the mean negative log-likelihood of every token after a window's first, over all
@@ -69,7 +69,7 @@ def first_window(stats_tokens: int, seq_len: int, held_out_keys: int) -> int:
     C0 reads windows ``0 .. ceil(stats_tokens / seq_len) - 1``; the held-out keys read
     ``held_out_keys * HELD_OUT_STRIDE`` ids from there, at most one window more than that
     many ids fill when every window starts with a BOS."""
-    from editexp.stats import HELD_OUT_STRIDE
+    from editexp.layer_stats import HELD_OUT_STRIDE
 
     c0_windows = math.ceil(stats_tokens / seq_len)
     key_windows = math.ceil(held_out_keys * HELD_OUT_STRIDE / max(seq_len - 1, 1)) + 1

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR, PROJECT, TINY_RUN
+from console_scripts import (
+    TWO_UPDATES,
+    job_dirs,
+    multirun,
+    read_jsonl,
+    run_command,
+    sweep_environment,
+    tail,
+)
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -30,11 +37,8 @@ import editexp  # noqa: F401  (registers the resolvers the presets use)
 from editexp.report import collect, grid_status
 
 LOCAL_SLURM = PROJECT / "launchers" / "local-slurm"
-EDITEXP = shutil.which("editexp", path=str(Path(sys.executable).parent)) or "editexp"
 REPORT = shutil.which("editexp-report", path=str(Path(sys.executable).parent)) or "editexp-report"
 
-# Two updates per grid point, so the W&B history has a curve.
-TWO_UPDATES = ["mode=sequential", "n_edits=2", "batch_size=1"]
 SLURM_LAUNCHER = [
     "hydra/launcher=slurm",
     "hydra.launcher.partition=debug",
@@ -70,10 +74,6 @@ def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
-def _tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A usable SLURM cluster: the running one, or launchers/local-slurm started (and stopped)."""
@@ -85,12 +85,12 @@ def slurm_cluster():
         result = subprocess.run(["bash", str(start)], capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as error:
         output = _text(error.stdout) + _text(error.stderr)
-        pytest.skip(f"no SLURM cluster: {start} did not finish in 900 s:\n{_tail(output)}")
+        pytest.skip(f"no SLURM cluster: {start} did not finish in 900 s:\n{tail(output)}")
     output = result.stdout + result.stderr
     if result.returncode != 0:
         pytest.skip(
             f"no SLURM cluster: sinfo does not answer and {start} failed "
-            f"(exit {result.returncode}; it needs root):\n{_tail(output)}"
+            f"(exit {result.returncode}; it needs root):\n{tail(output)}"
         )
     started = re.search(r"started by this script: (.*)\)", result.stdout)
     started_here = started is not None and started.group(1).strip() != "nothing"
@@ -139,64 +139,10 @@ def test_a_busy_slurm_node_is_named_instead_of_waited_on():
 # --------------------------------------------------------------------------- running sweeps
 
 
-def _environment(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
-    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        env[var] = str(tmp_path / "wandb-home" / var.lower())
-    return env
-
-
-def _cancel_slurm_jobs(sweep_dir: Path) -> None:
-    """scancel the jobs this sweep submitted (submitit names its folders after the job ids)."""
-    ids = {m.group(1) for p in sweep_dir.glob(".submitit/*") if (m := re.match(r"(\d+)", p.name))}
-    for job_id in sorted(ids):
-        subprocess.run(["scancel", job_id], capture_output=True, timeout=30, check=False)
-
-
-def run_command(args: list[str], tmp_path: Path, timeout: float, sweep_dir: Path | None = None):
-    """Run a command in its own process group; on timeout stop the group (and its SLURM jobs)."""
-    process = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_environment(tmp_path),
-        cwd=tmp_path,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)
-        output, _ = process.communicate()
-        if sweep_dir is not None:
-            _cancel_slurm_jobs(sweep_dir)
-        pytest.fail(f"{' '.join(args[:3])} ... did not finish in {timeout} s:\n{_tail(output)}")
-    return subprocess.CompletedProcess(args, process.returncode, output)
-
-
-def multirun(tmp_path: Path, *overrides: str, timeout: float = 600):
-    sweep_dir = tmp_path / "sweep"
-    args = [EDITEXP, "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    return run_command(args, tmp_path, timeout, sweep_dir), sweep_dir
-
-
-def job_dirs(sweep_dir: Path) -> dict[str, Path]:
-    """Each job directory by the value of its swept override, e.g. {"1": <sweep>/0}."""
-    jobs = {}
-    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        jobs[tuple(OmegaConf.load(overrides_file))] = overrides_file.parents[1]
-    return jobs
-
-
 def job_dir_with(sweep_dir: Path, override: str) -> Path | None:
     matches = [d for overrides, d in job_dirs(sweep_dir).items() if override in overrides]
     assert len(matches) <= 1, matches
     return matches[0] if matches else None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def assert_unfinished_wandb_runs_none(sweep_dir: Path) -> None:
@@ -257,7 +203,7 @@ def test_slurm_sweep_runs_every_grid_point_as_a_tracked_job(free_slurm_cpu, tmp_
     result, sweep_dir = multirun(
         tmp_path, *TINY_RUN, *TWO_UPDATES, "layer=1,2", "logger=wandb", *SLURM_LAUNCHER
     )
-    assert result.returncode == 0, _tail(result.stdout, 60)
+    assert result.returncode == 0, tail(result.stdout, 60)
     assert list(sweep_dir.glob(".submitit/*")), "no SLURM job was submitted"
     check_two_layer_sweep(sweep_dir)
 
@@ -266,7 +212,7 @@ def test_local_launcher_sweep(tmp_path):
     result, sweep_dir = multirun(
         tmp_path, *TINY_RUN, *TWO_UPDATES, "layer=1,2", "logger=wandb", "hydra/launcher=local"
     )
-    assert result.returncode == 0, _tail(result.stdout, 60)
+    assert result.returncode == 0, tail(result.stdout, 60)
     check_two_layer_sweep(sweep_dir)
 
 
@@ -283,7 +229,7 @@ def test_layer_search_preset_runs_and_reports(tmp_path):
         "eval.generation_facts=0",
         "logger=none",
     )
-    assert result.returncode == 0, _tail(result.stdout, 60)
+    assert result.returncode == 0, tail(result.stdout, 60)
     summaries = [json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")]
     points = sorted((s["algorithm"], s["layer"][0]) for s in summaries)
     assert points == sorted((a, layer) for a in ("rome", "memit") for layer in range(4))
@@ -396,7 +342,7 @@ def test_a_point_refused_when_it_starts_fails_only_its_grid_point(tmp_path, laun
     multirun: a SystemExit escapes Hydra's run_job, which stops the basic launcher's sweep, and
     a submitit job then writes no result (the launcher fails, or hangs on a SLURM cluster
     without accounting). Bad configs are refused before any point starts
-    (tests/test_shared_cluster.py)."""
+    (tests/test_sweep_check.py)."""
     launcher_args = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
     refused_num = layers.split(",").index("2")
     lock = tmp_path / "sweep" / str(refused_num) / ".editexp.lock"
@@ -431,7 +377,7 @@ def dry_run(script: str, tmp_path: Path, *args: str, **env: str) -> list[str]:
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={**_environment(tmp_path), "DRY_RUN": "1", **env},
+        env={**sweep_environment(tmp_path), "DRY_RUN": "1", **env},
     )
     assert process.returncode == 0, process.stdout + process.stderr
     assert f"editexp-report {tmp_path / 'sw'}" in process.stdout
@@ -516,7 +462,7 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
             timeout=120,
             cwd=tmp_path,
             env={
-                **_environment(tmp_path),
+                **sweep_environment(tmp_path),
                 "DRY_RUN": "1",
                 "STUDY_DIR": str(study),
                 "STAGES": stages,

@@ -31,13 +31,6 @@ FAST = [
 ]
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    """A cache of this test's own (values start empty)."""
-    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def run_dir_rows(run_dir, name):
     return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
 

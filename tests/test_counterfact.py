@@ -1,83 +1,16 @@
-"""Model loading, token encoding (BOS exactly once), and CounterFact loading and selection."""
+"""CounterFact loading, validation and selection: bad records name their case and field, the shared
+file loads, selection is deterministic, listed case ids are taken as listed.
+"""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from editexp.cache import cache_root
 from editexp.data.counterfact import CounterFactError, load_counterfact, parse_records, select_facts
-from editexp.models import ModelConfigError, ModelSpec
-from editexp.tokens import encode_prompt, encode_target, pad_sequences, subject_last_index
-
-BOS = 128000
-
-
-def test_llama3_tokenizer_adds_bos_exactly_once(tiny_llama3):
-    tokenizer = tiny_llama3.tokenizer
-    ids = encode_prompt(tokenizer, "The Eiffel Tower is in")
-    assert ids[0] == BOS and ids.count(BOS) == 1
-    prefixed = encode_prompt(tokenizer, "Some context. The Eiffel Tower is in")
-    assert prefixed.count(BOS) == 1
-    target = encode_target(tokenizer, "The Eiffel Tower is in", "Paris")
-    assert BOS not in target and target == encode_target(
-        tokenizer, "The Eiffel Tower is in", " Paris"
-    )
-    assert tokenizer.decode(target) == " Paris"
-
-
-def test_gpt2_style_tokenizer_adds_no_bos(tiny_gpt2):
-    ids = encode_prompt(tiny_gpt2.tokenizer, "The Eiffel Tower is in")
-    assert BOS not in ids and tiny_gpt2.tokenizer.decode(ids) == "The Eiffel Tower is in"
-
-
-def test_subject_last_index(tiny_llama3):
-    tokenizer = tiny_llama3.tokenizer
-    text = "The mother tongue of Danielle Darrieux is"
-    ids = encode_prompt(tokenizer, text)
-    index = subject_last_index(tokenizer, text, "Danielle Darrieux")
-    assert tokenizer.decode(ids[: index + 1]).endswith("Darrieux")
-    assert not tokenizer.decode(ids[:index]).endswith("Darrieux")
-
-
-def test_pad_sequences_aligns_and_positions():
-    batch = pad_sequences([[1, 2, 3], [4, 5]], pad_id=0, left_lengths=[1, 2])
-    assert batch.input_ids.tolist() == [[0, 1, 2, 3], [4, 5, 0, 0]]
-    assert batch.position_ids.tolist() == [[0, 0, 1, 2], [0, 1, 1, 1]]
-    assert batch.attention_mask.tolist() == [[0, 1, 1, 1], [1, 1, 0, 0]]
-
-
-def test_model_spec_errors_name_the_value():
-    cfg = compose_config("model=tiny-llama3").model
-    for key, value, message in [
-        ("source", "onnx", "model.source='onnx'"),
-        ("dtype", "int8", "model.dtype='int8'"),
-    ]:
-        bad = copy.deepcopy(cfg)
-        bad[key] = value
-        with pytest.raises(ModelConfigError, match=message):
-            ModelSpec.from_config(bad)
-    bad = copy.deepcopy(cfg)
-    bad.modules.edit = "model.layers.mlp.down_proj"
-    with pytest.raises(ModelConfigError, match="slot for the layer"):
-        ModelSpec.from_config(bad)
-    with pytest.raises(ModelConfigError, match="outside model"):
-        ModelSpec.from_config(cfg).check_layers([0, 4])
-
-
-@pytest.mark.slow
-def test_smollm2_dequantized_copy_is_cached(smollm2):
-    cached = list((cache_root() / "models").glob("smollm2-135m-*-float32"))
-    assert cached and (cached[0] / "config.json").is_file()
-    assert smollm2.identity.startswith("gguf:")
-    assert smollm2.weight(1).shape == (576, 1536)
-
-
-# --------------------------------------------------------------------------- CounterFact
 
 
 def record(case_id=1, **rewrite):

@@ -3,11 +3,7 @@ per chunk) and still equals the plain one-fact-at-a-time loop (float64)."""
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
-from conftest import cached_model
 
 from editexp.config import ValueHparams
 from editexp.editing.keys import EditRequest
@@ -20,13 +16,6 @@ REQUESTS = [
 ]
 PREFIXES = ["", "The weather was nice today. ", "I think that. "]
 HPARAMS = ValueHparams(v_lr=0.5, v_steps=6, early_stop_loss=-1.0)
-
-
-@pytest.fixture(scope="module", params=["tiny-llama3", "tiny-gpt2"])
-def model64(request):
-    loaded = copy.copy(cached_model(request.param))
-    loaded.model = copy.deepcopy(loaded.model).double()
-    return loaded
 
 
 def test_values_at_every_layer_equal_the_plain_loop(model64):
