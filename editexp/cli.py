@@ -1,0 +1,65 @@
+"""The ``editexp`` console script: a thin entry that imports torch only when a run starts.
+
+``editexp --help``, ``--version``, ``--cfg job`` and tab completion (``-sc``) compose configs
+and print; none of them needs torch, so this module imports only Hydra and editexp's config
+helpers, and the runner (:mod:`editexp.runner`, torch and transformers) is imported inside
+the task function. ``editexp --version`` prints editexp's version and Hydra's.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
+
+import hydra
+from omegaconf import DictConfig
+
+from editexp.config_dir import CONFIG_DIR
+from editexp.errors import EXIT_INTERRUPTED, cli_errors
+
+PROG = "editexp"
+
+
+def version_text() -> str:
+    """``editexp <version> (Hydra <version>, torch <version>)``: torch's from its package
+    metadata, without importing it."""
+    from hydra import __version__ as hydra_version
+
+    from editexp import __version__
+
+    try:
+        torch_version = f", torch {installed_version('torch')}"
+    except PackageNotFoundError:
+        torch_version = ""
+    return f"{PROG} {__version__} (Hydra {hydra_version}{torch_version})"
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from editexp.runner import run_task  # torch, transformers: only when a run starts
+
+    run_task(cfg)
+
+
+def main() -> None:
+    """The ``editexp`` console script: user errors as one line on stderr and exit status 2;
+    Ctrl-C as one line and exit status 130."""
+    if "--version" in sys.argv[1:]:
+        print(version_text())
+        return
+    try:
+        with cli_errors(PROG):
+            _hydra_main()
+    except KeyboardInterrupt:  # a launcher waiting for its jobs (the runs say more themselves)
+        print(
+            f"{PROG}: interrupted; rerunning the same command resumes (finished runs are "
+            "skipped, interrupted ones continue from their checkpoints)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+if __name__ == "__main__":
+    main()
