@@ -29,14 +29,16 @@ class ResolverError(UserError):
 
 
 def _count(value, what: str) -> int:
+    """``value`` as a whole number >= 0, else a :class:`ResolverError` naming ``what``."""
+    expected = f"{what}={value!r}; expected a positive integer"
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ResolverError(f"{what}={value!r}; expected a positive integer")
+        raise ResolverError(expected)
     try:
         number = int(value)
     except ValueError:
-        raise ResolverError(f"{what}={value!r}; expected a positive integer") from None
-    if number < 1:
-        raise ResolverError(f"{what}={value!r}; expected a positive integer")
+        raise ResolverError(expected) from None
+    if number < 0:
+        raise ResolverError(expected)
     return number
 
 
@@ -59,7 +61,7 @@ def divisors_upto(total: int, *sizes: int) -> str:
     ``total`` is a preset's ``n_edits``."""
     sizes = sizes or PAPER_BATCH_SIZES
     total = _count(total, "n_edits")
-    chosen = [size for size in sizes if total % size == 0]
+    chosen = [size for size in sizes if total % size == 0] if total else []
     if not chosen:
         raise ResolverError(
             f"n_edits={total} is divisible by no batch size of {csv(sizes)}; use a multiple of "
