@@ -48,7 +48,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editexp.config import RunSettings, check_appended, run_settings
+from editexp.config import ConfigError, RunSettings, check_appended, run_settings
 from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor, save_deltas
 from editexp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, cli_errors, one_line
@@ -292,13 +292,17 @@ def run_task(cfg: DictConfig) -> None:
             remove_refused_run(run_dir)
         raise
     except KeyboardInterrupt:
-        where = f"grid point #{hydra_cfg.job.num} " if multirun else ""
-        print(f"editexp: {interrupted(run_dir, cfg, where)}", file=sys.stderr, flush=True)
+        what = f"grid point #{hydra_cfg.job.num}" if multirun else "the run"
+        print(f"editexp: {interrupted(run_dir, cfg, what)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def run_point(
-    cfg: DictConfig, run_dir: Path, overrides: list[str], hydra_cfg: DictConfig, experiment: str
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    hydra_cfg: DictConfig,
+    experiment: str | None,
 ) -> None:
     """One grid point of a multirun. An Exception (not SystemExit): Hydra records the failed
     grid point and runs the others; ``editexp.cli`` prints a user error of the first failed
@@ -311,20 +315,25 @@ def run_point(
         raise
 
 
-def interrupted(run_dir: Path, cfg: DictConfig, where: str = "") -> str:
+def interrupted(run_dir: Path, cfg: DictConfig, what: str = "the run") -> str:
     """Where an interrupted run stopped (its checkpoint's last completed update) and how to go
     on, in one line."""
     try:
         checkpoint = RunDirectory(run_dir).read_checkpoint()
-        n_updates = f" of {run_settings(cfg).n_updates}"
-    except Exception:  # noqa: BLE001 - a damaged checkpoint is the next run's to report
-        checkpoint, n_updates = None, ""
+    except RunDirError:  # damaged: the next attempt says so
+        checkpoint = None
     if checkpoint is None:
-        done = "before its first update was saved"
-    else:
-        done = f"after update {checkpoint['updates_done']}{n_updates} (saved in {run_dir})"
+        return (
+            f"interrupted: {what} stopped before its first update was saved; rerunning the same "
+            "command starts it again"
+        )
+    try:
+        of = f" of {run_settings(cfg).n_updates}"
+    except ConfigError:
+        of = ""
     return (
-        f"interrupted: the run {where}stopped {done}; rerunning the same command resumes from there"
+        f"interrupted: {what} stopped after update {checkpoint['updates_done']}{of} (saved in "
+        f"{run_dir}); rerunning the same command resumes from there"
     )
 
 

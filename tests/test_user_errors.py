@@ -299,7 +299,10 @@ def test_ctrl_c_in_a_launcher_is_one_line(monkeypatch):
 def test_the_interrupted_message_without_a_checkpoint(tmp_path):
     cfg = OmegaConf.create({})
     message = runner_module.interrupted(tmp_path, cfg)
-    assert message.startswith("interrupted: the run stopped before its first update was saved")
+    assert message == (
+        "interrupted: the run stopped before its first update was saved; rerunning the same "
+        "command starts it again"
+    )
 
 
 @pytest.mark.parametrize("layout", ["empty", "no runs"])
