@@ -40,6 +40,11 @@ class NoteNewRunDir(Callback):
         _NEW_FOLDERS[run_dir.resolve()] = folders
         _WRITTEN[run_dir.resolve()] = hydra_written_names(config.hydra)
 
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute().resolve()
+        _NEW_FOLDERS.pop(run_dir, None)
+        _WRITTEN.pop(run_dir, None)
+
 
 def remove_refused_run(run_dir: Path) -> None:
     """Remove what Hydra wrote for a refused run into ``run_dir`` when the directory is new

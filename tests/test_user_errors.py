@@ -166,7 +166,7 @@ def test_parallel_jobs_zero_is_refused_before_any_job(tmp_path, no_model):
     assert result.error() == (
         "hydra.launcher.parallel_jobs=0; expected a positive integer or null (automatic)"
     )
-    assert not sweep.exists()
+    assert not (sweep / "0").exists()
 
 
 def test_a_preset_limit_that_leaves_nothing_to_sweep(tmp_path, no_model):
