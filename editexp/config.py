@@ -264,8 +264,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 def _check_logger(logger: DictConfig | None) -> None:
     """W&B's ``logger.mode``, checked before the run starts ($WANDB_MODE, when set, wins)."""
-    if logger is not None and logger.get("name") == "wandb":
-        _choice("logger.mode", logger.get("mode"), WANDB_MODES)
+    if logger is not None and logger.get("name") == "wandb" and logger.get("mode") is not None:
+        _choice("logger.mode", logger.mode, WANDB_MODES)
 
 
 def _check_stats(stats: DictConfig) -> None:
