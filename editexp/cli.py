@@ -21,8 +21,8 @@ from editexp.errors import EXIT_INTERRUPTED, cli_errors
 PROG = "editexp"
 
 
-def version_text() -> str:
-    """``editexp <version> (Hydra <version>, torch <version>)``: torch's from its package
+def version_text(prog: str = PROG) -> str:
+    """``<prog> <version> (Hydra <version>, torch <version>)``: torch's from its package
     metadata, without importing it."""
     from hydra import __version__ as hydra_version
 
@@ -32,7 +32,7 @@ def version_text() -> str:
         torch_version = f", torch {installed_version('torch')}"
     except PackageNotFoundError:
         torch_version = ""
-    return f"{PROG} {__version__} (Hydra {hydra_version}{torch_version})"
+    return f"{prog} {__version__} (Hydra {hydra_version}{torch_version})"
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

@@ -94,6 +94,14 @@ def test_stats_help_names_its_tool():
     assert "editexp-stats model=smollm2-135m layer=[0,1,2]" in result.stdout
 
 
+def test_stats_version_is_editexps(capsys, monkeypatch):
+    from editexp import stats_cli
+
+    monkeypatch.setattr(sys, "argv", ["editexp-stats", "--version"])
+    stats_cli.main()
+    assert capsys.readouterr().out.startswith(f"editexp-stats {editexp.__version__} (Hydra ")
+
+
 def test_report_help_names_its_tool(capsys):
     from editexp import report
 
