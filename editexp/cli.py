@@ -4,16 +4,22 @@
 and print; none of them needs torch, so this module imports only Hydra and editexp's config
 helpers, and the runner (:mod:`editexp.runner`, torch and transformers) is imported inside
 the task function. ``editexp --version`` prints editexp's version and Hydra's.
+
+``--help`` prints Hydra's help (the ``hydra.help`` template of ``conf/config.yaml``) from the
+config file and the config groups in ``conf/``, as Hydra prints it, without composing: Hydra
+lists the groups by copying its config repository once per group, which takes a second.
 """
 
 from __future__ import annotations
 
+import string
 import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from editexp.config_dir import CONFIG_DIR
 from editexp.errors import EXIT_INTERRUPTED, cli_errors
@@ -35,6 +41,26 @@ def version_text(prog: str = PROG) -> str:
     return f"{prog} {__version__} (Hydra {hydra_version}{torch_version})"
 
 
+def help_text() -> str:
+    """What ``editexp --help`` prints: the ``hydra.help`` template with the config groups."""
+    help_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra.help
+    groups = "".join(f"{group}: {', '.join(options)}\n" for group, options in config_groups())
+    return string.Template(help_cfg.template).substitute(APP_CONFIG_GROUPS=groups)
+
+
+def config_groups() -> list[tuple[str, list[str]]]:
+    """The config groups in ``conf/`` (Hydra's own, ``hydra/...``, left out) and their options,
+    sorted as Hydra lists them."""
+    root = Path(CONFIG_DIR)
+    groups = []
+    for folder in sorted(path for path in root.rglob("*") if path.is_dir()):
+        group = folder.relative_to(root).as_posix()
+        options = sorted(path.stem for path in folder.glob("*.yaml"))
+        if options and group != "hydra" and not group.startswith("hydra/"):
+            groups.append((group, options))
+    return groups
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from editexp.runner import run_task  # torch, transformers: only when a run starts
@@ -47,6 +73,9 @@ def main() -> None:
     Ctrl-C as one line and exit status 130."""
     if "--version" in sys.argv[1:]:
         print(version_text())
+        return
+    if sys.argv[1:2] in (["--help"], ["-h"]):
+        print(help_text())
         return
     try:
         with cli_errors(PROG):

@@ -75,6 +75,20 @@ def test_help_is_about_editexp():
     assert "$EDITEXP_DATA_DIR" in text  # Hydra's template substitution left it alone
 
 
+def test_the_quick_help_is_hydras_help():
+    """``editexp --help`` prints the help without composing; Hydra's own prints the same."""
+    hydras = subprocess.run(
+        [sys.executable, "-c", "from editexp.cli import _hydra_main; _hydra_main()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(PROJECT)},
+        cwd=PROJECT,
+    )
+    assert hydras.returncode == 0, hydras.stderr
+    assert editexp_cli("--help").stdout == hydras.stdout
+
+
 def test_version_is_editexps():
     result = editexp_cli("--version")
     assert result.stdout.startswith(f"editexp {editexp.__version__} (Hydra ")
