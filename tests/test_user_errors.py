@@ -39,6 +39,7 @@ TINY = [
     "model.hparams.memit.v_steps=2",
 ]
 TWO_UPDATES = ["mode=sequential", "n_edits=2", "batch_size=1"]
+HF_MODEL = ["model=smollm2-135m", "logger=none", "model.source=hf"]  # model.path: a HF id or dir
 
 
 class Result:
@@ -106,9 +107,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def test_a_model_path_that_does_not_exist(tmp_path, no_model):
     run_dir = tmp_path / "run"
-    result = editexp(
-        *TINY, "model.source=hf", "model.path=/no/such/model", f"hydra.run.dir={run_dir}"
-    )
+    result = editexp(*HF_MODEL, "model.path=/no/such/model", f"hydra.run.dir={run_dir}")
     assert result.error().startswith("model path /no/such/model does not exist")
     assert not run_dir.exists()
 
@@ -128,8 +127,7 @@ def test_a_garbage_gguf_file(tmp_path, no_model, cache):
 def test_a_mistyped_hugging_face_id_offline(tmp_path):
     """HF_HUB_OFFLINE is read when huggingface_hub is imported: a process of its own."""
     result = subprocess_editexp(
-        *TINY,
-        "model.source=hf",
+        *HF_MODEL,
         "model.path=HuggingFaceTB/SmolLM2-135X",
         "hydra.run.dir=run",
         env={"HF_HUB_OFFLINE": "1", "EDITEXP_CACHE_DIR": str(tmp_path / "cache")},
