@@ -7,10 +7,11 @@ torch, so a bad config fails in a fraction of a second.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,14 @@ from editexp.algorithms import (
 from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
 
-__all__ = ["ConfigError", "RunSettings", "ValueHparams", "compose", "run_settings"]
+__all__ = [
+    "ConfigError",
+    "RunSettings",
+    "ValueHparams",
+    "check_appended",
+    "compose",
+    "run_settings",
+]
 
 
 MODES = ("singular", "batch", "sequential")
@@ -82,6 +90,45 @@ def compose(
 
 
 _ABSENT = object()
+
+# Keys a run reads when they are given but the config does not define: the only ones a command
+# line may append (+key=value); a key below one of them is fine too.
+OPTIONAL_KEYS = ("debug.stop_after_updates", "eval.metrics", "eval.perplexity")
+
+
+def check_appended(overrides: Iterable[str], cfg: DictConfig, groups: Mapping[str, Any]) -> None:
+    """Refuse ``+key=value`` for a key the config does not know (``+lamda=10`` would run with
+    the default lambda), as :func:`compose` refuses it. ``groups``: the config groups chosen
+    (``hydra.runtime.choices``); ``+experiment=...`` appends a group, not a key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not override.is_add() or key in groups or _is_optional(key):
+            continue
+        known = [name for name in _flat_keys(cfg) if name != key]
+        close = difflib.get_close_matches(key, [*known, *OPTIONAL_KEYS], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{override.input_line}: the config has no key {key!r}{hint}; only a config group "
+            f"(+experiment=...) or one of {', '.join(OPTIONAL_KEYS)} may be appended with +"
+        )
+
+
+def _is_optional(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in OPTIONAL_KEYS)
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every key of a config, dotted (``eval.schedule``), without resolving a value."""
+    if not isinstance(node, DictConfig) or node._is_none() or node._is_interpolation():
+        return []
+    keys = []
+    for name in node.keys():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        keys += _flat_keys(node._get_node(name), dotted + ".")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -209,6 +256,16 @@ def check_inputs(cfg: DictConfig) -> None:
     _bool("editing.cache", cfg.editing.get("cache", True))
     _check_eval(cfg.eval)
     _check_data(cfg.data)
+    _check_logger(cfg.get("logger"))
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check_logger(logger: DictConfig | None) -> None:
+    """W&B's ``logger.mode``, checked before the run starts ($WANDB_MODE, when set, wins)."""
+    if logger is not None and logger.get("name") == "wandb" and logger.get("mode") is not None:
+        _choice("logger.mode", logger.mode, WANDB_MODES)
 
 
 def _check_stats(stats: DictConfig) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 DEBUG_ENV = "EDITEXP_DEBUG"
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class UserError(ValueError):
@@ -44,14 +45,27 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
     return False
 
 
-def _is_user_error(error: BaseException) -> bool:
+def user_error_of(error: BaseException) -> BaseException | None:
+    """The user error behind ``error``, or None for a bug.
+
+    A :class:`UserError`; Hydra's own errors (about the command line: a bad override, an
+    unknown option); and an OmegaConf or Hydra error raised while resolving an interpolation
+    whose cause is a user error (a resolver refusing ``max_edits=0``), as that user error.
+    """
     if isinstance(error, UserError):
-        return True
-    try:  # Hydra's own errors are about the command line: a bad override, an unknown option
+        return error
+    cause = error.__cause__ or error.__context__
+    seen = {id(error)}
+    while cause is not None and id(cause) not in seen:  # a resolver's error, wrapped
+        if isinstance(cause, UserError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    try:
         from hydra.errors import HydraException
     except ImportError:  # pragma: no cover
-        return False
-    return isinstance(error, HydraException)
+        return None
+    return error if isinstance(error, HydraException) else None
 
 
 @contextlib.contextmanager
@@ -66,9 +80,10 @@ def cli_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if not _is_user_error(error) or debug_enabled():
+        shown = user_error_of(error)
+        if shown is None or debug_enabled():
             raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {one_line(shown)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         if previous is None:

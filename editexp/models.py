@@ -20,12 +20,14 @@ module paths and hyperparameters of the known config with the same module layout
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ from transformers import (
 )
 
 from editexp.cache import cache_root, file_lock, file_sha256, stable_hash
-from editexp.errors import UserError
+from editexp.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,42 @@ SOURCES = ("hf", "gguf", "random")
 
 class ModelConfigError(UserError):
     """A model config that cannot be loaded, with the bad value and what would be accepted."""
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hugging Face id (``org/name``): absolute, ``./``, ``../``,
+    ``~``, or more than two parts."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+@contextlib.contextmanager
+def reading_model(name: str, gguf: bool = False) -> Iterator[None]:
+    """Reading a model's files (``name``: its directory, Hugging Face id or GGUF file): a path
+    that does not exist, an id the Hub (or, offline, its local cache) does not have, or a file
+    that is not a model becomes one :class:`ModelConfigError` naming it."""
+    try:
+        yield
+    except ModelConfigError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise ModelConfigError(model_problem(name, error, gguf)) from error
+
+
+def model_problem(name: str, error: BaseException, gguf: bool = False) -> str:
+    """Why the model ``name`` cannot be read, in one line."""
+    reason = one_line(error)
+    reason = reason if len(reason) <= 240 else reason[:240] + "..."
+    if gguf:
+        return f"GGUF file {name} cannot be read ({reason}); expected a GGUF model file"
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        return (
+            f"model path {name} does not exist; expected a model directory or a Hugging Face "
+            "id such as HuggingFaceTB/SmolLM2-135M"
+        )
+    offline = ""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no"):
+        offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache was searched)"
+    return f"model {name!r} cannot be loaded{offline}: {reason}"
 
 
 @dataclass(frozen=True)
@@ -201,8 +239,16 @@ def load_model(source: Any, device: str | None = "auto") -> LoadedModel:
 
 
 def _load_hf_id(name: str, device: str | None) -> LoadedModel:
-    model = AutoModelForCausalLM.from_pretrained(name)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        from editexp.config import model_names
+
+        raise ModelConfigError(
+            f"model {name!r} is not a model in conf/model ({', '.join(model_names())}) and no "
+            "such directory exists; expected one of those, a model directory or a Hugging Face id"
+        )
+    with reading_model(name):
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     model.to(resolve_device(device))
     return wrap_model(model, tokenizer)
 
@@ -265,8 +311,9 @@ def _has_modules(model: nn.Module, modules: Any) -> bool:
 
 
 def _load_hf(spec: ModelSpec, dtype: torch.dtype):
-    model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision)
+    with reading_model(spec.path):
+        model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision)
     commit = getattr(model.config, "_commit_hash", None) or spec.revision or "local"
     return model, tokenizer, f"hf:{spec.path}@{commit}:{spec.dtype}"
 
@@ -297,7 +344,8 @@ def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
     identity = f"gguf:{digest[:16]}:{spec.dtype}"
     cached = cache_root() / "models" / f"{spec.name}-{digest[:16]}-{spec.dtype}"
     if not (cached / "config.json").is_file():  # a complete copy is read without a lock
-        _dequantize(path, cached, dtype)
+        with reading_model(str(path), gguf=True):
+            _dequantize(path, cached, dtype)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(cached)
     return model, tokenizer, identity
@@ -371,8 +419,10 @@ def model_shape(model_cfg: Any, layer: int) -> ModelShape:
                 where = {"pretrained_model_name_or_path": cached}
             else:  # not dequantized yet: the GGUF file's metadata
                 where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
-        config = AutoConfig.from_pretrained(**where)
-        tokenizer = AutoTokenizer.from_pretrained(**where)
+        gguf = spec.source == "gguf"
+        with reading_model(str(path) if gguf else str(spec.path), gguf):
+            config = AutoConfig.from_pretrained(**where)
+            tokenizer = AutoTokenizer.from_pretrained(**where)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     actual_layers = len(skeleton.get_submodule(spec.layers_module))

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 
 from editexp import figures
 from editexp.cache import atomic_write_text
-from editexp.errors import cli_errors
+from editexp.errors import UserError, cli_errors
 from editexp.figures import format_value
 from editexp.metric_specs import metrics_in, spec
 from editexp.record import BatchRecord
@@ -338,6 +338,16 @@ def status_lines(sweep: Sweep) -> list[str]:
     return lines
 
 
+def no_runs(sweep: Sweep) -> str:
+    """Why a sweep without a finished run has nothing to report, in one line."""
+    waiting = len(sweep.incomplete)
+    started = f"; {waiting} grid point(s) started but not finished" if waiting else ""
+    return (
+        f"no finished run (summary.json) under {sweep.root}{started}; expected the directory "
+        "of an editexp sweep (hydra.sweep.dir) or of a run"
+    )
+
+
 def write_report(sweep: Sweep, out: Path) -> tuple[list[Path], list[str]]:
     """Write every table and figure; returns the files written and the status lines."""
     lines = status_lines(sweep)
@@ -357,9 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
 
 
+class ReportError(UserError):
+    """A directory ``editexp-report`` cannot report on."""
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
-        prog="editexp-report", description="Tables and figures from a Hydra multirun sweep."
+        prog="editexp-report",
+        description="editexp-report: the tables and figures of an editexp sweep (the "
+        "summary.json of every grid point under a multirun directory), written into "
+        "<multirun dir>/report/; it also says which grid points are missing.",
+        epilog="Example: editexp-report multirun/layer_search/model=llama3-8b",
     )
     parser.add_argument("multirun_dir", type=Path, help="the sweep directory (hydra.sweep.dir)")
     parser.add_argument("--out", type=Path, help="output directory (default: <dir>/report)")
@@ -374,14 +392,10 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     root: Path = args.multirun_dir
     if not root.is_dir():
-        print(f"editexp-report: {root} is not a directory", file=sys.stderr)
-        return 2
+        raise ReportError(f"{root} is not a directory; expected a sweep's directory")
     sweep = collect(root)
     if not sweep.runs:
-        print(f"editexp-report: no summary.json found under {root}", file=sys.stderr)
-        for line in status_lines(sweep)[1:]:
-            print(line, file=sys.stderr)
-        return 1
+        raise ReportError(no_runs(sweep))
     out = (args.out or root / "report").resolve()
     written, lines = write_report(sweep, out)
     for line in lines:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from omegaconf import OmegaConf
 
+from editexp.errors import UserError
 from editexp.paths import dir_name
 
 PAPER_BATCH_SIZES = (1, 16, 64, 256, 1024, 4096)
@@ -23,19 +24,49 @@ def csv(values) -> str:
     return ",".join(str(value) for value in values)
 
 
+class ResolverError(UserError):
+    """A preset's sweep axis that cannot be derived from the value given (``max_edits=0``)."""
+
+
+def _count(value, what: str) -> int:
+    """``value`` as a whole number >= 0, else a :class:`ResolverError` naming ``what``."""
+    expected = f"{what}={value!r}; expected a positive integer"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ResolverError(expected)
+    try:
+        number = int(value)
+    except ValueError:
+        raise ResolverError(expected) from None
+    if number < 0:
+        raise ResolverError(expected)
+    return number
+
+
 def sizes_upto(limit: int, *sizes: int) -> str:
-    """The sizes that are at most ``limit`` (default: the paper's batch sizes), as a sweep."""
-    chosen = [size for size in (sizes or PAPER_BATCH_SIZES) if size <= int(limit)]
+    """The sizes that are at most ``limit`` (default: the paper's batch sizes), as a sweep;
+    ``limit`` is a preset's ``max_edits``."""
+    sizes = sizes or PAPER_BATCH_SIZES
+    limit = _count(limit, "max_edits")
+    chosen = [size for size in sizes if size <= limit]
     if not chosen:
-        raise ValueError(f"no size of {sizes or PAPER_BATCH_SIZES} is <= {limit}")
+        raise ResolverError(
+            f"max_edits={limit} leaves no batch size to sweep (the sizes are {csv(sizes)}); "
+            f"use max_edits >= {min(sizes)}"
+        )
     return csv(chosen)
 
 
 def divisors_upto(total: int, *sizes: int) -> str:
-    """The sizes that divide ``total`` (default: the paper's batch sizes), as a sweep."""
-    chosen = [size for size in (sizes or PAPER_BATCH_SIZES) if int(total) % size == 0]
+    """The sizes that divide ``total`` (default: the paper's batch sizes), as a sweep;
+    ``total`` is a preset's ``n_edits``."""
+    sizes = sizes or PAPER_BATCH_SIZES
+    total = _count(total, "n_edits")
+    chosen = [size for size in sizes if total % size == 0] if total else []
     if not chosen:
-        raise ValueError(f"no size of {sizes or PAPER_BATCH_SIZES} divides {total}")
+        raise ResolverError(
+            f"n_edits={total} is divisible by no batch size of {csv(sizes)}; use a multiple of "
+            f"{min(sizes)}"
+        )
     return csv(chosen)
 
 

@@ -44,19 +44,19 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editexp.config import CONFIG_DIR, RunSettings, run_settings
+from editexp.config import ConfigError, RunSettings, check_appended, run_settings
 from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor, save_deltas
-from editexp.errors import cli_errors, one_line
+from editexp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, cli_errors, one_line
 from editexp.evaluation.evaluator import Evaluator
 from editexp.models import LoadedModel, load_model, model_shape
 from editexp.record import RunRecord
 from editexp.recorder import Recorder
+from editexp.refused_run import remove_refused_run
 from editexp.run_dir import RunDirectory, RunDirError, hydra_files, write_hydra_files
 from editexp.run_inputs import check_against_model, generation_case_ids, read_inputs
 from editexp.run_records import PreEdit, fact_records, fact_text, run_record
@@ -268,29 +268,81 @@ def use_slurm_cpus() -> int | None:
     return int(cpus)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def run_task(cfg: DictConfig) -> None:
+    """Hydra's task function (``editexp.cli`` calls it): one grid point, or a single run.
+
+    A single run refused before it starts (a user error) leaves no new run directory behind
+    (:mod:`editexp.refused_run`); Ctrl-C says where the run stopped and exits 130.
+    """
     use_slurm_cpus()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     experiment = hydra_cfg.runtime.choices.get("experiment")
-    if hydra_cfg.mode.name == "MULTIRUN":
-        # An Exception (not SystemExit): Hydra records the failed grid point and runs the
-        # others; `main` prints a user error of the first failed point as one line.
-        try:
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir, experiment)
-        except Exception as error:
-            log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
-            raise
-    else:
-        with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), None, experiment)
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    try:
+        if multirun:
+            run_point(cfg, run_dir, overrides, hydra_cfg, experiment)
+        else:
+            with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
+                check_appended(overrides, cfg, hydra_cfg.runtime.choices)
+                run(cfg, run_dir, overrides, None, experiment)
+    except SystemExit as exit_:
+        if exit_.code == EXIT_USER_ERROR:
+            remove_refused_run(run_dir)
+        raise
+    except KeyboardInterrupt:
+        what = f"grid point #{hydra_cfg.job.num}" if multirun else "the run"
+        print(f"editexp: {interrupted(run_dir, cfg, what)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+
+
+def run_point(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str],
+    hydra_cfg: DictConfig,
+    experiment: str | None,
+) -> None:
+    """One grid point of a multirun. An Exception (not SystemExit): Hydra records the failed
+    grid point and runs the others; ``editexp.cli`` prints a user error of the first failed
+    point as one line."""
+    try:
+        check_appended(overrides, cfg, hydra_cfg.runtime.choices)
+        run(cfg, run_dir, overrides, hydra_cfg.sweep.dir, experiment)
+    except Exception as error:
+        log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
+        raise
+
+
+def interrupted(run_dir: Path, cfg: DictConfig, what: str = "the run") -> str:
+    """Where an interrupted run stopped (its checkpoint's last completed update) and how to go
+    on, in one line."""
+    try:
+        checkpoint = RunDirectory(run_dir).read_checkpoint()
+    except RunDirError:  # damaged: the next attempt says so
+        checkpoint = None
+    if checkpoint is None:
+        return (
+            f"interrupted: {what} stopped before its first update was saved; rerunning the same "
+            "command starts it again"
+        )
+    try:
+        of = f" of {run_settings(cfg).n_updates}"
+    except ConfigError:
+        of = ""
+    return (
+        f"interrupted: {what} stopped after update {checkpoint['updates_done']}{of} (saved in "
+        f"{run_dir}); rerunning the same command resumes from there"
+    )
 
 
 def main() -> None:
-    """The ``editexp`` console script: user errors as one line on stderr and exit status 2."""
-    with cli_errors("editexp"):
-        _hydra_main()
+    """The ``editexp`` console script (:func:`editexp.cli.main`: torch is imported only when a
+    run starts)."""
+    from editexp.cli import main as cli_main
+
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ reference rates below, and after computing the rate it reached. The large models
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
+from editexp.cli import version_text
 from editexp.config import CONFIG_DIR, ConfigError, check_inputs, parse_layers
 from editexp.data.corpus import CorpusSource
 from editexp.errors import cli_errors
@@ -135,6 +137,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The ``editexp-stats`` console script: user errors as one line and exit status 2."""
+    if "--version" in sys.argv[1:]:
+        print(version_text("editexp-stats"))
+        return
     with cli_errors("editexp-stats"):
         _hydra_main()
 

@@ -22,6 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from editexp.config import check_appended
 from editexp.errors import UserError, one_line
 from editexp.run_dir import hydra_written_names, refuse_planted_links
 
@@ -78,6 +79,7 @@ def point_problem(
         task = copy.deepcopy(config)
         with open_dict(task):
             del task["hydra"]
+        check_appended(overrides, task, config.hydra.runtime.choices)
         check_run(task, memo)
     except (UserError, HydraException, OmegaConfBaseException) as error:
         return one_line(error)

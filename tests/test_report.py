@@ -270,12 +270,16 @@ def test_sequential_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
 def test_no_summaries_fails_with_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     root = tmp_path / "empty"
     _job(root, 0, ["algorithm=memit"], None)
-    assert main([str(root)]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        main([str(root)])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "no summary.json found" in err
-    assert "Missing/incomplete: 0: algorithm=memit" in err
+    assert "no finished run (summary.json)" in err
+    assert "1 grid point(s) started but not finished" in err and len(err.splitlines()) == 1
     assert not (root / "report").exists()
-    assert main([str(tmp_path / "does-not-exist")]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "does-not-exist")])
+    assert exit_.value.code == 2
 
 
 def test_module_entry_point_exit_code(tmp_path: Path):
@@ -283,8 +287,8 @@ def test_module_entry_point_exit_code(tmp_path: Path):
     empty = subprocess.run(
         [sys.executable, "-m", "editexp.report", str(tmp_path)], capture_output=True, text=True
     )
-    assert empty.returncode == 1
-    assert "no summary.json found" in empty.stderr
+    assert empty.returncode == 2
+    assert "no finished run (summary.json)" in empty.stderr
 
 
 def test_sibling_sweeps_grids_are_combined(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -228,7 +228,7 @@ def as_request(item: EditInput, index: int = 0) -> EditRequest:
     """A CounterFact fact, an :class:`EditRequest`, or a dict with ``prompt`` (holding "{}"
     for the subject), ``subject``, ``target_new`` and optionally ``case_id``."""
     if isinstance(item, EditRequest):
-        return item
+        return _checked(item)
     if isinstance(item, Fact):
         return EditRequest(item.case_id, item.prompt, item.subject, item.target_new)
     missing = [key for key in ("prompt", "subject", "target_new") if key not in item]
@@ -237,9 +237,24 @@ def as_request(item: EditInput, index: int = 0) -> EditRequest:
             f"edit request {dict(item)!r}: needs 'prompt' with a '{{}}' slot for the subject, "
             f"'subject' and 'target_new' (missing: {missing or 'the {} slot'})"
         )
-    return EditRequest(
-        int(item.get("case_id", index)), item["prompt"], item["subject"], item["target_new"]
+    return _checked(
+        EditRequest(
+            int(item.get("case_id", index)), item["prompt"], item["subject"], item["target_new"]
+        )
     )
+
+
+def _checked(request: EditRequest) -> EditRequest:
+    """A request whose subject and new target are non-empty text (an empty target would be
+    "edited" into nothing)."""
+    for name in ("subject", "target_new"):
+        value = getattr(request, name)
+        if not isinstance(value, str) or not value.strip():
+            raise EditingError(
+                f"edit request case_id={request.case_id}: {name}={value!r}; expected a "
+                "non-empty string"
+            )
+    return request
 
 
 class Editor:

@@ -41,10 +41,16 @@ from hydra_plugins.hydra_submitit_launcher.config import (
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
+from editexp.errors import UserError
+
 log = logging.getLogger(__name__)
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 POLL_SECONDS = 1.0
+
+
+class LauncherConfigError(UserError):
+    """A launcher setting that cannot work (``hydra.launcher.parallel_jobs=0``)."""
 
 
 @dataclass
@@ -149,11 +155,13 @@ def plan_parallelism(
     """How many jobs run at once and with how many threads each (module docstring)."""
     for name, value in (("parallel_jobs", parallel_jobs), ("threads_per_job", threads_per_job)):
         if value is not None and value < 1:
-            raise ValueError(
+            raise LauncherConfigError(
                 f"hydra.launcher.{name}={value}; expected a positive integer or null (automatic)"
             )
     if cores < 1:
-        raise ValueError(f"hydra.launcher.cores={cores}; expected a positive integer or null")
+        raise LauncherConfigError(
+            f"hydra.launcher.cores={cores}; expected a positive integer or null"
+        )
     fit = cores
     if memory_gb is not None and mem_gb_per_job:
         fit = min(fit, max(1, int(memory_gb // mem_gb_per_job)))
@@ -209,8 +217,8 @@ class ParallelLocalLauncher(LocalLauncher):
     ) -> Sequence[JobReturn]:
 
         assert self.config is not None
+        plan = self.plan(len(job_overrides))  # a bad setting is refused before the grid check
         check_grid(self, job_overrides, initial_job_idx)
-        plan = self.plan(len(job_overrides))
         self.threads = plan.threads_per_job
         log.info(
             "Local launcher: %d grid points, %d at a time, %d threads each",
