@@ -55,6 +55,7 @@ from editexp.editing.editor import Editor, save_deltas
 from editexp.errors import cli_errors, one_line
 from editexp.evaluation.evaluator import Evaluator
 from editexp.models import LoadedModel, load_model, model_shape
+from editexp.progress import UpdateProgress
 from editexp.record import RunRecord
 from editexp.recorder import Recorder
 from editexp.run_dir import RunDirectory, RunDirError, hydra_files, write_hydra_files
@@ -155,22 +156,32 @@ def edit_and_evaluate(
         timer = PhaseTimer(state.timing)
         chunk_size = int(cfg.editing.batch_size)
         steps = Steps(settings, facts, editor, evaluator, state, timer, generate_for, chunk_size)
-        edit_all(steps, recorder, cfg.get("debug", {}).get("stop_after_updates"))
+        progress = UpdateProgress(settings.n_updates, settings.n_edits, state.updates_done)
+        with progress:
+            edit_all(steps, recorder, cfg.get("debug", {}).get("stop_after_updates"), progress)
         record = finish(steps, recorder, bool(cfg.save_deltas), own_hydra_files)
     show("Results:\n" + record.table())
     return record
 
 
-def edit_all(steps: Steps, recorder: Recorder, stop_after: int | None = None) -> None:
+def edit_all(
+    steps: Steps,
+    recorder: Recorder,
+    stop_after: int | None = None,
+    progress: UpdateProgress | None = None,
+) -> None:
     """The run's loop, the same for every mode: each step edits and scores, the recorder books
-    its updates, then writes the checkpoint and rows. ``stop_after``: raise
-    :class:`SimulatedCrash` once that many updates are done (before the last one)."""
+    its updates, then writes the checkpoint and rows, and ``progress`` logs the step.
+    ``stop_after``: raise :class:`SimulatedCrash` once that many updates are done (before the
+    last one)."""
     n_updates = steps.settings.n_updates
     for first in steps.starts():
         for booking in steps.take(first):
             recorder.book(booking)
         recorder.save()
         done = recorder.state.updates_done
+        if progress is not None:
+            progress.step(done, done * steps.settings.batch_size)
         if stop_after is not None and stop_after <= done < n_updates:
             raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
 
