@@ -280,7 +280,9 @@ def use_slurm_cpus() -> int | None:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task function: one run; returns its objective (``objective``, e.g. post.S),
+    for Hydra's optimising sweepers."""
     use_slurm_cpus()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -289,13 +291,16 @@ def _hydra_main(cfg: DictConfig) -> None:
         # An Exception (not SystemExit): Hydra records the failed grid point and runs the
         # others; `main` prints a user error of the first failed point as one line.
         try:
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir, experiment)
+            record = run(
+                cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.sweep.dir, experiment
+            )
         except Exception as error:
             log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
             raise
     else:
         with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
-            run(cfg, run_dir, list(hydra_cfg.overrides.task), None, experiment)
+            record = run(cfg, run_dir, list(hydra_cfg.overrides.task), None, experiment)
+    return run_settings(cfg).objective.value(record)
 
 
 def main() -> None:
