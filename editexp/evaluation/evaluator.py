@@ -104,9 +104,9 @@ class Evaluator:
         """Let scoring start at ``layer``'s input from the unedited model's hidden states there,
         skipping the layers below it: valid while no layer below ``layer`` is edited (call it
         with the lowest edited layer). States are recorded (on the CPU) by :meth:`pre_edit`
-        when it scores here; with ``record_missing``, facts without states get them from a pass
-        through the layers below ``layer`` (worth it when facts are scored more than once). At
-        most ``max_bytes`` of states are kept; facts beyond get full passes."""
+        for all its facts; with ``record_missing``, other facts get them from a pass through
+        the layers below ``layer`` when first scored. At most ``max_bytes`` of states are
+        kept; a scoring with a fact beyond runs full passes."""
         self.layer_states = LayerStates.for_model(self.model, layer, "cpu", max_bytes)
         self.record_missing_states = record_missing
 
