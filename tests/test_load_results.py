@@ -31,7 +31,7 @@ def editexp_multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedPro
 
 
 def summaries(sweep: Path) -> dict[str, dict]:
-    return {str(p.parent): json.loads(p.read_text()) for p in sweep.rglob("summary.json")}
+    return {str(p.parent.resolve()): json.loads(p.read_text()) for p in sweep.rglob("summary.json")}
 
 
 def test_load_results_has_a_row_per_run_with_every_axis_and_metric(tmp_path):
@@ -61,7 +61,6 @@ def test_optuna_searches_lambda_for_the_best_s_and_a_rerun_continues(tmp_path):
     sweep = tmp_path / "optuna"
     args = [
         "+experiment=optuna_lambda",
-        "n_edits=2",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={sweep}",
     ]
