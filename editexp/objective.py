@@ -44,7 +44,7 @@ def parse_objective(text: Any, schedule: str, generates: bool) -> Objective:
     parts = text.split(".") if isinstance(text, str) else []
     if len(parts) not in (2, 3):
         raise UserError(
-            f"objective={text!r}; expected stage.metric[.stat], e.g. post.S or post.ES.std"
+            f"objective={text}; expected stage.metric[.stat], e.g. post.S or post.ES.std"
         )
     objective = Objective(*parts)
     where = f"objective={text}"

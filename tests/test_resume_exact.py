@@ -54,7 +54,7 @@ def test_warm_cache_run_equals_cold_one_in_each_schedule(tmp_path, monkeypatch):
     """each_batch scores every fact once: with a warm cache the states are recorded all the
     same, so the post-edit scores do not depend on what ran before."""
     monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path / "cache"))
-    args = [*EVERY_K, "eval.schedule=each_batch", "n_edits=4"]
+    args = [*EVERY_K, "eval.schedule=each_batch", "n_edits=8", "batch_size=4", "layer=2"]
     run(compose_config(*args), tmp_path / "cold")
     run(compose_config(*args), tmp_path / "warm")
     cold, warm = (tmp_path / name / "facts.jsonl" for name in ("cold", "warm"))
