@@ -22,6 +22,7 @@ __all__ = [
     "apply_edits",
     "compose",
     "load_model",
+    "load_results",
     "wrap_model",
 ]
 
@@ -35,6 +36,7 @@ _EXPORTS = {
     "RunRecord": "editexp.record",
     "compose": "editexp.config",
     "load_model": "editexp.models",
+    "load_results": "editexp.results",
     "wrap_model": "editexp.models",
 }
 

@@ -62,10 +62,11 @@ def config_groups() -> list[tuple[str, list[str]]]:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    from editexp.runner import run_task  # torch, transformers: only when a run starts
+def _hydra_main(cfg: DictConfig) -> float:
+    """The task function: one run; returns its objective (for Hydra's optimising sweepers)."""
+    from editexp.task import run_task  # torch, transformers: only when a run starts
 
-    run_task(cfg)
+    return run_task(cfg)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from editexp.algorithms import (
 )
 from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
+from editexp.objective import Objective, parse_objective
 
 __all__ = [
     "ConfigError",
@@ -146,6 +147,7 @@ class RunSettings:
     seed: int
     keep_edits: bool = False  # sequential: earlier updates' keys join each solve
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of C0 below it span P
+    objective: Objective = Objective("post", "S")  # what the Hydra task function returns
 
     @property
     def n_updates(self) -> int:
@@ -367,6 +369,11 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
     solver = _solver_settings(cfg, algorithm, shape.mode)
     schedule = _choice("eval.schedule", cfg.eval.schedule, SCHEDULES)
     every_k = _positive_int("eval.every_k", cfg.eval.every_k)
+    if shape.mode != "sequential":
+        schedule = "each_batch"
+    objective = parse_objective(
+        cfg.get("objective", "post.S"), schedule, cfg.eval.generation_facts > 0
+    )
     return RunSettings(
         model_name=str(cfg.model.name),
         algorithm=algorithm.name,
@@ -376,11 +383,12 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
         batch_size=shape.batch_size,
         lam=solver.lam,
         hparams=solver.hparams,
-        schedule="each_batch" if shape.mode != "sequential" else schedule,
+        schedule=schedule,
         every_k=every_k,
         seed=cfg.seed,
         keep_edits=solver.keep_edits,
         nullspace_threshold=solver.nullspace_threshold,
+        objective=objective,
     )
 
 

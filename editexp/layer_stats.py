@@ -33,6 +33,7 @@ from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.errors import UserError
 from editexp.models import DTYPES, LoadedModel
 from editexp.paths import safe_name
+from editexp.progress import on_terminal
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,12 @@ def _run_capture(
             torch.inference_mode(),
             _forward_precision(model, spec.dtype),
             ActivationCapture(modules, "input", consume) as capture,
-            tqdm(total=n_select, unit=spec.unit, unit_scale=True, disable=not spec.progress) as bar,
+            tqdm(
+                total=n_select,
+                unit=spec.unit,
+                unit_scale=True,
+                disable=not spec.progress or not on_terminal(),
+            ) as bar,
         ):
             for batch in _select_tokens(batches, n_select, spec.stride):
                 mask = batch.attention_mask

@@ -80,6 +80,12 @@ def spec(name: str) -> MetricSpec:
     return _SPECS.get(name) or MetricSpec(name, name, "", higher_is_better=True)
 
 
+def registered() -> tuple[str, ...]:
+    """The names of every registered metric (the providers' included)."""
+    discover()
+    return tuple(_SPECS)
+
+
 def headline_metrics(present: Iterable[str] = ()) -> tuple[str, ...]:
     """The metrics to show, in order: the registered headline ones that are always shown or
     are ``present`` (e.g. keys of a record's blocks), then present ones registered nowhere."""

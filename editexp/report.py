@@ -45,25 +45,11 @@ from editexp.errors import UserError, cli_errors
 from editexp.figures import format_value
 from editexp.metric_specs import metrics_in, spec
 from editexp.record import BatchRecord
-from editexp.sweep_runs import FinishedRun, Sweep, collect, grid_status
+from editexp.sweep_runs import GRID_FIELDS, STAGES, FinishedRun, Sweep, collect, grid_status
 
 STAT_NOTE = (
     "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
     "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means.\n"
-)
-# results.csv's metric blocks: before editing, after the run, and every fact right after its
-# own update (the paper's each_batch schedule; the same as post except in sequential runs)
-STAGES = ("pre", "post", "each_batch")
-GRID_FIELDS = (
-    "algorithm",
-    "model",
-    "layer",
-    "mode",
-    "batch_size",
-    "n_edits",
-    "lambda",
-    "keep_edits",
-    "eval_schedule",
 )
 HEADERS = {
     "algorithm": "Algorithm",

@@ -66,6 +66,7 @@ NOT_RESULTS = (
     "force",
     "device",
     "debug",
+    "objective",
     "save_deltas",
     "eval.generation_batch_size",  # every prompt samples the same text in any batch
     "data.dir",

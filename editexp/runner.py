@@ -39,24 +39,21 @@ update has not come), so the same run gives the paper's each_batch numbers.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from editexp.config import ConfigError, RunSettings, check_appended, run_settings
+from editexp.config import RunSettings, run_settings
 from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor, save_deltas
-from editexp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, cli_errors, one_line
 from editexp.evaluation.evaluator import Evaluator
 from editexp.models import LoadedModel, load_model, model_shape
+from editexp.progress import UpdateProgress
 from editexp.record import RunRecord
 from editexp.recorder import Recorder
-from editexp.refused_run import remove_refused_run
 from editexp.run_dir import RunDirectory, RunDirError, hydra_files, write_hydra_files
 from editexp.run_inputs import check_against_model, generation_case_ids, read_inputs
 from editexp.run_records import PreEdit, fact_records, fact_text, run_record
@@ -155,22 +152,32 @@ def edit_and_evaluate(
         timer = PhaseTimer(state.timing)
         chunk_size = int(cfg.editing.batch_size)
         steps = Steps(settings, facts, editor, evaluator, state, timer, generate_for, chunk_size)
-        edit_all(steps, recorder, cfg.get("debug", {}).get("stop_after_updates"))
+        progress = UpdateProgress(settings.n_updates, settings.n_edits, state.updates_done)
+        with progress:
+            edit_all(steps, recorder, cfg.get("debug", {}).get("stop_after_updates"), progress)
         record = finish(steps, recorder, bool(cfg.save_deltas), own_hydra_files)
     show("Results:\n" + record.table())
     return record
 
 
-def edit_all(steps: Steps, recorder: Recorder, stop_after: int | None = None) -> None:
+def edit_all(
+    steps: Steps,
+    recorder: Recorder,
+    stop_after: int | None = None,
+    progress: UpdateProgress | None = None,
+) -> None:
     """The run's loop, the same for every mode: each step edits and scores, the recorder books
-    its updates, then writes the checkpoint and rows. ``stop_after``: raise
-    :class:`SimulatedCrash` once that many updates are done (before the last one)."""
+    its updates, then writes the checkpoint and rows, and ``progress`` logs the step.
+    ``stop_after``: raise :class:`SimulatedCrash` once that many updates are done (before the
+    last one)."""
     n_updates = steps.settings.n_updates
     for first in steps.starts():
         for booking in steps.take(first):
             recorder.book(booking)
         recorder.save()
         done = recorder.state.updates_done
+        if progress is not None:
+            progress.step(done, done * steps.settings.batch_size)
         if stop_after is not None and stop_after <= done < n_updates:
             raise SimulatedCrash(f"debug.stop_after_updates={stop_after}")
 
@@ -254,87 +261,6 @@ def finish(
     step = state.updates_done + 1
     recorder.tracker.log_results(record.to_json(), step, fact_rows, files, fact_text(facts))
     return record
-
-
-def use_slurm_cpus() -> int | None:
-    """In a SLURM job, run torch on the CPUs the job was given (``SLURM_CPUS_PER_TASK``), not on
-    every core of the node, unless ``OMP_NUM_THREADS`` says otherwise. Clusters without CPU
-    binding (``TaskPlugin=task/none``) otherwise start every job with all cores' threads, and
-    two jobs on one node then each run 10-20x slower. Returns the thread count it set."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if not cpus or "OMP_NUM_THREADS" in os.environ or not cpus.isdigit():
-        return None
-    torch.set_num_threads(int(cpus))
-    return int(cpus)
-
-
-def run_task(cfg: DictConfig) -> None:
-    """Hydra's task function (``editexp.cli`` calls it): one grid point, or a single run.
-
-    A single run refused before it starts (a user error) leaves no new run directory behind
-    (:mod:`editexp.refused_run`); Ctrl-C says where the run stopped and exits 130.
-    """
-    use_slurm_cpus()
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    experiment = hydra_cfg.runtime.choices.get("experiment")
-    overrides = list(hydra_cfg.overrides.task)
-    multirun = hydra_cfg.mode.name == "MULTIRUN"
-    try:
-        if multirun:
-            run_point(cfg, run_dir, overrides, hydra_cfg, experiment)
-        else:
-            with cli_errors("editexp"):  # exits here: Hydra would add a line of its own
-                check_appended(overrides, cfg, hydra_cfg.runtime.choices)
-                run(cfg, run_dir, overrides, None, experiment)
-    except SystemExit as exit_:
-        if exit_.code == EXIT_USER_ERROR:
-            remove_refused_run(run_dir)
-        raise
-    except KeyboardInterrupt:
-        what = f"grid point #{hydra_cfg.job.num}" if multirun else "the run"
-        print(f"editexp: {interrupted(run_dir, cfg, what)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-
-
-def run_point(
-    cfg: DictConfig,
-    run_dir: Path,
-    overrides: list[str],
-    hydra_cfg: DictConfig,
-    experiment: str | None,
-) -> None:
-    """One grid point of a multirun. An Exception (not SystemExit): Hydra records the failed
-    grid point and runs the others; ``editexp.cli`` prints a user error of the first failed
-    point as one line."""
-    try:
-        check_appended(overrides, cfg, hydra_cfg.runtime.choices)
-        run(cfg, run_dir, overrides, hydra_cfg.sweep.dir, experiment)
-    except Exception as error:
-        log.error("grid point %s failed: %s", hydra_cfg.job.num, one_line(error))
-        raise
-
-
-def interrupted(run_dir: Path, cfg: DictConfig, what: str = "the run") -> str:
-    """Where an interrupted run stopped (its checkpoint's last completed update) and how to go
-    on, in one line."""
-    try:
-        checkpoint = RunDirectory(run_dir).read_checkpoint()
-    except RunDirError:  # damaged: the next attempt says so
-        checkpoint = None
-    if checkpoint is None:
-        return (
-            f"interrupted: {what} stopped before its first update was saved; rerunning the same "
-            "command starts it again"
-        )
-    try:
-        of = f" of {run_settings(cfg).n_updates}"
-    except ConfigError:
-        of = ""
-    return (
-        f"interrupted: {what} stopped after update {checkpoint['updates_done']}{of} (saved in "
-        f"{run_dir}); rerunning the same command resumes from there"
-    )
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
+from editexp.progress import terminal_bar
 from editexp.row_edits import PromptEdits, RowEdits
 from editexp.tokens import encode_prompt, pad_sequences
 
@@ -78,7 +79,8 @@ def sample_continuation_ids(
     continuations: list[list[int]] = [[] for _ in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hook = edits.edits.installed() if edits is not None else nullcontext()
-    with torch.inference_mode(), hook:
+    bar = terminal_bar(len(order), "sampling", "prompt")  # GE, context prefixes
+    with torch.inference_mode(), hook, bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             draws = [
@@ -97,6 +99,7 @@ def sample_continuation_ids(
             )
             for i, ids in zip(batch, sampled):
                 continuations[i] = ids
+            bar.update(len(batch))
     return continuations
 
 

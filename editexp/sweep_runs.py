@@ -20,6 +20,21 @@ from omegaconf import OmegaConf
 from editexp.record import BatchRecord, RunRecord
 from editexp.run_dir import ATTEMPTS_DIR, summary_problem
 
+# results.csv's metric blocks: before editing, after the run, and every fact right after its
+# own update (the paper's each_batch schedule; the same as post except in sequential runs)
+STAGES = ("pre", "post", "each_batch")
+GRID_FIELDS = (
+    "algorithm",
+    "model",
+    "layer",
+    "mode",
+    "batch_size",
+    "n_edits",
+    "lambda",
+    "keep_edits",
+    "eval_schedule",
+)
+
 
 @dataclass
 class FinishedRun:

@@ -10,7 +10,8 @@ from conftest import TINY_RUN, compose_config
 
 from editexp.config import ConfigError
 from editexp.run_dir import RunDirError
-from editexp.runner import SimulatedCrash, run, use_slurm_cpus
+from editexp.runner import SimulatedCrash, run
+from editexp.task import use_slurm_cpus
 
 FAST = [*TINY_RUN, "logger=none"]
 

@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import editexp.runner as runner_module
+import editexp.task as task_module
 from editexp import cli, report
 from editexp.config import ConfigError, check_appended, compose
 from editexp.editing.editor import EditRequest, as_request
@@ -296,7 +297,7 @@ def test_ctrl_c_in_a_launcher_is_one_line(monkeypatch):
 
 def test_the_interrupted_message_without_a_checkpoint(tmp_path):
     cfg = OmegaConf.create({})
-    message = runner_module.interrupted(tmp_path, cfg)
+    message = task_module.interrupted(tmp_path, cfg)
     assert message == (
         "interrupted: the run stopped before its first update was saved; rerunning the same "
         "command starts it again"

@@ -48,6 +48,7 @@ from editexp.algorithms import ValueHparams
 from editexp.editing.keys import EditRequest, check_prefixes, context_texts
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
 from editexp.models import LoadedModel
+from editexp.progress import on_terminal
 from editexp.tokens import (
     PaddedBatch,
     encode_prompt,
@@ -148,7 +149,10 @@ def compute_values(
     check_prefixes(prefixes)
     parts = []
     bar = tqdm(
-        total=len(requests), desc=f"values (layer {layer})", unit="fact", disable=not progress
+        total=len(requests),
+        desc=f"values (layer {layer})",
+        unit="fact",
+        disable=not progress or not on_terminal(),
     )
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]

@@ -104,9 +104,9 @@ class Evaluator:
         """Let scoring start at ``layer``'s input from the unedited model's hidden states there,
         skipping the layers below it: valid while no layer below ``layer`` is edited (call it
         with the lowest edited layer). States are recorded (on the CPU) by :meth:`pre_edit`
-        when it scores here; with ``record_missing``, facts without states get them from a pass
-        through the layers below ``layer`` (worth it when facts are scored more than once). At
-        most ``max_bytes`` of states are kept; facts beyond get full passes."""
+        for all its facts; with ``record_missing``, other facts get them from a pass through
+        the layers below ``layer`` when first scored. At most ``max_bytes`` of states are
+        kept; a scoring with a fact beyond runs full passes."""
         self.layer_states = LayerStates.for_model(self.model, layer, "cpu", max_bytes)
         self.record_missing_states = record_missing
 
@@ -121,8 +121,7 @@ class Evaluator:
         ``generate_for``. ``edits`` (one rank-one update per fact, in the order of ``facts``,
         e.g. ``Editor.edit_singular``'s): every fact is scored and sampled with its own update
         only, as if it had been edited alone."""
-        # Facts with generation go first: evaluate_facts generates for the leading ones.
-        order = sorted(range(len(facts)), key=lambda i: facts[i].case_id not in generate_for)
+        order = generation_first(facts, generate_for)
         ordered = [facts[i] for i in order]
         row_edits = None
         if edits is not None:
@@ -196,27 +195,45 @@ class Evaluator:
         states = self.layer_states
         if states is None or not (states.prompts or self.record_missing_states):
             return None
-        tokenizer = self.model.tokenizer
-        missing = [
-            fact
-            for fact in facts
-            if not states.covers(encode_continuations(tokenizer, *scored_prompts([fact])[:2]))
-        ]
+        missing = [fact for fact in facts if not self._covered(fact)]
         if missing and not self.record_missing_states:
             return None
         if missing:
-            prompts, targets, _ = scored_prompts(missing)
-            record_layer_states(
-                self.model.model, tokenizer, prompts, targets, states, self.batch_size
-            )
+            self._record_states(missing)
+            if not all(self._covered(fact) for fact in missing):
+                return None  # beyond eval.layer_states_gb: full passes
         return states
+
+    def _covered(self, fact: Fact) -> bool:
+        """Whether every scored sequence of ``fact`` has stored layer states."""
+        prompts, targets, _ = scored_prompts([fact])
+        encoded = encode_continuations(self.model.tokenizer, prompts, targets)
+        return self.layer_states is not None and self.layer_states.covers(encoded)
+
+    def _record_states(self, facts: Sequence[Fact]) -> None:
+        """Record the layer states of ``facts``'s prompts with passes through the layers below
+        the states' layer, batched exactly as :meth:`score` batches ``facts``."""
+        prompts, targets, _ = scored_prompts(facts)
+        record_layer_states(
+            self.model.model,
+            self.model.tokenizer,
+            prompts,
+            targets,
+            self.layer_states,
+            self.batch_size,
+        )
 
     def pre_edit(
         self, facts: Sequence[Fact], generate_for: Collection[int] = ()
     ) -> list[FactScores]:
         """:meth:`score` of the unedited model, cached under the model's identity, the facts and
         the generation settings (a sweep's grid points compute it once). Call it before
-        editing."""
+        editing.
+
+        With :meth:`keep_layer_states`, the states of all ``facts`` are recorded here, from the
+        same batches whether the scores are computed (recorded during that pass) or read from
+        the cache (a pass through the layers below only): post-edit scores are then the same
+        bit for bit with a cold or a warm cache, and in a resumed run."""
         key = stable_hash(
             [
                 self.model.identity,
@@ -235,16 +252,23 @@ class Evaluator:
             found = [result.case_id for result in results]
             return None if found == case_ids else f"{len(found)} facts, not the {len(case_ids)}"
 
-        return load_or_compute(  # checked on read: a bad entry is computed again
+        computed = []
+
+        def compute() -> list[FactScores]:
+            computed.append(True)
+            return self.score(facts, generate_for, record_states=self.layer_states is not None)
+
+        results = load_or_compute(  # checked on read: a bad entry is computed again
             path,
             load=lambda p: [FactScores.from_json(row) for row in json.loads(p.read_text())],
             save=lambda p, results: atomic_write_json(p, [r.to_json() for r in results]),
-            compute=lambda: self.score(
-                facts, generate_for, record_states=self.layer_states is not None
-            ),
+            compute=compute,
             problem=problem,
             what="pre-edit score cache",
         )
+        if self.layer_states is not None and not computed:
+            self._record_states([facts[i] for i in generation_first(facts, generate_for)])
+        return results
 
     def compare(self, prompt: str, target_a: str, target_b: str) -> Comparison:
         """Which of two continuations of ``prompt`` the model prefers, and by how much."""
@@ -252,3 +276,9 @@ class Evaluator:
             self.model.model, self.model.tokenizer, [prompt], [[target_a, target_b]], progress=False
         )
         return Comparison(prompt, target_a, target_b, float(score_a), float(score_b))
+
+
+def generation_first(facts: Sequence[Fact], generate_for: Collection[int]) -> list[int]:
+    """Indices of ``facts``, those with generation first (in order), then the others:
+    :func:`evaluate_facts` generates for the leading ones."""
+    return sorted(range(len(facts)), key=lambda i: facts[i].case_id not in generate_for)

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
+from editexp.progress import on_terminal
 from editexp.row_edits import PromptEdits, RowEdits
 from editexp.tokens import encode_prompt, encode_target, pad_sequences
 
@@ -211,7 +212,8 @@ def _score_all(model, tokenizer, prompts, targets, batch_size, progress, shortcu
     pad_id = _pad_id(tokenizer)
     hook = shortcuts.edits.installed() if shortcuts.edits is not None else nullcontext()
     with torch.inference_mode(), hook:
-        for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        bar = tqdm(batches, desc="scoring", unit="batch", disable=not progress or not on_terminal())
+        for batch in bar:
             kept = [i for i in batch if encoded[i].target_ids]
             edit_rows = [prompt_edits[i] for i in kept] if prompt_edits is not None else None
             batch_scores = _score_batch(

@@ -13,6 +13,10 @@ threads. Left null, both are derived from the machine (:func:`plan_parallelism`)
     parallel jobs   = min(grid points, cores, available memory / mem_gb, GPUs / gpus_per_node)
     threads per job = cores / parallel jobs
 
+A user-set ``OMP_NUM_THREADS`` is kept, as on SLURM (``editexp.task.use_slurm_cpus``): it is
+then the threads per job (unless ``threads_per_job`` is given), and given threads per job cap
+the parallel jobs at cores / threads per job.
+
 Several processes that each start torch's default thread count (all cores) oversubscribe the
 cores and run 10-20x slower each; one thread per core and job does not. With GPUs, every job
 gets its own ``gpus_per_node`` devices (CUDA_VISIBLE_DEVICES).
@@ -142,6 +146,12 @@ def visible_gpus() -> int:
         return 0
 
 
+def user_threads() -> int | None:
+    """The threads per job the user set with ``OMP_NUM_THREADS`` (a positive integer), if any."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def plan_parallelism(
     n_jobs: int,
     cores: int,
@@ -167,6 +177,8 @@ def plan_parallelism(
         fit = min(fit, max(1, int(memory_gb // mem_gb_per_job)))
     if gpus > 0 and gpus_per_job:
         fit = min(fit, max(1, gpus // gpus_per_job))
+    if threads_per_job is not None:
+        fit = min(fit, max(1, cores // threads_per_job))
     if parallel_jobs is None:
         parallel_jobs = fit
     elif parallel_jobs > fit:
@@ -209,7 +221,7 @@ class ParallelLocalLauncher(LocalLauncher):
             visible_gpus() if gpus_per_job else 0,
             gpus_per_job,
             self.parallel_jobs,
-            self.threads_per_job,
+            self.threads_per_job or user_threads(),
         )
 
     def launch(
