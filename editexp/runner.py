@@ -261,15 +261,3 @@ def finish(
     step = state.updates_done + 1
     recorder.tracker.log_results(record.to_json(), step, fact_rows, files, fact_text(facts))
     return record
-
-
-def main() -> None:
-    """The ``editexp`` console script (:func:`editexp.cli.main`: torch is imported only when a
-    run starts)."""
-    from editexp.cli import main as cli_main
-
-    cli_main()
-
-
-if __name__ == "__main__":
-    main()

@@ -160,7 +160,7 @@ def test_the_console_script_exits_2_with_one_line(tmp_path):
         [
             sys.executable,
             "-c",
-            "from editexp.runner import main; main()",
+            "from editexp.cli import main; main()",
             *TINY,
             "seed=abc",
             f"hydra.run.dir={tmp_path / 'run'}",
