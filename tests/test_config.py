@@ -100,7 +100,7 @@ def test_invalid_runs_fail_at_config_time(overrides, message):
 @pytest.mark.parametrize("model", MODELS)
 def test_cli_prints_the_composed_config(model):
     result = subprocess.run(
-        [sys.executable, "-m", "editexp.runner", f"model={model}", "--cfg", "job"],
+        [sys.executable, "-m", "editexp", f"model={model}", "--cfg", "job"],
         capture_output=True,
         text=True,
         cwd=PROJECT,

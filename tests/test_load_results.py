@@ -24,7 +24,7 @@ TINY = [*TINY_RUN, "logger=none", "n_edits=2", "eval.generation_facts=0"]
 def editexp_multirun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDITEXP_CACHE_DIR": str(tmp_path / "cache")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "editexp.runner", "-m", *TINY, *overrides]
+    command = [sys.executable, "-m", "editexp", "-m", *TINY, *overrides]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -60,7 +60,7 @@ def test_slurm_job_name_is_the_experiment(tmp_path: Path, preset, job_name) -> N
     sweep = tmp_path / "sweep"
     env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(
-        [sys.executable, "-m", "editexp.runner", "-m", *preset, "model=tiny-llama3",
+        [sys.executable, "-m", "editexp", "-m", *preset, "model=tiny-llama3",
          "layer=0,1", "logger=none", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip

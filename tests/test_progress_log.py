@@ -22,7 +22,7 @@ def test_runner_log_holds_one_progress_line_per_update(tmp_path):
     run_dir = tmp_path / "run"
     args = ["mode=sequential", "n_edits=6", "batch_size=2", "algorithm=memit", "logger=none"]
     done = subprocess.run(
-        [sys.executable, "-m", "editexp.runner", *TINY_RUN, *args, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "editexp", *TINY_RUN, *args, f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -326,7 +326,7 @@ def test_smollm2_killed_with_sigkill_resumes_bit_exact(tmp_path):
 
     def start(run_dir: Path) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "editexp.runner", *SMOLLM2, f"hydra.run.dir={run_dir}"],
+            [sys.executable, "-m", "editexp", *SMOLLM2, f"hydra.run.dir={run_dir}"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
