@@ -261,3 +261,9 @@ def finish(
     step = state.updates_done + 1
     recorder.tracker.log_results(record.to_json(), step, fact_rows, files, fact_text(facts))
     return record
+
+
+if __name__ == "__main__":  # `python -m editexp.runner` is `python -m editexp` (editexp.cli)
+    import runpy
+
+    runpy.run_module("editexp", run_name="__main__")
