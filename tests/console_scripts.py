@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import editexp.runner as runner_module
+import editexp.cli as editexp_cli
 
 DATA_DIR = Path(os.environ["EDITEXP_DATA_DIR"])
 COUNTERFACT = DATA_DIR / "counterfact" / "counterfact.json"
@@ -78,13 +78,13 @@ def cli(main, *args: str) -> Result:
 
 def editexp(run_dir: Path, *overrides: str) -> Result:
     """``editexp`` on the tiny run (:data:`TINY`) in ``run_dir``."""
-    return cli(runner_module.main, *TINY, f"hydra.run.dir={run_dir}", *overrides)
+    return cli(editexp_cli.main, *TINY, f"hydra.run.dir={run_dir}", *overrides)
 
 
 def editexp_here(*overrides: str) -> Result:
     """``editexp`` on one fact of the tiny run, in the working directory (Hydra's default
     ``outputs/...`` run directory below it)."""
-    return cli(runner_module.main, *TINY, "n_edits=1", *overrides)
+    return cli(editexp_cli.main, *TINY, "n_edits=1", *overrides)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -26,7 +26,7 @@ from console_scripts import (
     write_counterfact,
 )
 
-import editexp.runner as runner_module
+import editexp.cli as editexp_cli
 from editexp.layer_stats import StatsError, load_or_compute_stats
 from editexp.models import model_shape
 
@@ -72,7 +72,7 @@ def test_config_errors_are_one_line_before_the_model_loads(tmp_path, no_model, o
 
 def test_the_message_names_the_grid_point_in_a_multirun(tmp_path, no_model):
     result = cli(
-        runner_module.main,
+        editexp_cli.main,
         "-m",
         *TINY,
         *TWO_UPDATES,

@@ -14,7 +14,7 @@ from console_scripts import (
     user_error,
 )
 
-import editexp.runner as runner_module
+import editexp.cli as editexp_cli
 from editexp.editing.prefixes import context_prefixes
 from editexp.paths import NAME_LIMIT, dir_name, safe_name
 from editexp.resolvers import sweep_name
@@ -53,11 +53,11 @@ def test_a_long_override_list_runs_and_runs_again_in_the_same_directory(work, mo
     """The test suite's own tiny-model list without hydra.run.dir: the default directory name
     is short, and the same overrides find it again (the second run skips)."""
     overrides = [*TINY_RUN, "logger=none", "n_edits=1", "eval.generation_facts=0"]
-    first = cli(runner_module.main, *overrides)
+    first = cli(editexp_cli.main, *overrides)
     assert first.code == 0, first.err
     (summary,) = work.glob("outputs/*/*/*/summary.json")
     assert len(summary.parent.name) <= NAME_LIMIT
-    second = cli(runner_module.main, *overrides)
+    second = cli(editexp_cli.main, *overrides)
     assert second.code == 0, second.err
     assert f"{summary} exists; skipping" in second.out + second.err
     assert list(work.glob("outputs/*/*/*/summary.json")) == [summary]

@@ -35,7 +35,7 @@ from console_scripts import (
     write_counterfact,
 )
 
-import editexp.runner as runner_module
+import editexp.cli as editexp_cli
 from editexp import report
 from editexp.run_dir import ATTEMPTS_DIR, RunDirectory
 
@@ -141,11 +141,11 @@ def test_a_fixed_sweep_dir_rerun_with_a_new_lambda_grid(tmp_path, finished, monk
     shutil.copytree(finished[1], tmp_path / "cache")
     sweep = tmp_path / "sweep"
     args = [*TINY, *TWO_UPDATES, f"hydra.sweep.dir={sweep}"]
-    first = cli(runner_module.main, "-m", *args, "lambda=1,10")
+    first = cli(editexp_cli.main, "-m", *args, "lambda=1,10")
     assert first.code == 0, first.err
     summaries = {path: path.read_bytes() for path in sweep.rglob("summary.json")}
     assert len(summaries) == 2
-    second = cli(runner_module.main, "-m", *args, "lambda=100,1000")
+    second = cli(editexp_cli.main, "-m", *args, "lambda=100,1000")
     line = error_line(second)
     assert "different config (lambda: 1 -> 100)" in line and "force=true" in line
     assert {path: path.read_bytes() for path in sweep.rglob("summary.json")} == summaries
