@@ -371,9 +371,9 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
     every_k = _positive_int("eval.every_k", cfg.eval.every_k)
     if shape.mode != "sequential":
         schedule = "each_batch"
-    objective = parse_objective(
-        cfg.get("objective", "post.S"), schedule, cfg.eval.generation_facts > 0
-    )
+    generation_facts = cfg.eval.generation_facts  # a count or "all" (checked above)
+    with_ge = generation_facts == "all" or generation_facts > 0
+    objective = parse_objective(cfg.get("objective", "post.S"), schedule, with_ge)
     return RunSettings(
         model_name=str(cfg.model.name),
         algorithm=algorithm.name,

@@ -42,9 +42,9 @@ def test_a_local_multirun_keeps_the_users_omp_num_threads(tmp_path):
         "hydra/launcher=local",
         "hydra.launcher.cores=4",
         "~logger",
-        f"+probe.out={tmp_path}",
-        "+probe.sleep=0",
-        "+probe.index=0,1",
+        f"++probe.out={tmp_path}",
+        "++probe.sleep=0",
+        "++probe.index=0,1",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
