@@ -199,7 +199,7 @@ def test_a_killed_force_rerun_never_mixes_two_attempts(tmp_path, finished, monke
     assert not (run_dir / "summary.json").exists() and not (run_dir / "deltas.pt").exists()
     assert [row["batch"] for row in read_jsonl(run_dir / "batches.jsonl")] == [0]
     listing = cli(lambda: sys.exit(report.main([str(tmp_path)])))
-    assert listing.code == 1 and "no summary.json found" in listing.err  # aside: not a result
+    assert listing.code == 2 and "no finished run (summary.json)" in listing.err  # aside
 
     resumed = editexp(run_dir, *TWO_UPDATES)
     assert resumed.code == 0, resumed.err
