@@ -117,6 +117,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
                    check=True, timeout=120)  # fmt: skip
     install = [*pip, "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index"]
+    install.append("--ignore-installed")  # an editable install of editexp outside the venv
     subprocess.run([*install, wheel], check=True, timeout=300)
     return Installed(wheel, venv)
 
