@@ -264,9 +264,9 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_rerun_resumes(tmp_path, cache
     run_dir = tmp_path / "run"
     edit_all = runner_module.edit_all
 
-    def interrupted_after_one_update(steps, recorder, stop_after=None):
+    def interrupted_after_one_update(steps, recorder, stop_after=None, progress=None):
         try:
-            edit_all(steps, recorder, 1)
+            edit_all(steps, recorder, 1, progress)
         except runner_module.SimulatedCrash:
             raise KeyboardInterrupt from None
 
