@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from console_scripts import COUNTERFACT, TINY, TWO_UPDATES
 from omegaconf import OmegaConf
 
 import editexp.runner as runner_module
@@ -27,19 +28,6 @@ from editexp.errors import UserError
 from editexp.resolvers import ResolverError, divisors_upto, sizes_upto
 
 PROJECT = Path(__file__).resolve().parents[1]
-COUNTERFACT = Path(os.environ["EDITEXP_DATA_DIR"]) / "counterfact" / "counterfact.json"
-TINY = [
-    "model=tiny-llama3",
-    "logger=none",
-    "stats.n_tokens=1000",
-    "stats.seq_len=64",
-    "eval.generation_facts=0",
-    "eval.held_out_keys=16",
-    "editing.prefixes.count=1",
-    "editing.prefixes.length=4",
-    "model.hparams.memit.v_steps=2",
-]
-TWO_UPDATES = ["mode=sequential", "n_edits=2", "batch_size=1"]
 HF_MODEL = ["model=smollm2-135m", "logger=none", "model.source=hf"]  # model.path: a HF id or dir
 
 
