@@ -1,16 +1,17 @@
 """One MEMIT batch on a random model with Llama-3-8B's shapes, timed per phase.
 
-    python benchmarks/gpu_batch.py                     # a GPU: 1024 facts at layer 1, bf16
-    python benchmarks/gpu_batch.py --shape small --facts 8 --device cpu --dtype float32
+    python benchmarks/gpu_batch.py                     # a GPU: 1024 facts at layer 1, bf16-mixed
+    python benchmarks/gpu_batch.py --shape small --facts 8 --device cpu --precision 32-true
                                                        # a quick check of the script itself
 
 A random-initialised model costs the same as the real one and needs no download: the Llama-3
-tokenizer, Llama-3-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads),
-``--dtype`` weights. Statistics C0 come from a short corpus of random tokens (``--stats-tokens``,
-its cost does not depend on the text); then one ``editexp`` run edits the first ``--facts``
-CounterFact facts in one MEMIT batch and scores them, and its ``summary.json`` gives the time
-of each phase. The paper's 4096-fact batch is extrapolated from it: values and scoring grow
-linearly with the facts, the solve (one d_k x d_k system, d_k = 14336) is taken as measured.
+tokenizer, Llama-3-8B's shapes (32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads), in
+``--precision`` (``bf16-mixed``: float32 weights, bfloat16 matmuls). Statistics C0 come from a
+short corpus of random tokens (``--stats-tokens``, its cost does not depend on the text); then
+one ``editexp`` run edits the first ``--facts`` CounterFact facts in one MEMIT batch and scores
+them, and its ``summary.json`` gives the time of each phase. The paper's 4096-fact batch is
+extrapolated from it: values and scoring grow linearly with the facts, the solve (one d_k x d_k
+system, d_k = 14336) is taken as measured.
 Prints a table and writes it to ``--out`` (a text file) as well.
 """
 
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 
 from editexp.config import CONFIG_DIR, compose
 from editexp.models import build_tokenizer
+from editexp.precision import PRECISIONS
 from editexp.record import RunRecord
 from editexp.runner import run
 
@@ -53,9 +55,9 @@ TARGET_FACTS = 4096
 TARGET_MINUTES = 30  # issue 10: the paper's 4096-edit batch on one H100
 
 
-def model_config(shape: str, dtype: str) -> dict:
+def model_config(shape: str) -> dict:
     """The llama3-8b model config (its value hyperparameters and lambdas), with random weights
-    of ``shape`` in ``dtype`` on the Llama-3 tokenizer instead of the downloaded model."""
+    of ``shape`` on the Llama-3 tokenizer instead of the downloaded model."""
     model = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "llama3-8b.yaml"))
     architecture = {
         "model_type": "llama",
@@ -73,7 +75,6 @@ def model_config(shape: str, dtype: str) -> dict:
         tokenizer="llama3",
         init_seed=0,
         architecture=architecture,
-        dtype=dtype,
         n_layers=architecture["num_hidden_layers"],
         stats={**model["stats"], "dataset": None},  # the random-token file instead
     )
@@ -95,7 +96,7 @@ def random_corpus(path: Path, n_tokens: int) -> Path:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--precision", default="bf16-mixed", choices=list(PRECISIONS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--facts", type=int, default=1024)
     parser.add_argument("--layer", type=int, default=1)
@@ -111,17 +112,17 @@ def one_batch_run(args: argparse.Namespace) -> tuple[RunRecord, float]:
         os.environ.setdefault("EDITEXP_CACHE_DIR", str(Path(tmp) / "cache"))  # nothing reused
         corpus = random_corpus(Path(tmp) / "random-tokens.txt", args.stats_tokens)
         cfg = compose(
-            model_config(args.shape, args.dtype),
+            model_config(args.shape),
             "memit",
             mode="batch",
             n_edits=args.facts,
             layer=args.layer,
             device=args.device,
+            precision=args.precision,
             save_deltas=False,
             **{
                 "stats.corpus.files": [str(corpus)],
                 "stats.n_tokens": args.stats_tokens,
-                "stats.dtype": args.dtype,  # C0's forward pass in the weights' precision
                 "editing.batch_size": args.batch_size,
                 "eval.generation_facts": 0,
                 "eval.held_out_keys": 0,
@@ -144,7 +145,7 @@ def timing_table(args: argparse.Namespace, record: RunRecord, wall: float) -> st
     }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     lines = [
-        f"MEMIT, one batch, {args.shape} shapes (random weights), {args.dtype}, layer "
+        f"MEMIT, one batch, {args.shape} shapes (random weights), {args.precision}, layer "
         f"{args.layer}, on {device}; C0 over {args.stats_tokens:,} random tokens",
         f"{'phase':<14}{f'{args.facts} facts (s)':>18}"
         f"{f'{TARGET_FACTS} facts (s, extrapolated)':>34}",

@@ -30,6 +30,7 @@ from editexp.algorithms import (
 from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
 from editexp.objective import Objective, parse_objective
+from editexp.precision import PRECISIONS
 
 __all__ = [
     "ConfigError",
@@ -95,6 +96,11 @@ _ABSENT = object()
 # Keys a run reads when they are given but the config does not define: the only ones a command
 # line may append (+key=value); a key below one of them is fine too.
 OPTIONAL_KEYS = ("debug.stop_after_updates", "eval.metrics", "eval.perplexity")
+# Keys that were settings once, and what replaced them.
+REPLACED_KEYS = {
+    "model.dtype": "precision=32-true|bf16-mixed|bf16-true|64-true",
+    "stats.dtype": "precision=32-true|bf16-mixed|bf16-true|64-true",
+}
 
 
 def check_appended(overrides: Iterable[str], cfg: DictConfig, groups: Mapping[str, Any]) -> None:
@@ -110,6 +116,8 @@ def check_appended(overrides: Iterable[str], cfg: DictConfig, groups: Mapping[st
         known = [name for name in _flat_keys(cfg) if name != key]
         close = difflib.get_close_matches(key, [*known, *OPTIONAL_KEYS], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
+        if key in REPLACED_KEYS:
+            hint = f" (it was replaced by {REPLACED_KEYS[key]})"
         raise ConfigError(
             f"{override.input_line}: the config has no key {key!r}{hint}; only a config group "
             f"(+experiment=...) or one of {', '.join(OPTIONAL_KEYS)} may be appended with +"
@@ -148,6 +156,7 @@ class RunSettings:
     keep_edits: bool = False  # sequential: earlier updates' keys join each solve
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of C0 below it span P
     objective: Objective = Objective("post", "S")  # what the Hydra task function returns
+    precision: str = "32-true"  # editexp/precision.py
 
     @property
     def n_updates(self) -> int:
@@ -223,7 +232,6 @@ def _optional_str(name: str, value: Any, accepted: str) -> None:
 
 
 DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
-STATS_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def check_device(value: Any) -> str:
@@ -247,6 +255,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """Types and ranges of everything outside the sweep axes (run_settings checks those)."""
     _int("seed", cfg.seed)
     check_device(cfg.device)
+    _choice("precision", cfg.get("precision", "32-true"), tuple(PRECISIONS))
     _bool("force", cfg.force)
     _bool("save_deltas", cfg.save_deltas)
     _check_stats(cfg.stats)
@@ -273,7 +282,11 @@ def _check_logger(logger: DictConfig | None) -> None:
 def _check_stats(stats: DictConfig) -> None:
     for key in ("n_tokens", "seq_len", "batch_size"):
         _positive_int(f"stats.{key}", stats[key])
-    _choice("stats.dtype", stats.dtype, STATS_DTYPES)
+    if stats.get("dtype") is not None:
+        raise ConfigError(
+            f"stats.dtype={stats.dtype} is not a setting; the statistics run in the run's "
+            f"precision: precision={'|'.join(PRECISIONS)}"
+        )
     corpus_files = stats.corpus.get("files")
     if corpus_files is not None and not (
         isinstance(corpus_files, ListConfig | list)
@@ -389,6 +402,7 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
         keep_edits=solver.keep_edits,
         nullspace_threshold=solver.nullspace_threshold,
         objective=objective,
+        precision=str(cfg.get("precision", "32-true")),
     )
 
 

@@ -31,8 +31,9 @@ from editexp.cache import atomic_torch_save, cache_root, file_lock, stable_hash
 from editexp.capture import ActivationCapture
 from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.errors import UserError
-from editexp.models import DTYPES, LoadedModel
+from editexp.models import DTYPE_NAMES, LoadedModel
 from editexp.paths import safe_name
+from editexp.precision import exact
 from editexp.progress import on_terminal
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ def _forward_precision(
     if dtype in (torch.float16, torch.bfloat16):
         return torch.autocast(device_type=parameter.device.type, dtype=dtype)
     raise StatsError(
-        f"stats.dtype={dtype} needs a model loaded in {dtype} (it holds {parameter.dtype}); "
-        "float16 and bfloat16 also run on a float32 model, with autocast"
+        f"a forward pass in {dtype} needs a model loaded in {dtype} (it holds "
+        f"{parameter.dtype}); float16 and bfloat16 also run on a float32 model, with autocast"
     )
 
 
@@ -220,9 +221,10 @@ class _MomentSums:
             bounds = [round(i * d_k / n_strips) for i in range(n_strips + 1)]
             self.strips = list(zip(bounds[:-1], bounds[1:]))
         keys = keys.to(self.product_dtype)
-        self.first += keys.sum(dim=0)  # per batch at product_dtype, like the products
-        for start, stop in self.strips:
-            self.second[start:stop, start:] += keys[:, start:stop].T @ keys[:, start:]
+        with exact(keys.device):  # called inside the forward's autocast: not in bfloat16
+            self.first += keys.sum(dim=0)  # per batch at product_dtype, like the products
+            for start, stop in self.strips:
+                self.second[start:stop, start:] += keys[:, start:stop].T @ keys[:, start:]
         self.count += keys.shape[0]
 
     def finish(self, layer: int) -> LayerStats:
@@ -270,26 +272,23 @@ class StatsSettings:
     n_tokens: int
     seq_len: int
     batch_size: int
-    dtype: str
 
     @classmethod
     def from_config(cls, stats_cfg: Any) -> StatsSettings:
+        if stats_cfg.get("dtype") is not None:
+            raise StatsError(
+                f"stats.dtype={stats_cfg.get('dtype')} is not a setting; the statistics' "
+                "forward pass runs in the run's precision (precision=32-true|bf16-mixed|...)"
+            )
         settings = cls(
             n_tokens=int(stats_cfg.get("n_tokens")),
             seq_len=int(stats_cfg.get("seq_len")),
             batch_size=int(stats_cfg.get("batch_size")),
-            dtype=str(stats_cfg.get("dtype") or "float32"),
         )
-        if settings.dtype not in DTYPES:
-            raise StatsError(f"stats.dtype={settings.dtype!r}; expected one of {sorted(DTYPES)}")
         for name in ("n_tokens", "seq_len", "batch_size"):
             if getattr(settings, name) < 1:
                 raise StatsError(f"stats.{name}={getattr(settings, name)} must be >= 1")
         return settings
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
 
 def _cache_path(loaded: LoadedModel, kind: str, payload: dict[str, Any]) -> Path:
@@ -308,7 +307,7 @@ def _base_payload(
         "layer": layer,
         "corpus": source.identity(),
         "seq_len": settings.seq_len,
-        "dtype": settings.dtype,
+        "dtype": DTYPE_NAMES[loaded.precision.matmul_dtype],  # the forward's matmuls
     }
 
 
@@ -414,7 +413,7 @@ def _compute_stats(
         batches,
         settings.n_tokens,
         progress=progress,
-        dtype=settings.torch_dtype,
+        dtype=loaded.precision.matmul_dtype,
     )
     for layer, item in stats.items():
         d_k = item.second_moment.shape[0]
@@ -509,7 +508,7 @@ def _capture_held_out_keys(
         layers,
         n_keys,
         HELD_OUT_STRIDE,
-        settings.torch_dtype,
+        loaded.precision.matmul_dtype,
         progress,
         "key",
     )

@@ -45,15 +45,11 @@ from transformers import (
 
 from editexp.cache import cache_root, file_lock, file_sha256, stable_hash
 from editexp.errors import UserError, one_line
+from editexp.precision import DEFAULT_PRECISION, Precision, get_precision, precision_of
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 SOURCES = ("hf", "gguf", "random")
 
 
@@ -107,7 +103,6 @@ class ModelSpec:
     layers_module: str  # e.g. "model.layers"
     edit_module: str  # template with {} for the layer, e.g. "model.layers.{}.mlp.down_proj"
     conv1d: bool  # GPT-2 style Conv1D: weight stored as (d_in, d_out)
-    dtype: str
     path: str | None = None
     revision: str | None = None
     gguf_package: str | None = None
@@ -119,6 +114,11 @@ class ModelSpec:
     @classmethod
     def from_config(cls, cfg: Any) -> ModelSpec:
         get = cfg.get
+        if get("dtype") is not None:
+            raise ModelConfigError(
+                f"model.dtype={get('dtype')} is not a model setting; the run's precision "
+                "sets the weights' dtype: precision=32-true|bf16-mixed|bf16-true|64-true"
+            )
         modules = get("modules")
         spec = cls(
             name=str(get("name")),
@@ -127,7 +127,6 @@ class ModelSpec:
             layers_module=str(modules["layers"]),
             edit_module=str(modules["edit"]),
             conv1d=bool(modules.get("conv1d", False)),
-            dtype=str(get("dtype", "float32")),
             path=get("path"),
             revision=get("revision"),
             gguf_package=get("gguf_package"),
@@ -144,8 +143,6 @@ class ModelSpec:
             raise ModelConfigError(
                 f"model.source={self.source!r} for model {self.name!r}; expected one of {SOURCES}"
             )
-        if self.dtype not in DTYPES:
-            raise ModelConfigError(f"model.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
         if "{}" not in self.edit_module:
             raise ModelConfigError(
                 f"model.modules.edit={self.edit_module!r} needs a '{{}}' slot for the layer index"
@@ -175,14 +172,28 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer, its spec, a string that identifies its weights exactly, and the
-    model config it was loaded from (plain, with its hyperparameters)."""
+    """A model, its tokenizer, its spec, a string that identifies its weights exactly, the
+    model config it was loaded from (plain, with its hyperparameters), and the precision its
+    forward and backward passes run in."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     spec: ModelSpec
-    identity: str
+    weights_identity: str  # the weights, exactly (their dtype included)
     config: dict[str, Any]
+    precision: Precision = get_precision(DEFAULT_PRECISION)
+
+    @property
+    def identity(self) -> str:
+        """What every cached computation on this model is keyed by: the weights and, for a
+        mixed precision, the matmuls' dtype."""
+        if not self.precision.mixed:
+            return self.weights_identity
+        return f"{self.weights_identity}|{self.precision.name}"
+
+    def compute(self) -> contextlib.AbstractContextManager:
+        """The context forward and backward passes run in (autocast for a mixed precision)."""
+        return self.precision.compute(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -207,18 +218,23 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(source: Any, device: str | None = "auto") -> LoadedModel:
+def load_model(
+    source: Any, device: str | None = "auto", precision: str | Precision | None = None
+) -> LoadedModel:
     """Load a model from a name in ``conf/model`` ("tiny-llama3"), a model config (the
-    ``model`` node of a run config, or a dict), or a Hugging Face id or directory."""
+    ``model`` node of a run config, or a dict), or a Hugging Face id or directory, with its
+    weights in the dtype ``precision`` stores them in (default ``32-true``)."""
+    precision = get_precision(precision)
+    precision.check_device(resolve_device(device))
     model_cfg = source
     if isinstance(source, str):
         from editexp.config import compose, model_names
 
         if source not in model_names():
-            return _load_hf_id(source, device)
+            return _load_hf_id(source, device, precision)
         model_cfg = compose(source).model
     spec = ModelSpec.from_config(model_cfg)
-    dtype = DTYPES[spec.dtype]
+    dtype = precision.weights
     if spec.source == "hf":
         model, tokenizer, identity = _load_hf(spec, dtype)
     elif spec.source == "gguf":
@@ -235,10 +251,49 @@ def load_model(source: Any, device: str | None = "auto") -> LoadedModel:
         raise ModelConfigError(
             f"model.n_layers={spec.n_layers} but {spec.name!r} has {actual_layers} layers"
         )
-    return LoadedModel(model, tokenizer, spec, identity, config=_plain(model_cfg))
+    loaded = LoadedModel(model, tokenizer, spec, identity, _plain(model_cfg), precision)
+    if precision.mixed:
+        round_frozen_matrices(loaded)
+    return loaded
 
 
-def _load_hf_id(name: str, device: str | None) -> LoadedModel:
+@contextlib.contextmanager
+def attention_for_gradients(loaded: LoadedModel) -> Iterator[None]:
+    """bfloat16 on a CPU: eager attention while gradients flow. torch's CPU flash attention
+    has a bfloat16 backward about 16x slower than its float32 one (the value optimisation on
+    SmolLM2: docs/precision.md); its forward is the faster one, so scoring keeps it."""
+    if loaded.precision.matmul_dtype != torch.bfloat16 or loaded.device.type != "cpu":
+        yield
+        return
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        loaded.model.set_attn_implementation(previous)
+
+
+def round_frozen_matrices(loaded: LoadedModel) -> int:
+    """bf16-mixed: store every linear layer's matrix in bfloat16 once, except the editable
+    matrices (``model.modules.edit`` at every layer: edits add to them in float32), the input
+    embedding (the float32 residual stream starts there) and the LM head (scores read float32
+    logits). Autocast rounds a float32 matrix to bfloat16 on every call, so the matmuls see
+    the same numbers bit for bit; stored rounded, no call pays for the cast. The model then
+    runs inside :meth:`LoadedModel.compute` only. Returns how many matrices were rounded."""
+    from transformers.pytorch_utils import Conv1D
+
+    kept = {loaded.edit_module(layer) for layer in range(loaded.spec.n_layers)}
+    kept.add(loaded.model.get_output_embeddings())
+    rounded = 0
+    for module in loaded.model.modules():
+        if not isinstance(module, nn.Linear | Conv1D) or module in kept:
+            continue
+        module.to(loaded.precision.matmul_dtype)
+        rounded += 1
+    return rounded
+
+
+def _load_hf_id(name: str, device: str | None, precision: Precision) -> LoadedModel:
     if looks_like_path(name) and not Path(name).expanduser().exists():
         from editexp.config import model_names
 
@@ -247,18 +302,20 @@ def _load_hf_id(name: str, device: str | None) -> LoadedModel:
             "such directory exists; expected one of those, a model directory or a Hugging Face id"
         )
     with reading_model(name):
-        model = AutoModelForCausalLM.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=precision.weights)
         tokenizer = AutoTokenizer.from_pretrained(name)
     model.to(resolve_device(device))
-    return wrap_model(model, tokenizer)
+    return wrap_model(model, tokenizer, precision=precision)
 
 
 def wrap_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     modules: dict[str, Any] | None = None,
+    precision: str | Precision | None = None,
 ) -> LoadedModel:
-    """A model the user has loaded, ready to edit.
+    """A model the user has loaded, ready to edit. ``precision`` must store weights in the
+    model's dtype (None: the ``-true`` precision of that dtype; ``bf16-mixed`` for float32).
 
     ``modules`` (``{"layers": "model.layers", "edit": "model.layers.{}.mlp.down_proj",
     "conv1d": False}``) says which matrix to edit; without it, the first config in
@@ -278,14 +335,19 @@ def wrap_model(
     fitting.sort(key=lambda cfg: (cfg.n_layers != n_layers, cfg.source == "random", cfg.name))
     base = _plain(fitting[0]) if fitting else _plain(known[0])
     name = getattr(model, "name_or_path", "") or type(model).__name__
-    dtype = next(name for name, dtype in DTYPES.items() if dtype == model.dtype)
+    precision = precision_of(model.dtype) if precision is None else get_precision(precision)
+    if precision.weights != model.dtype:
+        raise ModelConfigError(
+            f"precision={precision.name} keeps its weights in {precision.weights}; this model "
+            f"holds {model.dtype} (load it in that dtype, or pass the precision of its own)"
+        )
+    dtype = DTYPE_NAMES[model.dtype]
     config = {
         **base,
         "name": name,
         "source": "hf",
         "path": name,
         "revision": None,
-        "dtype": dtype,
         "n_layers": n_layers,
         "default_layer": min(int(base["default_layer"]), n_layers - 1),
         "modules": {**base["modules"], **(modules or {})},
@@ -298,7 +360,11 @@ def wrap_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     commit = getattr(model.config, "_commit_hash", None) or "local"
-    return LoadedModel(model, tokenizer, spec, f"hf:{name}@{commit}:{dtype}", config)
+    identity = f"hf:{name}@{commit}:{dtype}"
+    loaded = LoadedModel(model, tokenizer, spec, identity, config, precision)
+    if precision.mixed:
+        round_frozen_matrices(loaded)
+    return loaded
 
 
 def _has_modules(model: nn.Module, modules: Any) -> bool:
@@ -315,7 +381,7 @@ def _load_hf(spec: ModelSpec, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision)
     commit = getattr(model.config, "_commit_hash", None) or spec.revision or "local"
-    return model, tokenizer, f"hf:{spec.path}@{commit}:{spec.dtype}"
+    return model, tokenizer, f"hf:{spec.path}@{commit}:{DTYPE_NAMES[dtype]}"
 
 
 def gguf_path(spec: ModelSpec) -> Path:
@@ -341,8 +407,8 @@ def gguf_path(spec: ModelSpec) -> Path:
 def _load_gguf(spec: ModelSpec, dtype: torch.dtype):
     path = gguf_path(spec)
     digest = file_sha256(path)
-    identity = f"gguf:{digest[:16]}:{spec.dtype}"
-    cached = cache_root() / "models" / f"{spec.name}-{digest[:16]}-{spec.dtype}"
+    identity = f"gguf:{digest[:16]}:{DTYPE_NAMES[dtype]}"
+    cached = cache_root() / "models" / f"{spec.name}-{digest[:16]}-{DTYPE_NAMES[dtype]}"
     if not (cached / "config.json").is_file():  # a complete copy is read without a lock
         with reading_model(str(path), gguf=True):
             _dequantize(path, cached, dtype)
@@ -385,7 +451,7 @@ def _build_random(spec: ModelSpec, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     identity = (
         f"random:{model_type}:{stable_hash([architecture, spec.tokenizer])}:"
-        f"seed{spec.init_seed}:{spec.dtype}"
+        f"seed{spec.init_seed}:{DTYPE_NAMES[dtype]}"
     )
     return model, tokenizer, identity
 
@@ -414,8 +480,10 @@ def model_shape(model_cfg: Any, layer: int) -> ModelShape:
             where["revision"] = spec.revision
         else:
             path = gguf_path(spec)
-            cached = cache_root() / "models" / f"{spec.name}-{file_sha256(path)[:16]}-{spec.dtype}"
-            if (cached / "config.json").is_file():
+            stem = cache_root() / "models" / f"{spec.name}-{file_sha256(path)[:16]}"
+            copies = [stem.with_name(f"{stem.name}-{name}") for name in DTYPE_NAMES.values()]
+            cached = next((copy for copy in copies if (copy / "config.json").is_file()), None)
+            if cached is not None:  # a dequantized copy in any dtype has the config
                 where = {"pretrained_model_name_or_path": cached}
             else:  # not dequantized yet: the GGUF file's metadata
                 where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}

@@ -109,6 +109,7 @@ class RunRecord:
     # as ``post`` except in sequential every_k runs, which also score each batch right after
     # its update ({} for the final schedule, which does not)
     each_batch: Aggregate = field(default_factory=dict)
+    precision: str = "32-true"  # editexp/precision.py (summaries of older versions: 32-true)
     config_hash: str | None = None  # what the run directory checks before skipping it
     data_hash: str | None = None  # (editexp.run_dir; None in summaries of older versions)
 

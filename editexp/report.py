@@ -61,6 +61,7 @@ HEADERS = {
     "lambda": "λ",
     "keep_edits": "Keep edits",
     "eval_schedule": "Eval",
+    "precision": "Precision",
 }
 
 

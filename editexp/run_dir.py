@@ -101,7 +101,23 @@ def comparable_config(cfg: DictConfig | Mapping) -> dict[str, Any]:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(last, None)
+    _as_dtypes(container)
     return container
+
+
+# ``precision`` replaced ``model.dtype`` and ``stats.dtype``: a run in a precision those two
+# keys could say is compared as they said it, so runs made before keep their config hash.
+_DTYPES_OF_PRECISION = {"64-true": "float64", "32-true": "float32", "bf16-true": "bfloat16"}
+
+
+def _as_dtypes(container: dict[str, Any]) -> None:
+    dtype = _DTYPES_OF_PRECISION.get(container.get("precision", "32-true"))
+    if dtype is None:  # bf16-mixed: no such run existed before
+        return
+    container.pop("precision", None)
+    for block in ("model", "stats"):
+        if isinstance(container.get(block), dict):
+            container[block]["dtype"] = dtype
 
 
 @dataclass(frozen=True)

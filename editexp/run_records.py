@@ -146,6 +146,7 @@ def run_record(
         timing={**state.timing, "total": elapsed},
         run_dir=str(run_dir),
         values=dict(state.values),
+        precision=settings.precision,
         config_hash=state.config_hash,
         data_hash=state.data_hash,
     )

@@ -135,7 +135,7 @@ def edit_and_evaluate(
     write_hydra_files(own_hydra_files)  # a refused job may have overwritten them
     config, tags = tracker_config(cfg, settings, wandb.experiment)
     with tracking(cfg.logger, wandb, config, directory.path, tags) as tracker:
-        loaded = load_model(cfg.model, cfg.device)
+        loaded = load_model(cfg.model, cfg.device, cfg.get("precision"))
         base = {layer: fingerprint(loaded.weight(layer)) for layer in settings.layers}
         if state.batches:
             log.info("Resuming after update %d of %d", state.updates_done, settings.n_updates)
@@ -196,6 +196,7 @@ def tracker_config(
         mode=settings.mode,
         experiment=experiment,
         eval_schedule=settings.schedule,
+        precision=settings.precision,
     )
     config = {**flat_axes(axes), "cfg": OmegaConf.to_container(cfg, resolve=True)}
     return config, [settings.model_name, settings.algorithm]

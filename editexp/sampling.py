@@ -25,7 +25,7 @@ singularly edited facts generate in one batch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -129,7 +129,7 @@ def _sample_batch(
     are batched by length, so rows want about as many tokens).
     """
     device = model.device
-    base = model.base_model
+    base, head = model.base_model, lm_head(model)
     counts = [len(row_draws) for row_draws in draws]
     steps = max(counts)
     draw_table = torch.zeros(len(draws), steps)
@@ -151,7 +151,7 @@ def _sample_batch(
             cache=cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
-        picked = top_k_pick(_logits(model, hidden), draw_table[:, step], top_k)
+        picked = top_k_pick(_logits(model, head, hidden), draw_table[:, step], top_k)
         tokens[:, step] = picked.cpu()
         input_ids = picked.unsqueeze(1)
         position_ids = position_ids[:, -1:] + 1
@@ -159,9 +159,24 @@ def _sample_batch(
     return [tokens[row, :count].tolist() for row, count in enumerate(counts)]
 
 
-def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+def lm_head(model: PreTrainedModel) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LM head; inside autocast, with its matrix cast once (autocast would cast a float32
+    head at every step, the same numbers each time)."""
+    head = model.get_output_embeddings()
+    device_type = head.weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return head
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return lambda hidden: torch.nn.functional.linear(hidden.to(dtype), weight, bias)
+
+
+def _logits(
+    model: PreTrainedModel, head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
+) -> torch.Tensor:
     """Next-token logits from final hidden states (B, d), as the causal-LM head computes them."""
-    logits = model.get_output_embeddings()(hidden)
+    logits = head(hidden)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

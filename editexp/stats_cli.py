@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict[int, LayerStats]:
     source.check_tokens(shape.tokenizer, shape.d_k)
     print(f"model {cfg.model.name}, layers {layers}, corpus {source.describe()}")
     start = time.perf_counter()
-    loaded = load_model(cfg.model, cfg.device)
+    loaded = load_model(cfg.model, cfg.device, cfg.get("precision"))
     settings = StatsSettings.from_config(cfg.stats)
     per_token = forward_flops_per_token(loaded.model, loaded.spec.layers_module, max(layers))
     print(estimate(per_token, settings.n_tokens, loaded.weight(layers[0]).shape[1]))

@@ -33,6 +33,7 @@ GRID_FIELDS = (
     "lambda",
     "keep_edits",
     "eval_schedule",
+    "precision",
 )
 
 

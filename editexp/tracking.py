@@ -139,6 +139,7 @@ class RunAxes:
     mode: str
     experiment: str | None
     eval_schedule: str
+    precision: str = "32-true"
 
 
 def flat_axes(axes: RunAxes) -> dict[str, Any]:
@@ -153,6 +154,7 @@ def flat_axes(axes: RunAxes) -> dict[str, Any]:
         "lambda": axes.lam,
         "mode": axes.mode,
         "experiment": axes.experiment or "none",
+        "precision": axes.precision,
         "eval_schedule": axes.eval_schedule,
     }
 

@@ -118,8 +118,11 @@ def tiny(request):
 def float64_copy(name: str):
     """A float64 copy of a model, so that two computations agree far below float32's
     rounding (~1e-10)."""
+    from editexp.precision import get_precision
+
     loaded = copy.copy(cached_model(name))
     loaded.model = copy.deepcopy(loaded.model).double()
+    loaded.precision = get_precision("64-true")
     return loaded
 
 

@@ -45,7 +45,6 @@ def stats_config(**overrides) -> DictConfig:
         "n_tokens": N_TOKENS,
         "seq_len": SEQ_LEN,
         "batch_size": 4,
-        "dtype": "float32",
     }
     settings.update(overrides)
     return OmegaConf.create(settings)

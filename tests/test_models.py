@@ -8,6 +8,7 @@ import copy
 
 import pytest
 from conftest import compose_config
+from omegaconf import OmegaConf
 
 from editexp.cache import cache_root
 from editexp.models import ModelConfigError, ModelSpec
@@ -17,9 +18,9 @@ def test_model_spec_errors_name_the_value():
     cfg = compose_config("model=tiny-llama3").model
     for key, value, message in [
         ("source", "onnx", "model.source='onnx'"),
-        ("dtype", "int8", "model.dtype='int8'"),
+        ("dtype", "float32", "model.dtype=float32 is not a model setting.*precision="),
     ]:
-        bad = copy.deepcopy(cfg)
+        bad = OmegaConf.to_container(cfg)  # a plain dict: a key the config does not have
         bad[key] = value
         with pytest.raises(ModelConfigError, match=message):
             ModelSpec.from_config(bad)

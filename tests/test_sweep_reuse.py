@@ -88,8 +88,7 @@ def test_singular_run_equals_editing_each_fact_alone(tmp_path, cache_dir, algori
     score it, revert (float64, so that batching changes nothing beyond 1e-9)."""
     overrides = [
         *FAST,
-        "model.dtype=float64",
-        "stats.dtype=float64",
+        "precision=64-true",
         f"algorithm={algorithm}",
         "mode=singular",
         "n_edits=3",
@@ -100,7 +99,7 @@ def test_singular_run_equals_editing_each_fact_alone(tmp_path, cache_dir, algori
     record = run(cfg, tmp_path / "batched").to_json()
     assert record["edits_done"] == 3 and record["values"] == {"computed": 3, "read": 0}
 
-    loaded = load_model(cfg.model, "cpu")
+    loaded = load_model(cfg.model, "cpu", cfg.precision)
     editor, evaluator = Editor(loaded, cfg), Evaluator.from_config(loaded, cfg)
     facts: list[Fact] = choose_facts(cfg, editor.settings)
     generate_for = generation_case_ids(facts, 2, editor.settings.batch_size)
@@ -152,7 +151,7 @@ def test_singular_run_resumes_after_a_chunk(tmp_path, cache_dir):
 
 def test_evaluator_scores_from_layer_states_as_from_scratch(tmp_path, cache_dir):
     cfg = compose_config(*FAST, "algorithm=memit", "n_edits=3", "layer=2")
-    loaded = load_model(cfg.model, "cpu")
+    loaded = load_model(cfg.model, "cpu", cfg.precision)
     editor, plain = Editor(loaded, cfg), Evaluator.from_config(loaded, cfg)
     facts = choose_facts(cfg, editor.settings)
     skipping = Evaluator.from_config(loaded, cfg)
@@ -173,7 +172,7 @@ def test_evaluator_scores_from_layer_states_as_from_scratch(tmp_path, cache_dir)
 def test_evaluator_gives_each_fact_its_own_edit_whatever_the_generation_order(cache_dir):
     """Facts with GE are evaluated first inside Evaluator.score: the edits must follow them."""
     cfg = compose_config(*FAST, "algorithm=rome", "mode=singular", "n_edits=3")
-    loaded = load_model(cfg.model, "cpu")
+    loaded = load_model(cfg.model, "cpu", cfg.precision)
     editor, evaluator = Editor(loaded, cfg), Evaluator.from_config(loaded, cfg)
     facts = choose_facts(cfg, editor.settings)
     singular = editor.edit_singular(facts)

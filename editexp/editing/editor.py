@@ -313,18 +313,26 @@ class Editor:
         algorithm: str = "memit",
         device: str = "auto",
         modules: dict[str, Any] | None = None,
+        precision: str | None = None,
         **overrides: Any,
     ) -> Editor:
         """An Editor for ``model``: a name in ``conf/model``, a Hugging Face id, a loaded
         :class:`LoadedModel`, or a ``transformers`` causal LM with its ``tokenizer`` (and
-        ``modules`` for an architecture that ``conf/model`` does not know). ``overrides``
-        are run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``, ``**{"stats.n_tokens": 10**6}``."""
+        ``modules`` for an architecture that ``conf/model`` does not know), in ``precision``
+        (``32-true``, ``bf16-mixed``, ``bf16-true``, ``64-true``; None: ``32-true``, or a given
+        model's own). ``overrides`` are run config keys, e.g. ``layer=[4, 5]``, ``lam=1e4``,
+        ``**{"stats.n_tokens": 10**6}``."""
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
                 raise EditingError("Editor.from_pretrained(model, tokenizer): pass the tokenizer")
-            model = wrap_model(model, tokenizer, modules)
+            model = wrap_model(model, tokenizer, modules, precision)
         elif not isinstance(model, LoadedModel):
-            model = load_model(model, device)
+            model = load_model(model, device, precision)
+        elif precision is not None and precision != model.precision.name:
+            raise EditingError(
+                f"precision={precision}, but the model was loaded in {model.precision.name}"
+            )
+        overrides = {"precision": model.precision.name, **overrides}
         return cls(model, compose(model.config, algorithm, **overrides))
 
     @property

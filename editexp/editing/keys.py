@@ -86,7 +86,7 @@ def read_at_subject(
     def consume(layer: int, values: torch.Tensor) -> None:
         captured[layer].append(values.float().cpu())  # (B, d): one row per sequence
 
-    with ActivationCapture(modules, hook_at, consume) as capture:
+    with loaded.compute(), ActivationCapture(modules, hook_at, consume) as capture:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = pad_sequences([ids for ids, _ in chunk], tokenizer.pad_token_id)

@@ -50,9 +50,10 @@ def context_prefixes(
     def sample() -> list[str]:
         tokenizer = loaded.tokenizer
         starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
-        continuations = sample_continuation_ids(
-            loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
-        )
+        with loaded.compute():
+            continuations = sample_continuation_ids(
+                loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
+            )
         prefixes = [""]
         for starter, continuation in zip(starters, continuations):
             ids = encode_prompt(tokenizer, starter) + continuation

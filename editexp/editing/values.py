@@ -47,7 +47,7 @@ from transformers import DynamicCache
 from editexp.algorithms import ValueHparams
 from editexp.editing.keys import EditRequest, check_prefixes, context_texts
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
-from editexp.models import LoadedModel
+from editexp.models import LoadedModel, attention_for_gradients
 from editexp.progress import on_terminal
 from editexp.tokens import (
     PaddedBatch,
@@ -156,7 +156,8 @@ def compute_values(
     )
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
-        parts.append(_optimise_chunk(loaded, chunk, prefixes, layer, hparams))
+        with loaded.compute(), attention_for_gradients(loaded):  # autocast: matmuls only
+            parts.append(_optimise_chunk(loaded, chunk, prefixes, layer, hparams))
         bar.update(len(chunk))
     bar.close()
     return Values.concat(parts)
@@ -240,7 +241,8 @@ class _AddDelta:
     """Forward hook on the value site, for a tail forward (column 0 is the subject's last
     token): adds each row's delta there, and on request records the output there first."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_dtype: torch.dtype) -> None:
+        self.stream_dtype = stream_dtype  # the residual stream's: the weights' dtype
         self.row_deltas: torch.Tensor | None = None  # (G, d_v) the delta of each row's fact
         self.recorded: torch.Tensor | None = None  # (G, d_v) the output before the delta
 
@@ -248,8 +250,12 @@ class _AddDelta:
         hidden = output[0] if isinstance(output, tuple) else output  # (G, L, d_v)
         if self.recorded is None:
             self.recorded = at_least_float32(hidden[:, 0].detach())
-        shifted = hidden[:, :1] + self.row_deltas[:, None].to(hidden.dtype)
-        hidden = torch.cat([shifted, hidden[:, 1:]], dim=1)
+        # h + delta in delta's precision (under autocast h is a bfloat16 matmul output), then
+        # into the residual stream's dtype.
+        shifted = (hidden[:, :1].to(self.row_deltas.dtype) + self.row_deltas[:, None]).to(
+            self.stream_dtype
+        )
+        hidden = torch.cat([shifted, hidden[:, 1:].to(self.stream_dtype)], dim=1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
@@ -339,7 +345,7 @@ def _optimise_chunk(
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     steps = torch.zeros(n_facts, dtype=torch.long)
     losses = torch.zeros(n_facts, dtype=dtype)
-    hook = _AddDelta()
+    hook = _AddDelta(stream_dtype=loaded.model.get_input_embeddings().weight.dtype)
     handle = value_site(loaded, layer).register_forward_hook(hook)
     try:
         for step in range(hparams.v_steps):

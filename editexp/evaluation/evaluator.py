@@ -138,16 +138,17 @@ class Evaluator:
             generation_batch_size=self.generation_batch_size,
             progress=len(facts) > 8,
         )
-        results = evaluate_facts(
-            self.model.model,
-            self.model.tokenizer,
-            ordered,
-            settings,
-            edits=row_edits,
-            start_states=states,
-            record_states=self.layer_states if record_states else None,
-        )
-        self._score_fact_providers(ordered, results, edits)
+        with self.model.compute():  # autocast for a mixed precision (scores: exact head)
+            results = evaluate_facts(
+                self.model.model,
+                self.model.tokenizer,
+                ordered,
+                settings,
+                edits=row_edits,
+                start_states=states,
+                record_states=self.layer_states if record_states else None,
+            )
+            self._score_fact_providers(ordered, results, edits)
         self.seconds += time.perf_counter() - start
         by_case = {result.case_id: result for result in results}
         return [by_case[fact.case_id] for fact in facts]
@@ -167,8 +168,9 @@ class Evaluator:
         """The model-level providers' metrics of the model as it is now ({} without any)."""
         start = time.perf_counter()
         values: dict[str, float] = {}
-        for model_provider in self.model_providers:
-            values.update(model_provider.score(self.model))
+        with self.model.compute():
+            for model_provider in self.model_providers:
+                values.update(model_provider.score(self.model))
         self.seconds += time.perf_counter() - start
         return values
 
@@ -214,14 +216,15 @@ class Evaluator:
         """Record the layer states of ``facts``'s prompts with passes through the layers below
         the states' layer, batched exactly as :meth:`score` batches ``facts``."""
         prompts, targets, _ = scored_prompts(facts)
-        record_layer_states(
-            self.model.model,
-            self.model.tokenizer,
-            prompts,
-            targets,
-            self.layer_states,
-            self.batch_size,
-        )
+        with self.model.compute():
+            record_layer_states(
+                self.model.model,
+                self.model.tokenizer,
+                prompts,
+                targets,
+                self.layer_states,
+                self.batch_size,
+            )
 
     def pre_edit(
         self, facts: Sequence[Fact], generate_for: Collection[int] = ()
@@ -272,9 +275,14 @@ class Evaluator:
 
     def compare(self, prompt: str, target_a: str, target_b: str) -> Comparison:
         """Which of two continuations of ``prompt`` the model prefers, and by how much."""
-        ((score_a, score_b),) = score_continuations(
-            self.model.model, self.model.tokenizer, [prompt], [[target_a, target_b]], progress=False
-        )
+        with self.model.compute():
+            ((score_a, score_b),) = score_continuations(
+                self.model.model,
+                self.model.tokenizer,
+                [prompt],
+                [[target_a, target_b]],
+                progress=False,
+            )
         return Comparison(prompt, target_a, target_b, float(score_a), float(score_b))
 
 

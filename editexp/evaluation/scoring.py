@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from editexp.layer_skip import StopForward, capture_layer_input, forward_from_layer
+from editexp.precision import exact
 from editexp.progress import on_terminal
 from editexp.row_edits import PromptEdits, RowEdits
 from editexp.tokens import encode_prompt, encode_target, pad_sequences
@@ -445,8 +446,12 @@ def _padded_states(
 
 
 def _log_softmax_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities from final hidden states (already normalised by the base model)."""
-    logits = model.get_output_embeddings()(hidden)
+    """Log-probabilities from final hidden states (already normalised by the base model), with
+    the head in the weights' dtype even inside autocast: a bfloat16 logit's rounding (0.016 to
+    0.125 nats) would decide near-ties."""
+    head = model.get_output_embeddings()
+    with exact(hidden.device):
+        logits = head(hidden.to(head.weight.dtype))
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:  # Gemma-2 style: the causal-LM forward applies it after lm_head
         logits = torch.tanh(logits / softcap) * softcap
