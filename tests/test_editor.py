@@ -130,7 +130,7 @@ def test_delta_file_round_trip(own_model64, tmp_path):
         other.edit_module(layer).weight, own_model64.edit_module(layer).weight, rtol=0, atol=1e-6
     )
     wrong = copy.copy(other)
-    wrong.identity = "some-other-model"
+    wrong.weights_identity = "some-other-model"
     with pytest.raises(EditingError, match="holds edits of model"):
         apply_edits(wrong, path)
 

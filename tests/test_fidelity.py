@@ -10,6 +10,7 @@ docs/fidelity.md lists every point of agreement and the test that pins it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -191,7 +192,11 @@ def test_prefixes_keep_the_space_after_the_starter_with_a_llama2_tokenizer(tmp_p
     model = LlamaForCausalLM(config).eval()
     monkeypatch.setenv("EDITEXP_CACHE_DIR", str(tmp_path))
     loaded = SimpleNamespace(
-        model=model, tokenizer=tokenizer, identity="sp-test", spec=SimpleNamespace(name="sp")
+        model=model,
+        tokenizer=tokenizer,
+        identity="sp-test",
+        spec=SimpleNamespace(name="sp"),
+        compute=contextlib.nullcontext,
     )
     prefixes = context_prefixes(loaded, count=5, length=8, seed=0)
     assert prefixes[0] == ""

@@ -3,6 +3,7 @@ per-layer cache and its lock, held-out keys, the corpus windows, and editexp-sta
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from editexp.layer_stats import (
     load_or_compute_stats,
     sample_keys,
 )
+from editexp.precision import get_precision
 
 PROJECT = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("EDITEXP_DATA_DIR", str(PROJECT.parent / "shared" / "data"))
@@ -353,7 +355,9 @@ def test_cache_key_covers_what_changes_the_result(tiny_llama3, cache_dir, monkey
     assert other_batch.path == base.path and other_batch.from_cache
     assert run(n_tokens=N_TOKENS // 2).path != base.path
     assert run(seq_len=SEQ_LEN // 2).path != base.path
-    assert run(dtype="bfloat16").path != base.path
+    mixed = dataclasses.replace(loaded, precision=get_precision("bf16-mixed"))
+    in_bf16 = load_or_compute_stats(mixed, [1], stats_config(), data, False, held_out_keys=0)[1]
+    assert in_bf16.path != base.path
     only_one_file = stats_config(corpus={"files": [f"{DATA_DIR}/corpus/state-union-1945-2006.txt"]})
     alone = load_or_compute_stats(loaded, [1], only_one_file, data, False, held_out_keys=0)[1]
     assert alone.path != base.path

@@ -214,6 +214,7 @@ def test_flat_axes_are_scalars() -> None:
         "lambda": 15000.0,
         "mode": "batch",
         "experiment": "none",
+        "precision": "32-true",
         "eval_schedule": "each_batch",
     }
     many = flat_axes(

@@ -98,7 +98,7 @@ def test_everything_that_changes_the_values_changes_the_key(tiny_llama3, change,
         requests = [dataclasses.replace(REQUESTS[0], target_new="German")]
     elif change == "model":
         loaded = copy.copy(tiny_llama3)
-        loaded.identity = tiny_llama3.identity + "-other-weights"
+        loaded.weights_identity = tiny_llama3.weights_identity + "-other-weights"
     elif change == "code":
         monkeypatch.setattr("editexp.editing.value_cache._CODE_HASH", ["another-version"])
     other = Counting(loaded, **kwargs)
