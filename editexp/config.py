@@ -30,7 +30,7 @@ from editexp.algorithms import (
 from editexp.config_dir import CONFIG_DIR
 from editexp.errors import UserError
 from editexp.objective import Objective, parse_objective
-from editexp.precision import PRECISIONS
+from editexp.precision import DEFAULT_PRECISION, PRECISION_HINT, PRECISIONS
 
 __all__ = [
     "ConfigError",
@@ -97,10 +97,7 @@ _ABSENT = object()
 # line may append (+key=value); a key below one of them is fine too.
 OPTIONAL_KEYS = ("debug.stop_after_updates", "eval.metrics", "eval.perplexity")
 # Keys that were settings once, and what replaced them.
-REPLACED_KEYS = {
-    "model.dtype": "precision=32-true|bf16-mixed|bf16-true|64-true",
-    "stats.dtype": "precision=32-true|bf16-mixed|bf16-true|64-true",
-}
+REPLACED_KEYS = {"model.dtype": PRECISION_HINT, "stats.dtype": PRECISION_HINT}
 
 
 def check_appended(overrides: Iterable[str], cfg: DictConfig, groups: Mapping[str, Any]) -> None:
@@ -255,7 +252,7 @@ def check_inputs(cfg: DictConfig) -> None:
     """Types and ranges of everything outside the sweep axes (run_settings checks those)."""
     _int("seed", cfg.seed)
     check_device(cfg.device)
-    _choice("precision", cfg.get("precision", "32-true"), tuple(PRECISIONS))
+    _choice("precision", cfg.get("precision", DEFAULT_PRECISION), tuple(PRECISIONS))
     _bool("force", cfg.force)
     _bool("save_deltas", cfg.save_deltas)
     _check_stats(cfg.stats)
@@ -285,7 +282,7 @@ def _check_stats(stats: DictConfig) -> None:
     if stats.get("dtype") is not None:
         raise ConfigError(
             f"stats.dtype={stats.dtype} is not a setting; the statistics run in the run's "
-            f"precision: precision={'|'.join(PRECISIONS)}"
+            f"precision: {PRECISION_HINT}"
         )
     corpus_files = stats.corpus.get("files")
     if corpus_files is not None and not (
@@ -402,7 +399,7 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
         keep_edits=solver.keep_edits,
         nullspace_threshold=solver.nullspace_threshold,
         objective=objective,
-        precision=str(cfg.get("precision", "32-true")),
+        precision=str(cfg.get("precision", DEFAULT_PRECISION)),
     )
 
 

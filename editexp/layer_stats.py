@@ -33,7 +33,7 @@ from editexp.data.corpus import CorpusSource, corpus_batches
 from editexp.errors import UserError
 from editexp.models import DTYPE_NAMES, LoadedModel
 from editexp.paths import safe_name
-from editexp.precision import exact
+from editexp.precision import PRECISION_HINT, exact
 from editexp.progress import on_terminal
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class StatsSettings:
         if stats_cfg.get("dtype") is not None:
             raise StatsError(
                 f"stats.dtype={stats_cfg.get('dtype')} is not a setting; the statistics' "
-                "forward pass runs in the run's precision (precision=32-true|bf16-mixed|...)"
+                f"forward pass runs in the run's precision ({PRECISION_HINT})"
             )
         settings = cls(
             n_tokens=int(stats_cfg.get("n_tokens")),

@@ -45,7 +45,13 @@ from transformers import (
 
 from editexp.cache import cache_root, file_lock, file_sha256, stable_hash
 from editexp.errors import UserError, one_line
-from editexp.precision import DEFAULT_PRECISION, Precision, get_precision, precision_of
+from editexp.precision import (
+    DEFAULT_PRECISION,
+    PRECISION_HINT,
+    Precision,
+    get_precision,
+    precision_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +123,7 @@ class ModelSpec:
         if get("dtype") is not None:
             raise ModelConfigError(
                 f"model.dtype={get('dtype')} is not a model setting; the run's precision "
-                "sets the weights' dtype: precision=32-true|bf16-mixed|bf16-true|64-true"
+                f"sets the weights' dtype: {PRECISION_HINT}"
             )
         modules = get("modules")
         spec = cls(

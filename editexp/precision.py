@@ -100,6 +100,7 @@ PRECISIONS = {
     )
 }
 DEFAULT_PRECISION = "32-true"
+PRECISION_HINT = "precision=32-true|bf16-mixed|bf16-true|64-true"  # for error messages
 
 
 def get_precision(name: str | Precision | None) -> Precision:

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editexp.cache import atomic_write_json, atomic_write_text, stable_hash, write_problem
 from editexp.errors import EXIT_USER_ERROR, UserError, one_line
+from editexp.precision import DEFAULT_PRECISION, PRECISIONS
 
 LOCK_NAME = ".editexp.lock"
 RECORD_NAME = "run.json"
@@ -105,19 +106,17 @@ def comparable_config(cfg: DictConfig | Mapping) -> dict[str, Any]:
     return container
 
 
-# ``precision`` replaced ``model.dtype`` and ``stats.dtype``: a run in a precision those two
-# keys could say is compared as they said it, so runs made before keep their config hash.
-_DTYPES_OF_PRECISION = {"64-true": "float64", "32-true": "float32", "bf16-true": "bfloat16"}
-
-
 def _as_dtypes(container: dict[str, Any]) -> None:
-    dtype = _DTYPES_OF_PRECISION.get(container.get("precision", "32-true"))
-    if dtype is None:  # bf16-mixed: no such run existed before
+    """``precision`` replaced ``model.dtype`` and ``stats.dtype``: a run in a ``-true``
+    precision (one those two keys could say) is compared as they said it, so runs made before
+    keep their config hash."""
+    precision = PRECISIONS.get(container.get("precision", DEFAULT_PRECISION))
+    if precision is None or precision.mixed:  # bf16-mixed: no such run existed before
         return
     container.pop("precision", None)
     for block in ("model", "stats"):
         if isinstance(container.get(block), dict):
-            container[block]["dtype"] = dtype
+            container[block]["dtype"] = precision.weights_name
 
 
 @dataclass(frozen=True)
