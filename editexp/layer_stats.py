@@ -406,15 +406,16 @@ def _compute_stats(
     batches = corpus_batches(
         loaded.tokenizer, source, settings.seq_len, settings.n_tokens, settings.batch_size
     )
-    stats = collect_layer_stats(
-        loaded.model,
-        loaded.spec.edit_module,
-        layers,
-        batches,
-        settings.n_tokens,
-        progress=progress,
-        dtype=loaded.precision.matmul_dtype,
-    )
+    with loaded.compute():  # bf16-mixed: the matmuls read the stored bfloat16 matrices
+        stats = collect_layer_stats(
+            loaded.model,
+            loaded.spec.edit_module,
+            layers,
+            batches,
+            settings.n_tokens,
+            progress=progress,
+            dtype=loaded.precision.matmul_dtype,
+        )
     for layer, item in stats.items():
         d_k = item.second_moment.shape[0]
         if item.n_tokens < d_k:  # C0 would be singular: refuse it, cache nothing
@@ -512,7 +513,8 @@ def _capture_held_out_keys(
         progress,
         "key",
     )
-    _run_capture(loaded.model, batches, capture, consume)
+    with loaded.compute():
+        _run_capture(loaded.model, batches, capture, consume)
     return {
         layer: {"layer": layer, "keys": torch.cat(chunks[layer]).T.contiguous()} for layer in layers
     }

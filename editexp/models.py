@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +188,8 @@ class LoadedModel:
     weights_identity: str  # the weights, exactly (their dtype included)
     config: dict[str, Any]
     precision: Precision = get_precision(DEFAULT_PRECISION)
+    # bf16-mixed: the frozen matrices are stored in bfloat16 from the first compute() on
+    frozen_rounded: bool = field(default=False, init=False)
 
     @property
     def identity(self) -> str:
@@ -198,7 +200,12 @@ class LoadedModel:
         return f"{self.weights_identity}|{self.precision.name}"
 
     def compute(self) -> contextlib.AbstractContextManager:
-        """The context forward and backward passes run in (autocast for a mixed precision)."""
+        """The context forward and backward passes run in (autocast for a mixed precision).
+        A mixed precision's first call stores the frozen matrices rounded
+        (:func:`round_frozen_matrices`): until then the float32 model is intact, so the
+        context prefixes can be sampled from it exactly."""
+        if self.precision.mixed and not self.frozen_rounded:
+            round_frozen_matrices(self)
         return self.precision.compute(self.device)
 
     @property
@@ -257,10 +264,7 @@ def load_model(
         raise ModelConfigError(
             f"model.n_layers={spec.n_layers} but {spec.name!r} has {actual_layers} layers"
         )
-    loaded = LoadedModel(model, tokenizer, spec, identity, _plain(model_cfg), precision)
-    if precision.mixed:
-        round_frozen_matrices(loaded)
-    return loaded
+    return LoadedModel(model, tokenizer, spec, identity, _plain(model_cfg), precision)
 
 
 @contextlib.contextmanager
@@ -285,7 +289,8 @@ def round_frozen_matrices(loaded: LoadedModel) -> int:
     embedding (the float32 residual stream starts there) and the LM head (scores read float32
     logits). Autocast rounds a float32 matrix to bfloat16 on every call, so the matmuls see
     the same numbers bit for bit; stored rounded, no call pays for the cast. The model then
-    runs inside :meth:`LoadedModel.compute` only. Returns how many matrices were rounded."""
+    runs inside :meth:`LoadedModel.compute` only, whose first call rounds them. Returns how
+    many matrices were rounded."""
     from transformers.pytorch_utils import Conv1D
 
     kept = {loaded.edit_module(layer) for layer in range(loaded.spec.n_layers)}
@@ -296,6 +301,7 @@ def round_frozen_matrices(loaded: LoadedModel) -> int:
             continue
         module.to(loaded.precision.matmul_dtype)
         rounded += 1
+    loaded.frozen_rounded = True
     return rounded
 
 
@@ -367,10 +373,7 @@ def wrap_model(
         tokenizer.pad_token = tokenizer.eos_token
     commit = getattr(model.config, "_commit_hash", None) or "local"
     identity = f"hf:{name}@{commit}:{dtype}"
-    loaded = LoadedModel(model, tokenizer, spec, identity, config, precision)
-    if precision.mixed:
-        round_frozen_matrices(loaded)
-    return loaded
+    return LoadedModel(model, tokenizer, spec, identity, config, precision)
 
 
 def _has_modules(model: nn.Module, modules: Any) -> bool:

@@ -18,9 +18,11 @@ masters: sequential edits add up exactly). The scored log-probabilities come fro
 head in the weights' dtype, outside autocast (:func:`exact`): a bfloat16 logit has a
 resolution of 0.016-0.125 nats at the magnitudes scores compare, enough to flip a near-tie.
 The frozen matrices (all but the editable ones, the embedding and the head) are stored in
-bfloat16 once (``models.round_frozen_matrices``): the same numbers autocast would round them
-to on every call, without the cost of the cast; the model then runs inside
-``LoadedModel.compute()``, as editexp's editing and evaluation do.
+bfloat16 at the first pass (``models.round_frozen_matrices``): the same numbers autocast would
+round them to on every call, without the cost of the cast; the model then runs inside
+``LoadedModel.compute()``, as editexp's editing and evaluation do. Before that first pass the
+context prefixes are sampled from the float32 model outside autocast: a mixed run edits with
+the prefixes of ``32-true``.
 
 ``bf16-true`` is the plain half-precision model: half the memory, and every rounding above.
 """

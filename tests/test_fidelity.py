@@ -10,7 +10,6 @@ docs/fidelity.md lists every point of agreement and the test that pins it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -194,9 +193,10 @@ def test_prefixes_keep_the_space_after_the_starter_with_a_llama2_tokenizer(tmp_p
     loaded = SimpleNamespace(
         model=model,
         tokenizer=tokenizer,
-        identity="sp-test",
+        weights_identity="sp-test",
+        frozen_rounded=False,
+        device=torch.device("cpu"),
         spec=SimpleNamespace(name="sp"),
-        compute=contextlib.nullcontext,
     )
     prefixes = context_prefixes(loaded, count=5, length=8, seed=0)
     assert prefixes[0] == ""

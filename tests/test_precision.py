@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_RUN, compose_config
 
 from editexp.editing.editor import EditingError, Editor
+from editexp.editing.prefixes import context_prefixes
 from editexp.evaluation.scoring import _log_softmax_logits
 from editexp.layer_stats import _MomentSums
 from editexp.models import load_model
@@ -49,6 +50,10 @@ def test_mixed_stores_frozen_matrices_in_bf16_and_keeps_the_rest_float32():
     loaded = load_model("tiny-llama3", "cpu", "bf16-mixed")
     model = loaded.model
     assert loaded.identity.endswith("|bf16-mixed") and ":float32" in loaded.weights_identity
+    # float32 until the first pass (the prefixes are sampled from it), rounded from then on
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    with loaded.compute():
+        assert torch.is_autocast_enabled("cpu")
     assert all(loaded.edit_module(layer).weight.dtype == torch.float32 for layer in range(2))
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert model.get_output_embeddings().weight.dtype == torch.float32
@@ -57,6 +62,26 @@ def test_mixed_stores_frozen_matrices_in_bf16_and_keeps_the_rest_float32():
     # The rounded matrices hold what autocast would round the float32 ones to.
     full = load_model("tiny-llama3", "cpu", "32-true").model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, full.to(torch.bfloat16))
+
+
+def test_mixed_samples_the_prefixes_of_the_float32_model(cache_dir, monkeypatch):
+    mixed = load_model("tiny-llama3", "cpu", "bf16-mixed")
+    passes = []  # (autocast on?, dtype of a frozen matrix) at every forward pass
+    mixed.model.model.register_forward_pre_hook(
+        lambda module, args: passes.append(
+            (torch.is_autocast_enabled("cpu"), module.layers[0].mlp.up_proj.weight.dtype)
+        )
+    )
+    prefixes = context_prefixes(mixed, count=3, length=6, seed=1)
+    assert passes and set(passes) == {(False, torch.float32)}
+    monkeypatch.setenv("EDITEXP_CACHE_DIR", str(cache_dir / "another"))  # sampled afresh:
+    assert context_prefixes(load_model("tiny-llama3", "cpu"), 3, 6, 1) == prefixes  # 32-true
+    # After a pass in bfloat16 the float32 model is gone: sampled in bf16, cached apart.
+    with mixed.compute():
+        pass
+    passes.clear()
+    context_prefixes(mixed, count=3, length=6, seed=1)
+    assert passes and set(passes) == {(True, torch.bfloat16)}
 
 
 def test_c0_sums_stay_float64_inside_autocast():

@@ -270,6 +270,8 @@ class Editor:
         self.cfg = cfg
         self.settings = run_settings(cfg)
         self.plan = UpdatePlan.of(self.settings, cfg.editing.batch_size)
+        prefixes = cfg.editing.prefixes  # first: before a mixed precision's first pass
+        self.prefixes = context_prefixes(model, prefixes.count, prefixes.length, prefixes.seed)
         start = time.perf_counter()
         stats = load_or_compute_stats(
             model,
@@ -286,8 +288,6 @@ class Editor:
             layer: layer_stats.held_out_keys for layer, layer_stats in stats.items()
         }
         self.statistics_seconds = time.perf_counter() - start
-        prefixes = cfg.editing.prefixes
-        self.prefixes = context_prefixes(model, prefixes.count, prefixes.length, prefixes.seed)
         # K_past K_past^T per layer of the updates so far, when they are kept (sequential
         # keep_edits; AlphaEdit); checkpoint.pt saves it with the deltas.
         self.past_keys: dict[int, PastKeys] | None = None

@@ -10,12 +10,17 @@ The starter and its continuation are decoded as one sequence: a SentencePiece to
 (Llama-2) drops the leading space of the first token it decodes, so decoding the continuation
 alone would glue it to the starter ("Thethe ...").
 
-Prefixes are seeded and cached per model identity, so every run of a model uses the same ones.
+Prefixes are seeded and cached per model weights, so every run of a model uses the same ones.
+They are text, not a computation to speed up: a mixed precision samples them from its float32
+weights outside autocast (before its first pass rounds the frozen matrices), so ``bf16-mixed``
+edits with ``32-true``'s prefixes. A bfloat16 pass samples a different token for some of them,
+and PS, the metric the prefixes exist for, then moves by points (docs/precision.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import unicodedata
 from typing import Any
 
@@ -24,8 +29,11 @@ from transformers import PreTrainedTokenizerBase
 from editexp.cache import atomic_write_json, cache_root, load_or_compute, stable_hash
 from editexp.models import LoadedModel
 from editexp.paths import safe_name
+from editexp.precision import exact
 from editexp.sampling import SAMPLER_VERSION, sample_continuation_ids
 from editexp.tokens import encode_prompt
+
+log = logging.getLogger(__name__)
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 _FORMAT = 2  # part of the cache key: bump when the text of a prefix changes
@@ -44,13 +52,22 @@ def context_prefixes(
     """``[""]`` (the bare prompt) plus ``count`` prefixes sampled from the model."""
     if count == 0:
         return [""]
-    key = stable_hash([_FORMAT, SAMPLER_VERSION, loaded.identity, count, length, seed])
+    exact_weights = not loaded.frozen_rounded  # a mixed precision's float32 model is intact
+    identity = loaded.weights_identity if exact_weights else loaded.identity
+    key = stable_hash([_FORMAT, SAMPLER_VERSION, identity, count, length, seed])
     path = cache_root() / "prefixes" / f"{safe_name(loaded.spec.name)}-{key}.json"
 
     def sample() -> list[str]:
         tokenizer = loaded.tokenizer
         starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
-        with loaded.compute():
+        if not exact_weights:
+            log.warning(
+                "sampling the context prefixes in %s: the model has run in it already, so "
+                "they differ from 32-true's (build the Editor before the first pass to get "
+                "those)",
+                loaded.precision.name,
+            )
+        with exact(loaded.device) if exact_weights else loaded.compute():
             continuations = sample_continuation_ids(
                 loaded.model, tokenizer, starters, length=length, seed=seed, batch_size=batch_size
             )
