@@ -251,6 +251,7 @@ def check_device(value: Any) -> str:
 def check_inputs(cfg: DictConfig) -> None:
     """Types and ranges of everything outside the sweep axes (run_settings checks those)."""
     _int("seed", cfg.seed)
+    _int("data.fact_set", cfg.data.get("fact_set", 0), minimum=0)
     check_device(cfg.device)
     _choice("precision", cfg.get("precision", DEFAULT_PRECISION), tuple(PRECISIONS))
     _bool("force", cfg.force)

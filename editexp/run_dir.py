@@ -62,6 +62,9 @@ RESULT_NAMES = (
 )
 # Config keys that do not change results: tracking, devices, rerun switches, and where the
 # data lives (its contents are the data hash).
+# Keys added after runs were made, with the default that reproduces those runs: left out of a
+# run's identity when they hold it.
+KEYS_ADDED_LATER = {"data.split": "all", "data.fact_set": 0}
 NOT_RESULTS = (
     "logger",
     "force",
@@ -96,14 +99,25 @@ def comparable_config(cfg: DictConfig | Mapping) -> dict[str, Any]:
     else:
         container = json.loads(json.dumps(cfg, default=str))
     for dotted in NOT_RESULTS:
-        *parents, last = dotted.split(".")
-        node = container
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
+        _pop(container, dotted)
     _as_dtypes(container)
+    for dotted, default in KEYS_ADDED_LATER.items():  # runs made before them keep their hash
+        _pop(container, dotted, only_if=default)
     return container
+
+
+_ANY = object()
+
+
+def _pop(container: dict[str, Any], dotted: str, only_if: Any = _ANY) -> None:
+    """Remove the key ``dotted`` ("a.b.c") from ``container`` (only when it holds ``only_if``,
+    where that is given)."""
+    *parents, last = dotted.split(".")
+    node: Any = container
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node and only_if in (_ANY, node[last]):
+        node.pop(last)
 
 
 def _as_dtypes(container: dict[str, Any]) -> None:

@@ -7,7 +7,13 @@ from omegaconf import DictConfig
 
 from editexp.config import ConfigError, RunSettings
 from editexp.data.corpus import CorpusSource
-from editexp.data.counterfact import Fact, check_prompt_lengths, load_counterfact, select_facts
+from editexp.data.counterfact import (
+    Fact,
+    check_prompt_lengths,
+    load_counterfact,
+    select_facts,
+    split_facts,
+)
 from editexp.evaluation.generation_facts import spread_generation_facts
 from editexp.models import ModelShape
 from editexp.run_dir import RunIdentity
@@ -23,12 +29,13 @@ def read_inputs(cfg: DictConfig, settings: RunSettings) -> tuple[list[Fact], Run
     model is loaded: the CounterFact file, the selection and the statistics corpus."""
     facts, counterfact_hash = load_counterfact(cfg.data)
     chosen = select_facts(
-        facts,
+        split_facts(facts, cfg.data.split),
         settings.n_edits,
         order=cfg.data.order,
         seed=settings.seed,
         case_ids=cfg.data.case_ids,
         unique_subjects=cfg.data.unique_subjects,
+        fact_set=cfg.data.fact_set,
     )
     corpus = CorpusSource.from_config(cfg.stats, cfg.data)
     corpus.check()

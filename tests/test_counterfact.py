@@ -10,7 +10,13 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from editexp.data.counterfact import CounterFactError, load_counterfact, parse_records, select_facts
+from editexp.data.counterfact import (
+    CounterFactError,
+    load_counterfact,
+    parse_records,
+    select_facts,
+    split_facts,
+)
 
 
 def record(case_id=1, **rewrite):
@@ -115,3 +121,45 @@ def test_explicit_counterfact_file(tmp_path):
     assert facts[0].case_id == 5 and facts[0].rewrite_prompt.endswith("Darrieux is")
     with pytest.raises(CounterFactError, match="does not exist"):
         load_counterfact(OmegaConf.create({"counterfact": str(tmp_path / "none.json")}))
+
+
+def test_tuning_and_evaluation_splits_are_disjoint_by_case_id_and_cover_the_file():
+    facts, _ = load_counterfact(compose_config().data)
+    tuning, evaluation = split_facts(facts, "tuning"), split_facts(facts, "evaluation")
+    assert (len(tuning), len(evaluation)) == (532, 2226)
+    assert all(fact.case_id % 5 == 0 for fact in tuning)
+    assert {f.case_id for f in tuning} | {f.case_id for f in evaluation} == {
+        f.case_id for f in facts
+    }
+    assert not {f.case_id for f in tuning} & {f.case_id for f in evaluation}
+    assert split_facts(facts, "all") == facts
+    # the same set whatever else the file holds: a fact's split reads its case id only
+    assert split_facts(facts[::2], "tuning") == [f for f in tuning if f in facts[::2]]
+    with pytest.raises(CounterFactError, match=r"data.split='train'; expected one of \('all'"):
+        split_facts(facts, "train")
+
+
+def test_fact_sets_are_disjoint_blocks_of_the_same_order():
+    facts, _ = load_counterfact(compose_config().data)
+    first_300 = select_facts(facts, 300, seed=0)
+    blocks = [select_facts(facts, 100, seed=0, fact_set=k) for k in range(3)]
+    assert [f for block in blocks for f in block] == first_300  # the order, cut into blocks
+    assert len({f.subject for block in blocks for f in block}) == 300  # subjects disjoint too
+    listed = [f.case_id for f in first_300[:4]]
+    chosen = select_facts(facts, 2, order="case_ids", case_ids=listed, fact_set=1)
+    assert [f.case_id for f in chosen] == listed[2:]
+    with pytest.raises(CounterFactError, match=r"n_edits=1000 x 3 fact sets \(data.fact_set=2"):
+        select_facts(facts, 1000, seed=0, fact_set=2)
+    with pytest.raises(CounterFactError, match="lists 4 facts; 6 are needed"):
+        select_facts(facts, 2, order="case_ids", case_ids=listed, fact_set=2)
+    with pytest.raises(CounterFactError, match="data.fact_set=-1; expected 0, 1, 2"):
+        select_facts(facts, 2, fact_set=-1)
+
+
+def test_split_and_fact_set_join_the_run_identity_only_when_set():
+    from editexp.run_dir import comparable_config
+
+    default = comparable_config(compose_config())
+    assert "split" not in default["data"] and "fact_set" not in default["data"]
+    tuning = comparable_config(compose_config("data.split=tuning", "data.fact_set=1"))
+    assert (tuning["data"]["split"], tuning["data"]["fact_set"]) == ("tuning", 1)

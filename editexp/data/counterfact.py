@@ -25,6 +25,8 @@ from editexp.errors import UserError
 log = logging.getLogger(__name__)
 
 ORDERS = ("seeded", "file", "case_ids")
+SPLITS = ("all", "tuning", "evaluation")
+TUNING_EVERY = 5  # the tuning split: the facts whose case id is a multiple of 5
 
 
 class CounterFactError(UserError):
@@ -301,6 +303,21 @@ def check_prompt_lengths(
             )
 
 
+def split_facts(facts: list[Fact], split: str) -> list[Fact]:
+    """The facts of ``split`` (``data.split``), in the file's order: ``tuning`` holds the
+    facts whose case id is a multiple of :data:`TUNING_EVERY` (on the shared 2,758 records: 532,
+    all with distinct subjects), for a study's choices (layer, lambda); ``evaluation`` the
+    others (2,226), which its comparisons then edit; ``all`` every fact. The rule reads only
+    the case id, so a split is the same set whatever the order, the seed or the file's
+    other records."""
+    if split not in SPLITS:
+        raise CounterFactError(f"data.split={split!r}; expected one of {SPLITS}")
+    if split == "all":
+        return facts
+    tuning = split == "tuning"
+    return [fact for fact in facts if (fact.case_id % TUNING_EVERY == 0) == tuning]
+
+
 def select_facts(
     facts: list[Fact],
     n_edits: int,
@@ -308,6 +325,7 @@ def select_facts(
     seed: int = 0,
     case_ids: Any = None,
     unique_subjects: bool = True,
+    fact_set: int = 0,
 ) -> list[Fact]:
     """Choose ``n_edits`` facts deterministically.
 
@@ -315,17 +333,21 @@ def select_facts(
     takes exactly the first ``n_edits`` listed facts in the listed order (to reproduce another
     study's sample). With ``unique_subjects`` a fact whose subject was already chosen is
     skipped; a listed fact is never skipped: one that repeats a subject is refused.
+    ``fact_set=k`` takes the k-th block of ``n_edits`` facts of that order instead of the first
+    (``data.fact_set``): blocks are disjoint, in facts and (with ``unique_subjects``) subjects,
+    so repeats of a comparison can edit different facts.
     """
     order = _effective_order(order, case_ids)
     if n_edits < 1:
         raise CounterFactError(f"n_edits={n_edits}; expected a positive number of facts")
+    if fact_set < 0:
+        raise CounterFactError(f"data.fact_set={fact_set}; expected 0, 1, 2, ...")
+    wanted = n_edits * (fact_set + 1)
     if order == "case_ids":
-        candidates = _listed_facts(facts, case_ids, n_edits, unique_subjects)
-    elif order == "seeded":
-        candidates = list(facts)
+        return _listed_facts(facts, case_ids, wanted, unique_subjects)[-n_edits:]
+    candidates = list(facts)
+    if order == "seeded":
         random.Random(seed).shuffle(candidates)
-    else:
-        candidates = list(facts)
     chosen: list[Fact] = []
     subjects: set[str] = set()
     for fact in candidates:
@@ -333,10 +355,11 @@ def select_facts(
             continue
         chosen.append(fact)
         subjects.add(fact.subject)
-        if len(chosen) == n_edits:
-            return chosen
+        if len(chosen) == wanted:
+            return chosen[-n_edits:]
+    block = f" x {fact_set + 1} fact sets (data.fact_set={fact_set})" if fact_set else ""
     raise CounterFactError(
-        f"n_edits={n_edits} but only {len(chosen)} facts are available "
+        f"n_edits={n_edits}{block} but only {len(chosen)} facts are available "
         f"(order={order}, unique_subjects={unique_subjects}, {len(facts)} records)"
     )
 
@@ -368,6 +391,11 @@ def _listed_facts(
     missing = [case_id for case_id in wanted if case_id not in by_id]
     if missing:
         raise CounterFactError(f"data.case_ids: not in the data set: {missing[:10]}")
+    if len(wanted) < n_edits:
+        raise CounterFactError(
+            f"data.case_ids lists {len(wanted)} facts; {n_edits} are needed (n_edits, times "
+            "data.fact_set + 1)"
+        )
     candidates = [by_id[case_id] for case_id in wanted[:n_edits]]
     if unique_subjects:
         seen: set[str] = set()
