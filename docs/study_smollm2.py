@@ -8,10 +8,11 @@ runs ``editexp-report`` on each into ``<experiment>/report``, copies its tables 
 figures into ``docs/study-smollm2/<experiment>/`` and writes ``docs/study-smollm2/findings.md``:
 the paper's claims checked with numbers and standard errors, and what each experiment cost.
 
-Standard errors: ES, PS and NS are means over facts (SE = std / sqrt(n)); S, the harmonic mean
-of the three means, and every difference get theirs from 2,000 bootstrap resamples of the facts
-(paired over the common facts where one run's facts are among the other's: two layers, two
-lambdas, two sequential schedules, or a batch and the larger batch that contains it).
+Standard errors: every one (ES, PS, NS, S and each difference) is the standard deviation over
+2,000 bootstrap resamples of the facts (:func:`bootstrap_se`; for the means ES, PS and NS this
+is close to std / sqrt(n)), paired over the common facts where one run's facts are among the
+other's: two layers, two lambdas, two sequential schedules, or a batch and the larger batch
+that contains it.
 """
 
 from __future__ import annotations
