@@ -1,0 +1,147 @@
+#!/bin/bash
+# The paper's procedure on SmolLM2-135M at the paper's scale, as far as the data allows
+# (docs/study-smollm2.md; issue 24), on the one-machine SLURM cluster (launchers/local-slurm).
+# Choices are made on the tuning facts and compared on the evaluation facts (data.split: case
+# ids divisible by 5 tune, the others evaluate; editexp/data/counterfact.py):
+#
+#   1. layer search (tuning, 100 facts): singular ROME and MEMIT (lambda 1) at all 30 layers
+#   2. lambda search (tuning) at MEMIT's best layer: one batch of 512 (the tuning split holds
+#      532 facts, so not the paper's 1024), and of 64 and 256 (values cached: scoring only)
+#   3. batch scaling (evaluation): one batch of 16 ... 2048 facts, MEMIT and EMMET
+#   4. sequential-batched (evaluation), 2048 edits in all: 64x32, 256x8, 1024x2 for MEMIT and
+#      EMMET, 2048x1 for ROME (the 1x2048 point is stage 3's), a curve point every 512 edits
+#      (eval.schedule=every_k) with the paper's each_batch scores and held-out perplexity
+#   5. the remedies at that scale: MEMIT with keep_edits, and AlphaEdit, 256x8
+#   6. repeats of the headline comparisons: 1x256 against 16x16 and 4x64 on 3 disjoint fact
+#      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 2 prefix seeds
+#
+# CounterFact here has 2,758 records (2,226 for evaluation), so the paper's 4096 edits become
+# 2048; the choice rule is the best post-edit S on the tuning facts (the paper's Table 3 also
+# weighs NS; docs/study-smollm2.md compares the two).
+#
+#   STUDY_DIR=multirun/paper_scale launchers/study_paper_scale.sh   (resumable: run it again)
+#   STAGES="1 2" launchers/study_paper_scale.sh                     (only some stages)
+#   DRY_RUN=1 launchers/study_paper_scale.sh                        (the commands only)
+#   PRECISION=bf16-mixed launchers/study_paper_scale.sh             (default 32-true)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+STUDY_DIR=$(realpath -m "${STUDY_DIR:-multirun/paper_scale}")
+export GPUS=0 MEM_GB=${MEM_GB:-8} TIME_MIN=${TIME_MIN:-1440} STATS=local
+MODEL=smollm2-135m
+N_LAYERS=30
+COMMON=(model=$MODEL precision="${PRECISION:-32-true}" "+eval.metrics=[perplexity]"
+    +eval.perplexity.n_tokens=16384)
+TUNING=(data.split=tuning eval.generation_facts=0)       # choices by S: GE is not needed
+EVALUATION=(data.split=evaluation eval.generation_facts=100)
+
+# best <sweep dir> <field> [algorithm [positive]]: the field's value in the finished run with
+# the best S (of the algorithm's runs; "positive": of those with lambda > 0)
+best() {
+    [[ -n ${DRY_RUN:-} ]] && { echo "BEST_${2^^}"; return; }
+    python - "$@" <<'PY'
+import sys
+from pathlib import Path
+
+from editexp.report import collect
+
+root, name, *only = sys.argv[1:]
+runs = [r for r in collect(Path(root)).runs if not only or r.field("algorithm") == only[0]]
+runs = [r for r in runs if "positive" not in only or r.field("lambda") > 0]
+value = max(runs, key=lambda r: r.metric("post", "S")).field(name)
+print(value[0] if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value)
+PY
+}
+
+# Two 1-CPU jobs side by side where grid points are independent; one 2-CPU job at a time where
+# they share the values the first point computes.
+one_cpu() { export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CPUS=1; }
+two_cpus() { export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 CPUS=2; }
+
+stage1() {  # layer search on 100 tuning facts, every layer
+    one_cpu
+    local layers
+    layers=$(seq -s, 0 $((N_LAYERS - 1)))
+    echo "+ editexp-stats model=$MODEL layer=[$layers]"
+    [[ -n ${DRY_RUN:-} ]] || OMP_NUM_THREADS=2 editexp-stats model=$MODEL "layer=[$layers]"
+    SWEEP_DIR=$STUDY_DIR/layer_search STATS=skip "$here/layer_search.sh" "${COMMON[@]}" \
+        "${TUNING[@]}" layer="$layers" n_edits=100 hydra.launcher.array_parallelism=2
+}
+
+stage2() {  # lambda search at MEMIT's best layer: 512, 256 and 64 tuning facts in one batch
+    two_cpus
+    local layer n
+    layer=$(best "$STUDY_DIR/layer_search" layer memit)
+    for n in 512 256 64; do  # MEMIT and EMMET, each over its lambda grid
+        SWEEP_DIR=$STUDY_DIR/lambda_search/$n "$here/lambda_search.sh" "${COMMON[@]}" \
+            "${TUNING[@]}" layer="$layer" n_edits=$n hydra.launcher.array_parallelism=1
+    done
+}
+
+chosen() {  # the best layer and the lambdas chosen at 512 facts
+    echo "layer=$(best "$STUDY_DIR/layer_search" layer memit)" \
+        "model.hparams.memit.lambda=$(best "$STUDY_DIR/lambda_search/512/memit" lambda)" \
+        "model.hparams.emmet.lambda=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)"
+}
+
+stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
+    two_cpus
+    local dir=$STUDY_DIR/batch_scaling emmet_positive
+    # shellcheck disable=SC2046
+    SWEEP_DIR=$dir/memit "$here/batch_scaling.sh" "${COMMON[@]}" "${EVALUATION[@]}" \
+        $(chosen) algorithm=memit n_edits=16,64,256,1024,2048 hydra.launcher.array_parallelism=1
+    # EMMET at lambda 0 (the paper's) edits at most d_k = 1536 facts in one batch (K^T C0^-1 K
+    # is singular beyond); past that, with its best positive lambda on the tuning facts
+    # shellcheck disable=SC2046
+    SWEEP_DIR=$dir/emmet-lambda0 STATS=skip "$here/batch_scaling.sh" "${COMMON[@]}" \
+        "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 n_edits=16,64,256,1024 \
+        hydra.launcher.array_parallelism=1
+    emmet_positive=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda emmet positive)
+    # shellcheck disable=SC2046
+    SWEEP_DIR=$dir/emmet-positive STATS=skip "$here/batch_scaling.sh" "${COMMON[@]}" \
+        "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda="$emmet_positive" \
+        n_edits=1024,2048 hydra.launcher.array_parallelism=1
+}
+
+stage4() {  # sequential-batched: 2048 edits, a curve point every 512
+    one_cpu
+    local dir=$STUDY_DIR/sequential common
+    # shellcheck disable=SC2207
+    common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 eval.schedule=every_k
+        hydra.launcher.array_parallelism=2)
+    SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" batch_size=64 \
+        eval.every_k=8
+    SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        batch_size=256 eval.every_k=2
+    SWEEP_DIR=$dir/1024 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        batch_size=1024 eval.every_k=1
+    SWEEP_DIR=$dir/rome STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        algorithm=rome batch_size=1 eval.every_k=512
+}
+
+stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
+    one_cpu
+    # shellcheck disable=SC2046
+    SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
+        "${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 batch_size=256 \
+        eval.schedule=every_k eval.every_k=2 hydra.launcher.array_parallelism=2 \
+        algorithm=memit,alphaedit sequential.keep_edits=true
+}
+
+stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
+    one_cpu
+    local common
+    # shellcheck disable=SC2207
+    common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) eval.generation_facts=0
+        eval.schedule=each_batch editing.prefixes.seed=0,1 algorithm=memit
+        hydra.launcher.array_parallelism=2)
+    SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
+        "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2
+    SWEEP_DIR=$STUDY_DIR/repeats/1024 STATS=skip "$here/sequential_batch_scaling.sh" \
+        "${common[@]}" n_edits=1024 batch_size=256,1024 data.fact_set=0,1
+}
+
+for stage in ${STAGES:-1 2 3 4 5 6}; do
+    echo "$(date -u +%T) stage $stage"
+    "stage$stage"
+done
