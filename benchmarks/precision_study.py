@@ -8,7 +8,9 @@ precision into ``--runs/<point>/<precision>`` through the runner; a finished run
 so the script resumes where it stopped. Then, per point, over the edited facts: the paired
 difference bf16-mixed - fp32 of each fact's post-edit ES, PS and NS (mean and standard error),
 of S (the harmonic mean of the three means; standard error by a paired bootstrap over
-facts), and the share of the per-fact ES/PS/NS values that are equal.
+facts), and the share of the per-fact ES/PS/NS values that are equal. For ``reference-64``
+(docs/fidelity.md's run), also each precision against the paper code's numbers in
+``../shared/reference``: its pre-edit ES/PS/NS per fact, and the post-edit means.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from editexp.config import CONFIG_DIR
 from editexp.runner import run
 
 PROJECT = Path(__file__).resolve().parents[1]
+REFERENCE = PROJECT.parent / "shared" / "reference"  # the paper code's numbers (docs/fidelity.md)
 LAYER_SEARCH = ["+experiment=layer_search", "n_edits=40", "eval.generation_facts=10"]
 BATCH = ["+experiment=batch_scaling", "layer=5", "eval.generation_facts=10", "lambda=1000"]
 SEQUENTIAL = ["+experiment=sequential_batch_scaling", "layer=5", "eval.generation_facts=10"]
@@ -40,6 +43,12 @@ POINTS = {
     "emmet-1x1024": [*BATCH, "algorithm=emmet", "n_edits=1024", "lambda=0"],
     "memit-4x256": [
         *SEQUENTIAL, "algorithm=memit", "n_edits=1024", "batch_size=256", "lambda=1000",
+    ],
+    # docs/fidelity.md's run: the 64 facts the paper's code edited, MEMIT lambda 1, layer 1
+    "reference-64": [
+        "algorithm=memit", "mode=batch", "layer=1", "lambda=1", "n_edits=64",
+        "data.order=case_ids", f"data.case_ids={REFERENCE / 'ume-smollm2-case-ids-64.txt'}",
+        "data.unique_subjects=false", "eval.generation_facts=0",
     ],
 }  # fmt: skip
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -64,10 +73,35 @@ def run_point(name: str, precision: str, runs: Path) -> Path:
     return run_dir
 
 
-def post_values(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Each fact's post-edit ES, PS and NS in percent, by case id."""
+def post_values(run_dir: Path, stage: str = "post") -> dict[int, dict[str, float]]:
+    """Each fact's ES, PS and NS in percent (``stage``: pre or post), by case id."""
     rows = [json.loads(line) for line in (run_dir / "facts.jsonl").read_text().splitlines()]
-    return {row["case_id"]: {name: 100 * row["post"][name] for name in METRICS} for row in rows}
+    return {row["case_id"]: {name: 100 * row[stage][name] for name in METRICS} for row in rows}
+
+
+def reference_lines(dirs: dict[str, Path]) -> list[str]:
+    """The reference point against the paper code's numbers: per-fact pre-edit agreement (its
+    ES, PS, NS of the 64 facts) and the post-edit means, for each precision."""
+    pre = json.loads((REFERENCE / "ume-smollm2-pre-edit-64.json").read_text())["facts"]
+    post = json.loads((REFERENCE / "ume-smollm2-memit-l1-post-64.json").read_text())["facts"]
+    pre, post = ({f["case_id"]: f for f in facts} for facts in (pre, post))
+    lines = [
+        "| reference-64 | pre-edit values as the paper code's | post ES | post PS | post NS |",
+        "|---|---:|---:|---:|---:|",
+        "| paper's code | 192/192 | "
+        + " | ".join(f"{np.mean([f[m] for f in post.values()]):.2f}" for m in METRICS)
+        + " |",
+    ]
+    for precision, run_dir in dirs.items():
+        ours_pre, ours_post = post_values(run_dir, "pre"), post_values(run_dir)
+        equal = sum(abs(ours_pre[case][m] - pre[case][m]) < 1e-6 for case in pre for m in METRICS)
+        means = [np.mean([ours_post[case][m] for case in post]) for m in METRICS]
+        lines.append(
+            f"| {precision} | {equal}/{3 * len(pre)} | "
+            + " | ".join(f"{mean:.2f}" for mean in means)
+            + " |"
+        )
+    return lines
 
 
 def harmonic_s(values: np.ndarray) -> np.ndarray:
@@ -110,12 +144,15 @@ def main() -> None:
         "per-fact agreement |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    extra: list[str] = []
     for name in args.points:
         dirs = {precision: run_point(name, precision, args.runs) for precision in PRECISIONS}
         result = compare(post_values(dirs["32-true"]), post_values(dirs["bf16-mixed"]))
         lines.append(row(name, result))
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
+        if name == "reference-64":
+            extra = ["", *reference_lines(dirs)]
+    text = "\n".join(lines + extra)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

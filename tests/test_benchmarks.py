@@ -4,6 +4,7 @@ GPU is at hand; the precision study's fact-by-fact comparison on a hand-made cas
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,17 @@ def test_gpu_batch_script_times_every_phase_and_extrapolates(tmp_path):
     assert "against the target of 30 min" in out.read_text()
 
 
-def test_precision_study_pairs_the_facts():
+def _precision_study():
     spec = importlib.util.spec_from_file_location(
         "precision_study", BENCHMARKS / "precision_study.py"
     )
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
+    return study
+
+
+def test_precision_study_pairs_the_facts():
+    study = _precision_study()
     fp32 = {1: (100, 50, 100), 2: (0, 100, 50), 3: (100, 100, 0)}
     bf16 = {1: (100, 50, 100), 2: (100, 100, 50), 3: (100, 100, 10)}
     as_rows = {case: dict(zip(("ES", "PS", "NS"), values)) for case, values in fp32.items()}
@@ -44,3 +50,27 @@ def test_precision_study_pairs_the_facts():
     assert result["S_fp32"] == pytest.approx(3 / sum(1 / m for m in means_fp32))
     assert result["S"] == pytest.approx(3 / sum(1 / m for m in means_bf16) - result["S_fp32"])
     assert result["S_se"] > 0
+
+
+def test_precision_study_checks_the_reference_point_against_the_paper_code(tmp_path):
+    study = _precision_study()
+    pre = json.loads((study.REFERENCE / "ume-smollm2-pre-edit-64.json").read_text())["facts"]
+    post = json.loads((study.REFERENCE / "ume-smollm2-memit-l1-post-64.json").read_text())
+    post = post["facts"]
+    dirs = {}
+    for precision, flipped in (("32-true", 0), ("bf16-mixed", 2)):
+        rows = []
+        for index, (before, after) in enumerate(zip(pre, post)):
+            row = {"case_id": before["case_id"]}
+            row["pre"] = {m: before[m] / 100 for m in ("ES", "PS", "NS")}
+            row["post"] = {m: after[m] / 100 for m in ("ES", "PS", "NS")}
+            if index < flipped:  # a pre-edit ES that differs from the paper code's
+                row["pre"]["ES"] = 1 - row["pre"]["ES"]
+            rows.append(json.dumps(row))
+        dirs[precision] = tmp_path / precision
+        dirs[precision].mkdir()
+        (dirs[precision] / "facts.jsonl").write_text("\n".join(rows) + "\n")
+    lines = study.reference_lines(dirs)
+    paper, fp32, bf16 = (line.split(" | ") for line in lines[2:5])
+    assert paper[1] == fp32[1] == "192/192" and bf16[1] == "190/192"
+    assert fp32[2:] == paper[2:]  # the post-edit means, as the paper code's
