@@ -10,22 +10,30 @@ update). `editexp-report` builds them from a sweep's outputs.
   algorithm since their lambda ranges differ), and e.g. metric vs layer for a batch-mode
   sweep over layers. One line per algorithm and value of the other varying axes.
 - `sequential_figure(curves)`: Figs. 4-5, the mean over all facts edited so far against the
-  number of edits (log2 x), one line per batch size, one row per algorithm.
+  number of edits (log2 x), one line per batch size, one row per algorithm; model-level
+  metrics scored along the run (held-out perplexity PPL: a forgetting curve) get a panel too.
 
-Every panel: the metric with its unit on the y axis, the axis with its unit on the x axis,
-the pre-edit (unedited model) value as a dashed line, error bars (bands for curves) of
-+-1 standard error of the mean over facts (S, a harmonic mean of three means, has none),
-the legend outside the axes. `save` writes PNG at 200 dpi and PDF.
+Every panel: the metric with its unit on the y axis (and "lower is better" where it is), the
+axis with its unit on the x axis, the pre-edit (unedited model) value as a dashed line, error
+bars (bands for curves) of +-1 standard error over facts (for S, a harmonic mean of three
+means, by the delta method; none in summaries written before S had one, nor for model-level
+metrics), the legend outside the axes. Percent metrics (ES, PS, NS, S) span 0-100 in every
+panel, so that equal changes look equal; the others scale to their data. A series has one
+colour in every figure drawn with the same ``colors`` mapping (:func:`series_colors` of
+:func:`series_labels`, as ``editexp-report`` does). `save` writes PNG at 200 dpi and PDF.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -64,22 +72,32 @@ CONTEXT_AXES = (
     "eval_schedule",
 )
 LOG_BASE = {"batch_size": 2, "n_edits": 2, "edits_done": 2, "lambda": 10}
-ERROR_LABEL = "±1 standard error of the mean over facts"
+ERROR_LABEL = "±1 standard error over facts\n(S: delta method)"
 PRE_LABEL = "pre-edit (unedited model)"
 DPI = 200
+# tab10, then the lighter halves of tab20's pairs: 20 distinct colours, then repeated
+PALETTE = tuple(
+    to_hex(color) for color in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2])
+)
+PERCENT_LIMITS = (-3.0, 103.0)  # 0-100 with room for the markers
 
 
 @dataclass(frozen=True)
 class MetricSummary:
-    """A metric over facts: mean, population std (as the reference reports) and count."""
+    """A metric over facts: mean, population std (as the reference reports), count, and a
+    standard error where it is not the mean's (S's, by the delta method)."""
 
     mean: float
     std: float | None = None
     n: int | None = None
+    se: float | None = None
 
     @property
     def sem(self) -> float | None:
-        """Standard error of the mean: the sample std over sqrt(n) = std / sqrt(n - 1)."""
+        """``se`` when given, else the standard error of the mean: the sample std over
+        sqrt(n) = std / sqrt(n - 1)."""
+        if self.se is not None:
+            return self.se
         if self.std is None or self.n is None or self.n < 2:
             return None
         return self.std / math.sqrt(self.n - 1)
@@ -88,7 +106,7 @@ class MetricSummary:
     def from_dict(cls, block: Mapping[str, Any] | None) -> MetricSummary | None:
         if not block or block.get("mean") is None:
             return None
-        return cls(float(block["mean"]), block.get("std"), block.get("n"))
+        return cls(float(block["mean"]), block.get("std"), block.get("n"), block.get("se"))
 
 
 def summaries_of(blocks: Mapping[str, Any] | None) -> dict[str, MetricSummary]:
@@ -217,10 +235,7 @@ def _combine(stats: Sequence[MetricSummary]) -> MetricSummary:
     if len(stats) == 1 or any(sem is None for sem in sems):
         return stats[0] if len(stats) == 1 else MetricSummary(mean)
     sem = math.sqrt(sum(sem * sem for sem in sems)) / len(stats)
-    n = sum(s.n or 0 for s in stats)
-    return MetricSummary(
-        mean, sem * math.sqrt(n - 1), n
-    )  # a MetricSummary whose .sem is the combined one
+    return MetricSummary(mean, n=sum(s.n or 0 for s in stats), se=sem)
 
 
 def _collapse(points: Sequence[tuple[Any, Mapping[str, MetricSummary]]]) -> list[tuple[Any, dict]]:
@@ -317,7 +332,7 @@ def _panel(
         marker = "o" if len(points) <= 30 else None
         if band and len(points) > 1:
             ax.plot(xs, means, color=color, marker=marker, markersize=3, lw=1.5)
-            known = [sem is not None for sem in sems]  # none for one fact, or for S
+            known = [sem is not None for sem in sems]  # none for one fact, or model-level
             if any(known):
                 low = [m - (s or 0.0) for m, s in zip(means, sems)]
                 high = [m + (s or 0.0) for m, s in zip(means, sems)]
@@ -331,8 +346,21 @@ def _panel(
         pre = [(position(x), s[metric].mean) for x, s in _collapse(line.pre) if metric in s]
         if pre:
             pre_lines[line.label] = pre
-    # the pre-edit baseline: one grey dashed line when every run shares it (a level, or the
-    # same values at the same x: the same facts), else one per line in the line's colour
+    _pre_edit(ax, pre_lines, colors)
+    if categorical:
+        ax.set_xticks(range(len(order)), labels=[format_value(x) for x in order])
+    else:
+        _set_x_scale(ax, axis, xs_all)
+    ax.set_xlabel(AXIS_LABELS.get(axis, axis))
+    _set_y_axis(ax, metric)
+    ax.grid(alpha=0.3)
+
+
+def _pre_edit(
+    ax, pre_lines: Mapping[str, Sequence[tuple[Any, float]]], colors: Mapping[str, str]
+) -> None:
+    """The pre-edit baseline: one grey dashed line when every run shares it (a level, or the
+    same values at the same x: the same facts), else one per line in the line's colour."""
     pre_values = {round(v, 9): v for pre in pre_lines.values() for _, v in pre}
     shared = {tuple((x, round(v, 9)) for x, v in pre) for pre in pre_lines.values()}
     if len(pre_values) == 1:
@@ -344,13 +372,31 @@ def _panel(
         for label, pre in pre_lines.items():
             ax.plot([p[0] for p in pre], [p[1] for p in pre], color=colors[label], ls="--",
                     lw=1.0, alpha=0.8)  # fmt: skip
-    if categorical:
-        ax.set_xticks(range(len(order)), labels=[format_value(x) for x in order])
-    else:
-        _set_x_scale(ax, axis, xs_all)
-    ax.set_xlabel(AXIS_LABELS.get(axis, axis))
-    ax.set_ylabel(spec(metric).label)
-    ax.grid(alpha=0.3)
+
+
+def _set_y_axis(ax, metric: str) -> None:
+    """The metric's label (noting when lower is better); a percent metric spans 0-100."""
+    metric_spec = spec(metric)
+    better = "" if metric_spec.higher_is_better else "\n(lower is better)"
+    ax.set_ylabel(metric_spec.label + better)
+    if metric_spec.unit == "%":
+        ax.set_ylim(*PERCENT_LIMITS)
+        ax.set_yticks(range(0, 101, 20))
+
+
+def _natural(label: str) -> tuple:
+    """A sort key that orders the numbers inside labels by value ("batch 4" < "batch 16")."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", label)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts))
+
+
+def series_colors(labels: Iterable[str], taken: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A colour for every series label: the labels sorted (numbers by value) take the
+    :data:`PALETTE` in turn, after the colours already ``taken`` (which are kept)."""
+    taken = dict(taken or {})
+    free = [color for color in PALETTE if color not in set(taken.values())] or list(PALETTE)
+    new = sorted({label for label in labels if label not in taken}, key=_natural)
+    return {**taken, **{label: free[i % len(free)] for i, label in enumerate(new)}}
 
 
 def _draw(
@@ -358,20 +404,16 @@ def _draw(
     axis: str,
     title: str,
     band: bool = False,
+    colors: Mapping[str, str] | None = None,
 ) -> Figure:
     """One row of panels per key of ``rows`` (e.g. algorithm), one column per metric; a
     single row of 5 metrics is folded into 2 x 3 with the legend in the free cell. The legend
-    (lines, the pre-edit dashes, what the error bars are) is outside every data panel."""
-    metrics = headline_metrics(
-        m for lines in rows.values() for line in lines for _, stats in line.points for m in stats
-    )
-    metrics = [
-        m
-        for m in metrics
-        if any(m in stats for lines in rows.values() for line in lines for _, stats in line.points)
-    ]
+    (lines, the pre-edit dashes, what the error bars are) is outside every data panel.
+    ``colors``: series label -> colour (labels missing from it get free colours)."""
+    present = [m for lines in rows.values() for line in lines for _, s in line.points for m in s]
+    metrics = [m for m in headline_metrics(present) if m in present]
     labels = list(dict.fromkeys(line.label for lines in rows.values() for line in lines))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    colors = series_colors(labels, colors)
     cells: list[tuple[str, str]] = [(row, metric) for row in rows for metric in metrics]
     if len(rows) == 1 and len(metrics) > 3:
         n_rows, n_cols = 2, math.ceil(len(metrics) / 2)
@@ -391,7 +433,7 @@ def _draw(
         handles.append(Patch(color="0.5", alpha=0.3))
     else:
         handles.append(Line2D([], [], color="0.35", marker="|", markersize=10, ls="none"))
-    legend_labels = [*labels, PRE_LABEL, ERROR_LABEL.replace("of the mean ", "of the mean\n")]
+    legend_labels = [*labels, PRE_LABEL, ERROR_LABEL]
     if legend_in_cell:
         for ax in grid[len(cells) :]:
             ax.axis("off")
@@ -420,10 +462,11 @@ def _figure_axes(mode: str) -> list[str]:
     return [axis for axis in X_AXES if axis not in skip]
 
 
-def axis_figures(runs: Sequence[RunResult]) -> dict[str, Figure]:
-    """``metric_vs_<axis>`` for every axis that varies among the runs of one algorithm in a
-    mode (suffixed ``_<mode>`` when the runs have several modes)."""
-    figures: dict[str, Figure] = {}
+def _axis_plans(runs: Sequence[RunResult]) -> dict[str, tuple[list[RunResult], str, str]]:
+    """``metric_vs_<axis>`` (suffixed ``_<mode>`` when the runs have several modes) -> its
+    runs, axis and mode, for every axis that varies among the runs of one algorithm in a
+    mode."""
+    plans: dict[str, tuple[list[RunResult], str, str]] = {}
     modes = sorted({str(run.axes.get("mode")) for run in runs})
     for mode in modes:
         group = [run for run in runs if str(run.axes.get("mode")) == mode]
@@ -432,13 +475,34 @@ def axis_figures(runs: Sequence[RunResult]) -> dict[str, Figure]:
             if not _varying([{**r.axes, axis: _x_value(r, axis)} for r in plotted], [axis]):
                 continue
             name = f"metric_vs_{axis}" + (f"_{mode}" if len(modes) > 1 else "")
-            figures[name] = axis_figure(plotted, axis, mode)
-    return figures
+            plans[name] = (plotted, axis, mode)
+    return plans
 
 
-def axis_figure(runs: Sequence[RunResult], axis: str, mode: str) -> Figure:
+def axis_figures(
+    runs: Sequence[RunResult], colors: Mapping[str, str] | None = None
+) -> dict[str, Figure]:
+    """``metric_vs_<axis>`` for every axis that varies among the runs of one algorithm in a
+    mode (suffixed ``_<mode>`` when the runs have several modes)."""
+    return {
+        name: axis_figure(plotted, axis, mode, colors)
+        for name, (plotted, axis, mode) in _axis_plans(runs).items()
+    }
+
+
+def axis_figure(
+    runs: Sequence[RunResult], axis: str, mode: str, colors: Mapping[str, str] | None = None
+) -> Figure:
     """Post-edit metrics of ``runs`` against ``axis``: a line per algorithm and value of the
     other varying axes (for lambda, a row of panels per algorithm)."""
+    rows, title = _axis_rows(runs, axis, mode)
+    return _draw(rows, axis, title, colors=colors)
+
+
+def _axis_rows(
+    runs: Sequence[RunResult], axis: str, mode: str
+) -> tuple[dict[str, list[Line]], str]:
+    """The lines of :func:`axis_figure` by row, and its title."""
     same = {"batch": ("batch_size", "n_edits")}.get(mode, ())  # one follows the other
     excluded = {axis, "mode", *(same if axis in same else ())}
     by_row = axis == "lambda"  # each algorithm has its own lambda range
@@ -455,12 +519,24 @@ def axis_figure(runs: Sequence[RunResult], axis: str, mode: str) -> Figure:
         line.pre.append((x, run.pre))
     skip = [axis, *(excluded - {"mode"}), *label_names, *(["algorithm"] if by_row else [])]
     title = _title([run.axes for run in runs], skip=skip)
-    return _draw({row: list(lines.values()) for row, lines in rows.items()}, axis, title)
+    return {row: list(lines.values()) for row, lines in rows.items()}, title
 
 
-def sequential_figure(curves: Sequence[Curve]) -> Figure | None:
+def sequential_figure(
+    curves: Sequence[Curve], colors: Mapping[str, str] | None = None
+) -> Figure | None:
     """Mean over the facts edited so far vs edits done: a line per batch size (and per value
-    of the other axes that vary), a row per algorithm."""
+    of the other axes that vary), a row per algorithm; a panel per metric scored along the
+    runs, model-level ones (PPL) included."""
+    planned = _sequential_rows(curves)
+    if planned is None:
+        return None
+    rows, title = planned
+    return _draw(rows, "edits_done", title, band=True, colors=colors)
+
+
+def _sequential_rows(curves: Sequence[Curve]) -> tuple[dict[str, list[Line]], str] | None:
+    """The lines of :func:`sequential_figure` by row, and its title; None without a curve."""
     curves = [curve for curve in curves if curve.edits_done]
     if not curves:
         return None
@@ -473,8 +549,18 @@ def sequential_figure(curves: Sequence[Curve]) -> Figure | None:
         line.pre = [(x, curve.pre) for x, _ in line.points] if curve.pre else []
         rows.setdefault(str(curve.axes.get("algorithm")).upper(), []).append(line)
     title = _title([c.axes for c in curves], skip=["algorithm", *label_names])
-    title = "mean over all facts edited so far" + (f" ({title})" if title else "")
-    return _draw(rows, "edits_done", title, band=True)
+    return rows, "mean over all facts edited so far" + (f" ({title})" if title else "")
+
+
+def series_labels(runs: Sequence[RunResult], curves: Sequence[Curve] = ()) -> list[str]:
+    """Every series label of :func:`axis_figures` of ``runs`` and :func:`sequential_figure`
+    of ``curves``: the keys of one ``colors`` mapping for all of them."""
+    row_sets = [_axis_rows(*plan)[0] for plan in _axis_plans(runs).values()]
+    sequential = _sequential_rows(curves)
+    if sequential is not None:
+        row_sets.append(sequential[0])
+    labels = [line.label for rows in row_sets for lines in rows.values() for line in lines]
+    return list(dict.fromkeys(labels))
 
 
 def _sort(axes: Mapping[str, Any]) -> tuple:
@@ -507,7 +593,7 @@ def latex_table(
     """A booktabs LaTeX table (``\\usepackage{booktabs}``); ``bold_row`` is set in bold."""
 
     def escape(text: str) -> str:
-        text = text.replace("λ", "$\\lambda$")
+        text = text.replace("λ", "$\\lambda$").replace("±", "$\\pm$")
         for char in ("%", "&", "_", "#"):
             text = text.replace(char, "\\" + char)
         return text

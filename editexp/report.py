@@ -7,12 +7,14 @@ Every ``summary.json`` below the multirun directory (recursively) is one row, re
 
 - ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE, and the
   directory holding the summary (relative to the multirun directory);
-- ``results.md``: the same as Markdown tables (post-edit, then pre-edit), cells "mean (std)";
+- ``results.md``: the same as Markdown tables (post-edit, then pre-edit), cells "mean (std)",
+  S's "mean ± standard error" (delta method) where its summary has one;
 - figures (``editexp/figures.py``; each as PNG at 200 dpi and PDF): ``metric_vs_<axis>``
   for every axis that varies among the runs of a mode (layer, batch size, number of edits,
   lambda; suffixed ``_<mode>`` when the sweep mixes modes), and ``sequential`` (mode=
   sequential: the mean over all facts edited so far vs edits done, one line per batch
-  size). Post-edit means with +-1 standard error over facts, the pre-edit value dashed;
+  size). Post-edit means with +-1 standard error over facts, the pre-edit value dashed; a
+  series (e.g. "MEMIT, batch 256") has the same colour in every figure of the report;
 - ``lambda_<algorithm>.md`` and ``.tex`` for every algorithm run with more than one lambda
   (the paper's Tables 3-4).
 
@@ -49,7 +51,8 @@ from editexp.sweep_runs import GRID_FIELDS, STAGES, FinishedRun, Sweep, collect,
 
 STAT_NOTE = (
     "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
-    "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means.\n"
+    "in percent, GE in bits x 100; S is the harmonic mean of the ES, PS and NS means, with no "
+    "std: its cells are mean ± standard error (delta method over the facts' ES, PS, NS).\n"
 )
 HEADERS = {
     "algorithm": "Algorithm",
@@ -136,10 +139,16 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def _metric_cells(run: FinishedRun, stage: str, metrics: Sequence[str]) -> list[str]:
-    return [
-        spec(metric).format(run.metric(stage, metric), run.metric(stage, metric, "std"))
-        for metric in metrics
-    ]
+    """ "mean (std)", or "mean ± se" for a metric with a standard error but no std (S)."""
+    cells = []
+    for metric in metrics:
+        mean, std = run.metric(stage, metric), run.metric(stage, metric, "std")
+        se = run.metric(stage, metric, "se")
+        cell = spec(metric).format(mean, std)
+        if mean is not None and std is None and se is not None:
+            cell += f" ± {se:.{spec(metric).decimals}f}"
+        cells.append(cell)
+    return cells
 
 
 def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
@@ -217,8 +226,8 @@ def lambda_tables(sweep: Sweep) -> dict[str, str]:
             default=None,
         )
         caption = (
-            f"{algorithm.upper()}: post-edit metrics for each λ, mean (std) over facts; "
-            "ES, PS, NS, S in percent, GE in bits x 100; best S in bold."
+            f"{algorithm.upper()}: post-edit metrics for each λ, mean (std) over facts, S "
+            "mean ± standard error; ES, PS, NS, S in percent, GE in bits x 100; best S in bold."
         )
         tables[f"lambda_{algorithm}.tex"] = figures.latex_table(header, rows, caption, best)
     return tables
@@ -291,10 +300,12 @@ def _running_means(
 
 def report_figures(runs: Sequence[FinishedRun]) -> dict[str, Figure]:
     """Every figure of the sweep by file stem: metric vs each varying axis, and the
-    sequential runs' curves."""
-    out = figures.axis_figures([run_result(run) for run in runs])
+    sequential runs' curves; a series has one colour in all of them."""
+    results = [run_result(run) for run in runs]
     sequential = [sequential_curve(run) for run in runs if run.field("mode") == "sequential"]
-    figure = figures.sequential_figure(sequential)
+    colors = figures.series_colors(figures.series_labels(results, sequential))
+    out = figures.axis_figures(results, colors)
+    figure = figures.sequential_figure(sequential, colors)
     if figure is not None:
         out["sequential"] = figure
     return out

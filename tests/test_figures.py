@@ -22,6 +22,7 @@ from editexp.report import main, sequential_curve
 from editexp.sweep_runs import FinishedRun
 
 METRICS = ("ES", "PS", "NS", "S", "GE")
+S_SE = 1.5  # S's standard error (delta method), as summary.json gives it
 
 
 def stats(
@@ -32,7 +33,7 @@ def stats(
         "ES": F.MetricSummary(es, 20.0, n),
         "PS": F.MetricSummary(ps, 10.0, n),
         "NS": F.MetricSummary(ns, 5.0, n),
-        "S": F.MetricSummary(3 / (1 / es + 1 / ps + 1 / ns)),
+        "S": F.MetricSummary(3 / (1 / es + 1 / ps + 1 / ns), se=S_SE),
     }
     if not pre:
         out["GE"] = F.MetricSummary(600.0, 8.0, 4)
@@ -115,15 +116,15 @@ def test_axis_figure_panels_are_labelled_with_baseline_and_standard_errors() -> 
             assert not dashed  # GE has no pre-edit value here
         bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
         assert len(bars) == 2  # one per algorithm
-        memit = next(b for b in bars if b.lines[0].get_color() == "C1")
+        memit = next(b for b in bars if b.lines[0].get_color() == F.PALETTE[1])
         means = memit.lines[0].get_ydata()
         expected = [result(batch_size=b).post[metric].mean for b in (16, 64, 256, 1024)]
         assert np.allclose(means, expected)
-        if metric == "S":  # a harmonic mean of means has no standard error
-            assert not memit.has_yerr
+        (segments,) = memit.lines[2]
+        half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments.get_segments()]
+        if metric == "S":  # the delta method's, from summary.json
+            assert np.allclose(half, S_SE)
         else:
-            (segments,) = memit.lines[2]
-            half = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments.get_segments()]
             sem = result().post[metric].std / math.sqrt(result().post[metric].n - 1)
             assert np.allclose(half, sem)
 
@@ -170,7 +171,90 @@ def test_pre_edit_baseline_per_line_when_runs_differ() -> None:
     ax = data_axes(F.axis_figures(runs + emmet)["metric_vs_batch_size"])[0]
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert sorted(tuple(line.get_ydata()) for line in dashed) == [(10.0, 20.0), (30.0, 30.0)]
-    assert {line.get_color() for line in dashed} == {"C0", "C1"}
+    assert {line.get_color() for line in dashed} == {F.PALETTE[0], F.PALETTE[1]}
+
+
+def test_s_without_a_standard_error_gets_no_bar() -> None:
+    """summary.json files written before S had "se" still draw, without a bar for S."""
+    assert F.MetricSummary.from_dict({"mean": 50.0, "se": 2.0}).sem == 2.0
+    assert F.MetricSummary.from_dict({"mean": 50.0}).sem is None
+    old = {**stats(80.0), "S": F.MetricSummary.from_dict({"mean": 70.0})}
+    runs = [F.RunResult({**result().axes, "layer": (layer,)}, PRE, old) for layer in (1, 2)]
+    ax = data_axes(F.axis_figures(runs)["metric_vs_layer"])[3]
+    assert ax.get_title() == "S"
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert not bars.has_yerr
+
+
+def _solid_colors(ax) -> dict[tuple, str]:
+    """The y values of each solid data line of ``ax`` -> its colour."""
+    lines = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    return {tuple(line.get_ydata()): line.get_color() for line in lines}
+
+
+def test_a_series_has_one_colour_in_every_figure() -> None:
+    batch = [result(algorithm=a, batch_size=b, n_edits=b, **{"lambda": lam})
+             for a, lam in (("memit", 100.0), ("emmet", 0.0)) for b in (16, 64)]  # fmt: skip
+    layers = [result(layer=(layer,), mode="singular", batch_size=1) for layer in (1, 2)]
+    runs = batch + layers
+    memit_layers = tuple(r.post["ES"].mean for r in layers)
+    memit_batch = tuple(result(batch_size=b).post["ES"].mean for b in (16, 64))
+
+    def memit_colors(colors):
+        figures = F.axis_figures(runs, colors)
+        by_batch = _solid_colors(data_axes(figures["metric_vs_batch_size_batch"])[0])
+        by_layer = _solid_colors(data_axes(figures["metric_vs_layer_singular"])[0])
+        assert len(by_batch) == 2 and len(by_layer) == 1  # EMMET and MEMIT; MEMIT alone
+        return by_batch[memit_batch], by_layer[memit_layers]
+
+    in_batch, in_layer = memit_colors(None)
+    assert in_batch != in_layer  # each figure on its own: MEMIT is its first or second series
+    colors = F.series_colors(F.series_labels(runs))
+    assert set(colors) == {"EMMET", "MEMIT"}
+    assert memit_colors(colors) == (colors["MEMIT"], colors["MEMIT"])
+
+    # sequential curves' labels join the mapping; numbers inside labels sort by value
+    curve = F.Curve({**result().axes, "mode": "sequential", "batch_size": 4}, [4], [stats(80)])
+    curves = [curve, F.Curve({**curve.axes, "batch_size": 16}, [16], [stats(70)])]
+    assert F.series_labels([], curves) == ["batch 4", "batch 16"]
+    colors = F.series_colors(["batch 16", "batch 4", "MEMIT"])
+    assert [colors[k] for k in ("MEMIT", "batch 4", "batch 16")] == list(F.PALETTE[:3])
+    assert F.series_colors(["a", "b"], {"b": F.PALETTE[0]}) == {
+        "a": F.PALETTE[1],
+        "b": F.PALETTE[0],
+    }
+    assert len(set(F.PALETTE)) == 20
+
+
+def test_percent_panels_span_0_to_100_whatever_the_data() -> None:
+    runs = [F.RunResult({**result().axes, "layer": (layer,)}, PRE, stats(70.0 + layer, ns=61.0))
+            for layer in (1, 2, 3)]  # fmt: skip
+    for ax in data_axes(F.axis_figures(runs)["metric_vs_layer"]):
+        low, high = ax.get_ylim()
+        if ax.get_title() == "GE":  # bits x 100: scaled to its data
+            assert high - low < 100
+        else:
+            assert -5 <= low <= 0 and 100 <= high <= 105, ax.get_title()
+
+
+def test_sequential_figure_draws_perplexity_against_edits() -> None:
+    """A run with eval.metrics=[perplexity] records PPL pre and at every scored update: a
+    forgetting curve, without a band (one value for the model, no spread over facts)."""
+    xs = [4, 8, 12, 16]
+    ppl = [20.0, 22.0, 25.0, 31.0]
+    so_far = [{**stats(90.0 - x, n=x), "PPL": F.MetricSummary(p)} for x, p in zip(xs, ppl)]
+    axes = {**result().axes, "mode": "sequential", "batch_size": 4}
+    curve = F.Curve(axes, xs, so_far, {**PRE, "PPL": F.MetricSummary(18.0)})
+    figure = F.sequential_figure([curve])
+    (panel,) = [ax for ax in data_axes(figure) if ax.get_title() == "PPL: MEMIT"]
+    assert panel.get_ylabel() == spec("PPL").label + "\n(lower is better)"
+    (line,) = [line for line in panel.get_lines() if line.get_linestyle() == "-"]
+    assert list(line.get_xdata()) == xs and list(line.get_ydata()) == ppl
+    assert not any(isinstance(c, PolyCollection) for c in panel.collections)
+    (dashed,) = [line for line in panel.get_lines() if line.get_linestyle() == "--"]
+    assert set(dashed.get_ydata()) == {18.0}
+    assert panel.get_ylim()[1] < 50  # not a percent: scaled to its data
+    _assert_legend_outside_data(figure)
 
 
 def test_lambda_figure_rows_per_algorithm_with_symlog_for_zero() -> None:

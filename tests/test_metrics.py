@@ -9,6 +9,7 @@ from editexp.evaluation.metrics import (
     fact_metrics,
     generation_entropy,
     harmonic_mean,
+    harmonic_mean_se,
     ngram_entropy,
     word_tokens,
 )
@@ -147,9 +148,54 @@ def test_aggregate_mean_std_and_scaling():
     assert summary["NS"]["mean"] == pytest.approx(80.0)
     assert summary["GE"] == {"mean": pytest.approx(610.0), "std": pytest.approx(10.0), "n": 2}
     assert summary["S"]["mean"] == pytest.approx(3 / (3 / 200 + 1 / 50 + 1 / 80))
-    assert set(summary["S"]) == {"mean"}
+    assert set(summary["S"]) == {"mean", "se"}  # a harmonic mean of means: no std
 
 
 def test_aggregate_unknown_keys_unscaled_and_empty():
     assert aggregate([{"other": 2.0}, {"other": 4.0}])["other"]["mean"] == 3.0
     assert aggregate([]) == {}
+
+
+def test_s_standard_error_by_hand_for_uncorrelated_metrics():
+    # ES, PS, NS over 4 facts with zero sample covariance, every mean 50 %: S = 50, every
+    # gradient S^2 / (3 m^2) = 1/3, each variance (ddof=1) 10000/3, so
+    # SE(S) = sqrt(3 * (1/3)^2 * 10000/3 / 4) = 100/6
+    rows = [
+        {"ES": 1.0, "PS": 1.0, "NS": 1.0},
+        {"ES": 0.0, "PS": 1.0, "NS": 0.0},
+        {"ES": 1.0, "PS": 0.0, "NS": 0.0},
+        {"ES": 0.0, "PS": 0.0, "NS": 1.0},
+    ]
+    summary = aggregate(rows)
+    assert summary["S"]["mean"] == pytest.approx(50.0)
+    assert summary["S"]["se"] == pytest.approx(100 / 6)
+
+    # only ES varies: SE(S) = dS/dES * SE(ES), SE(ES) = sample std / sqrt(n)
+    rows = [{"ES": es, "PS": 1.0, "NS": 0.8} for es in (1.0, 0.0, 1.0, 0.0)]
+    summary = aggregate(rows)
+    score = 3 / (1 / 50 + 1 / 100 + 1 / 80)
+    se_es = math.sqrt(10000 / 3) / math.sqrt(4)
+    assert summary["S"]["se"] == pytest.approx(score**2 / (3 * 50**2) * se_es)
+
+
+def test_s_standard_error_matches_a_bootstrap():
+    rng = np.random.default_rng(0)
+    n = 400
+    es = rng.uniform(0.3, 1.0, n)
+    ps = np.clip(es - rng.uniform(0.0, 0.4, n), 0.0, 1.0)  # correlated with ES
+    ns = rng.beta(4, 2, n)
+    rows = [{"ES": a, "PS": b, "NS": c} for a, b, c in zip(es, ps, ns)]
+    se = aggregate(rows)["S"]["se"]
+
+    values = 100 * np.stack([es, ps, ns], axis=1)  # [n, 3]
+    resamples = rng.integers(0, n, size=(4000, n))
+    means = values[resamples].mean(axis=1)  # [4000, 3]
+    scores = 3 / (1 / means).sum(axis=1)
+    assert se == pytest.approx(float(np.std(scores, ddof=1)), rel=0.1)
+
+
+def test_s_standard_error_undefined_for_one_fact_or_a_zero_mean():
+    assert "se" not in aggregate([{"ES": 1.0, "PS": 0.5, "NS": 0.5}])["S"]
+    zero_es = aggregate([{"ES": 0.0, "PS": 0.5, "NS": 0.5}, {"ES": 0.0, "PS": 1.0, "NS": 1.0}])
+    assert zero_es["S"] == {"mean": 0.0}
+    assert harmonic_mean_se([50.0, 50.0], np.array([[50.0, 50.0]])) is None

@@ -327,3 +327,21 @@ def test_every_k_runs_also_report_the_each_batch_schedule(tmp_path: Path):
     section = text.split("## Sequential runs on the paper's schedule")[1]
     assert "| 98.00 (1.00) | 91.00 (1.00) | 72.00 (1.00) |" in section
     assert "| 97.00 (1.00) | 91.00 (1.00) | 72.00 (1.00) |" in section
+
+
+def test_s_cells_give_the_standard_error(tmp_path: Path):
+    """S has no std: its cells are "mean ± se" where summary.json has the delta method's se."""
+    root = tmp_path / "lam"
+    for num, lam in enumerate((10.0, 1000.0)):
+        summary = _summary("memit", lam=lam, post=(90.0, 80.0, 70.0))
+        summary["post"]["S"]["se"] = 1.25
+        _job(root, num, ["algorithm=memit", f"lambda={lam}"], summary)
+    assert main([str(root)]) == 0
+    s_mean = f"{harmonic_mean([90.0, 80.0, 70.0]):.2f}"
+    markdown = (root / "report" / "results.md").read_text()
+    assert f"| 70.00 (4.00) | {s_mean} ± 1.25 | 610.00 (5.00) |" in markdown  # post-edit
+    pre_s = f"{harmonic_mean([10.0, 12.0, 88.0]):.2f}"
+    assert f"| 88.00 (4.00) | {pre_s} | 615.00 (5.00) |" in markdown  # pre-edit: no se
+    assert "mean ± standard error (delta method" in markdown
+    tex = (root / "report" / "lambda_memit.tex").read_text()
+    assert f"{s_mean} $\\pm$ 1.25" in tex

@@ -19,7 +19,8 @@ magnitudes and ``GE``) is **multiplied by 100**: ES/PS/NS become percentages, ma
 percentage points of probability, GE "bits x 100" (about 615 for Llama-3-8B), matching the
 reference summariser which scales every reported number by 100. Keys not in
 ``SCALED_METRICS`` pass through unscaled. ``S`` is the harmonic mean of the *aggregated*
-ES, PS and NS means (so it is also in percent), not a per-fact quantity.
+ES, PS and NS means (so it is also in percent), not a per-fact quantity: it has no std, but
+a standard error by the delta method (:func:`harmonic_mean_se`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SCALED_METRICS = (
     "GE",
 )
 SCALE = 100.0
+S_PARTS = ("ES", "PS", "NS")  # S is their harmonic mean
 
 # Weights of the bigram and trigram entropies in the reference's GE.
 GE_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
@@ -149,7 +151,7 @@ def aggregate(per_fact: list[dict[str, float]]) -> dict[str, dict[str, float | i
     population standard deviation (numpy's default ``ddof=0``), as in the reference. Keys in
     ``SCALED_METRICS`` are multiplied by 100 (see the module docstring); others are not.
     When ES, PS and NS are all present, ``"S": {"mean": harmonic_mean(ES, PS, NS means)}``
-    is added.
+    is added, with ``"se"`` (:func:`harmonic_mean_se`, in percent) when it is defined.
     """
     keys: list[str] = []
     for row in per_fact:
@@ -163,10 +165,31 @@ def aggregate(per_fact: list[dict[str, float]]) -> dict[str, dict[str, float | i
             "std": float(np.std(values) * scale),
             "n": int(values.size),
         }
-    if all(key in out for key in ("ES", "PS", "NS")):
-        means = [float(out[key]["mean"]) for key in ("ES", "PS", "NS")]
+    if all(key in out for key in S_PARTS):
+        means = [float(out[key]["mean"]) for key in S_PARTS]
         out["S"] = {"mean": harmonic_mean(means)}
+        complete = [[row[key] for key in S_PARTS] for row in per_fact if set(S_PARTS) <= set(row)]
+        se = harmonic_mean_se(means, SCALE * np.array(complete, dtype=float).reshape(-1, 3))
+        if se is not None:
+            out["S"]["se"] = se
     return out
+
+
+def harmonic_mean_se(means: Sequence[float], per_fact: np.ndarray) -> float | None:
+    """Standard error of the harmonic mean ``S`` of ``means`` by the delta method.
+
+    ``per_fact``: [n_facts, k] values whose column means are ``means`` (or near them: the
+    facts that have every part). With the gradient ``g_j = dS/dm_j = S^2 / (k m_j^2)`` and
+    the facts' covariance ``Sigma`` (ddof=1), ``SE(S) = sqrt(g^T Sigma g / n)``. None when
+    fewer than 2 facts or a mean of 0 (``S`` = 0, not differentiable there).
+    """
+    n_facts, k = per_fact.shape
+    if n_facts < 2 or any(mean <= 0 for mean in means):
+        return None
+    score = harmonic_mean(means)
+    gradient = np.array([score**2 / (k * mean**2) for mean in means])  # [k]
+    covariance = np.atleast_2d(np.cov(per_fact, rowvar=False, ddof=1))  # [k, k]
+    return float(np.sqrt(max(gradient @ covariance @ gradient, 0.0) / n_facts))
 
 
 def model_summaries(values: dict[str, float] | None) -> dict[str, dict[str, float]]:
