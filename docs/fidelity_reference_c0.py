@@ -2,7 +2,7 @@
 (docs/fidelity.md, "The remaining gap, fact by fact"), for several context-prefix seeds.
 
     python docs/fidelity_reference_c0.py --seeds 0 1 2 3 4 5 --out runs/reference-c0
-    python docs/fidelity_reference_c0.py --seeds --ume-prefixes ume_prefixes.json --out ...
+    python docs/fidelity_reference_c0.py --seeds --ume-prefixes ume_prefixes.json --out R
     python docs/fidelity_per_fact.py ../shared/reference/ume-smollm2-memit-l1-post-64.json \
         seed0=runs/reference-c0/seed0 seed1=runs/reference-c0/seed1 ...
 
@@ -102,7 +102,7 @@ def edit_with_seed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--ume-prefixes", type=Path, help="JSON {key: [UME template, ...]}")
     parser.add_argument("--out", type=Path, default=Path("runs/reference-c0"))
     args = parser.parse_args()
