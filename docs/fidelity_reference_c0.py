@@ -96,7 +96,7 @@ def edit_with_seed(
     (out / "facts.jsonl").write_text("\n".join(rows) + "\n")
     norm = float(update.deltas[LAYER].norm())
     (out / "batches.jsonl").write_text(json.dumps({"update": {"delta_norm": norm}}) + "\n")
-    print(f"seed {seed}: ||Delta|| {norm:.2f}", flush=True)
+    print(f"{out.name}: ||Delta|| {norm:.2f}", flush=True)
     return c0
 
 
