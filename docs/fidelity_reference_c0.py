@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from editexp.data.counterfact import Fact, load_counterfact
+from editexp.data.counterfact import Fact, load_counterfact, select_facts
 from editexp.editing.editor import Editor
 from editexp.editing.linalg import CovarianceFactor
 from editexp.evaluation.evaluator import Evaluator
@@ -72,8 +72,12 @@ def reference_c0(loaded: LoadedModel) -> torch.Tensor:
 
 
 def reference_facts(editor: Editor) -> list[Fact]:
-    by_id = {fact.case_id: fact for fact in load_counterfact(editor.cfg.data)[0]}
-    return [by_id[int(case_id)] for case_id in CASE_IDS.read_text().split()]
+    """The 64 reference facts, in the listed order (``data.order=case_ids``)."""
+    facts = load_counterfact(editor.cfg.data)[0]
+    n_listed = len(CASE_IDS.read_text().split())
+    return select_facts(
+        facts, n_listed, order="case_ids", case_ids=str(CASE_IDS), unique_subjects=False
+    )
 
 
 def edit_with_seed(

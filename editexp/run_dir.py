@@ -60,11 +60,11 @@ RESULT_NAMES = (
     "wandb",
     RECORD_NAME,
 )
-# Config keys that do not change results: tracking, devices, rerun switches, and where the
-# data lives (its contents are the data hash).
 # Keys added after runs were made, with the default that reproduces those runs: left out of a
 # run's identity when they hold it.
 KEYS_ADDED_LATER = {"data.split": "all", "data.fact_set": 0}
+# Config keys that do not change results: tracking, devices, rerun switches, and where the
+# data lives (its contents are the data hash).
 NOT_RESULTS = (
     "logger",
     "force",

@@ -29,13 +29,13 @@ def read_inputs(cfg: DictConfig, settings: RunSettings) -> tuple[list[Fact], Run
     model is loaded: the CounterFact file, the selection and the statistics corpus."""
     facts, counterfact_hash = load_counterfact(cfg.data)
     chosen = select_facts(
-        split_facts(facts, cfg.data.split),
+        split_facts(facts, cfg.data.get("split", "all")),
         settings.n_edits,
         order=cfg.data.order,
         seed=settings.seed,
         case_ids=cfg.data.case_ids,
         unique_subjects=cfg.data.unique_subjects,
-        fact_set=cfg.data.fact_set,
+        fact_set=cfg.data.get("fact_set", 0),
     )
     corpus = CorpusSource.from_config(cfg.stats, cfg.data)
     corpus.check()
