@@ -112,6 +112,10 @@ class RunRecord:
     precision: str = "32-true"  # editexp/precision.py (summaries of older versions: 32-true)
     config_hash: str | None = None  # what the run directory checks before skipping it
     data_hash: str | None = None  # (editexp.run_dir; None in summaries of older versions)
+    # where it ran: the model's device ("cpu", "cuda:0") and torch's CPU threads, which turn
+    # the timings into CPU-hours (editexp-report's cost table; None in older summaries)
+    device: str | None = None
+    threads: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)

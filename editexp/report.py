@@ -5,10 +5,12 @@ Usage: ``editexp-report <multirun dir> [--out DIR]`` (default ``<multirun dir>/r
 Every ``summary.json`` below the multirun directory (recursively) is one row, read as a
 :class:`~editexp.record.RunRecord` (the type the runner writes). Written:
 
-- ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE, and the
-  directory holding the summary (relative to the multirun directory);
+- ``results.csv``: the grid fields, pre/post mean and std of ES, PS, NS, S, GE (and S's
+  standard error), and the directory holding the summary (relative to the multirun
+  directory);
 - ``results.md``: the same as Markdown tables (post-edit, then pre-edit), cells "mean (std)",
-  S's "mean ± standard error" (delta method) where its summary has one;
+  S's "mean ± standard error" (delta method) where its summary has one; then what the sweep
+  cost (:mod:`editexp.run_cost`: seconds per phase per run, wall/CPU/GPU-hours in all);
 - figures (``editexp/figures.py``; each as PNG at 200 dpi and PDF): ``metric_vs_<axis>``
   for every axis that varies among the runs of a mode (layer, batch size, number of edits,
   lambda; suffixed ``_<mode>`` when the sweep mixes modes), and ``sequential`` (mode=
@@ -47,7 +49,16 @@ from editexp.errors import UserError, cli_errors
 from editexp.figures import format_value
 from editexp.metric_specs import metrics_in, spec
 from editexp.record import BatchRecord
-from editexp.sweep_runs import GRID_FIELDS, STAGES, FinishedRun, Sweep, collect, grid_status
+from editexp.run_cost import COST_HEADER, COST_NOTE, Cost, cost_rows
+from editexp.sweep_runs import (
+    GRID_FIELDS,
+    FinishedRun,
+    Sweep,
+    collect,
+    column_value,
+    grid_status,
+    metric_columns,
+)
 
 STAT_NOTE = (
     "Metric cells: mean (std) over facts, std = population standard deviation; ES, PS, NS, S "
@@ -112,21 +123,15 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def results_csv(sweep: Sweep) -> str:
-    metrics = report_metrics(sweep.runs)
-    header = list(GRID_FIELDS)
-    for stage in STAGES:
-        header += [f"{stage}_{m}_{stat}" for m in metrics for stat in ("mean", "std")]
-    header.append("run_dir")
+    columns = metric_columns(sweep.runs, report_metrics(sweep.runs))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow([*GRID_FIELDS, *columns, "run_dir"])
     for run in sorted_runs(sweep.runs):
         row = [format_value(run.field(name)) for name in GRID_FIELDS]
-        for stage in STAGES:
-            for metric in metrics:
-                for stat in ("mean", "std"):
-                    value = run.metric(stage, metric, stat)
-                    row.append("" if value is None else repr(value))
+        for column in columns:
+            value = column_value(run, column)
+            row.append("" if value is None else repr(value))
         row.append(_relative(run.directory, sweep.root))
         writer.writerow(row)
     return buffer.getvalue()
@@ -184,7 +189,20 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
         ]
         parts.append(markdown_table(header, rows))
     parts.append("\n" + stat_note(metrics))
+    parts.append(cost_section(runs, sweep.root))
     return "\n".join(parts)
+
+
+def cost_section(runs: Sequence[FinishedRun], root: Path) -> str:
+    """What the runs cost: one line in all, then seconds per phase per run."""
+    records = [run.record for run in runs]
+    names = [_relative(run.directory, root) for run in runs]
+    return (
+        f"\n## Cost\n\n{Cost.of(records).line(len(runs))}\n\n"
+        + markdown_table(COST_HEADER, cost_rows(records, names))
+        + "\n"
+        + COST_NOTE
+    )
 
 
 EACH_BATCH_TITLE = (

@@ -17,9 +17,7 @@ from typing import Any
 import pandas as pd
 
 from editexp.metric_specs import metrics_in
-from editexp.sweep_runs import GRID_FIELDS, STAGES, FinishedRun, collect
-
-STATS = ("mean", "std")
+from editexp.sweep_runs import GRID_FIELDS, FinishedRun, collect, column_value, metric_columns
 
 
 def load_results(sweep_dir: str | Path) -> pd.DataFrame:
@@ -27,30 +25,24 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     (``algorithm``, ``model``, ``layer`` as a tuple of ints, ``mode``, ``batch_size``,
     ``n_edits``, ``lambda``, ``keep_edits``, ``eval_schedule``), then
     ``<stage>_<metric>_<stat>`` for every stage (pre, post, each_batch), every metric any run
-    measured and mean and std (NaN where a run has none, e.g. S's std), then ``edits_done``,
+    measured and mean and std, and ``se`` where a run has a standard error (S's; NaN where a
+    run has none, e.g. S's std), then ``edits_done``,
     ``total_seconds`` and ``run_dir`` (the directory holding the summary)."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     runs = sorted(collect(root).runs, key=lambda run: str(run.directory))
     metrics = metrics_in(block for run in runs for block in (run.record.pre, run.record.post))
-    columns = [
-        *GRID_FIELDS,
-        *(f"{stage}_{m}_{stat}" for stage in STAGES for m in metrics for stat in STATS),
-        "edits_done",
-        "total_seconds",
-        "run_dir",
-    ]
-    return pd.DataFrame([_row(run, metrics) for run in runs], columns=columns)
+    measured = metric_columns(runs, metrics)
+    columns = [*GRID_FIELDS, *measured, "edits_done", "total_seconds", "run_dir"]
+    return pd.DataFrame([_row(run, measured) for run in runs], columns=columns)
 
 
-def _row(run: FinishedRun, metrics: tuple[str, ...]) -> dict[str, Any]:
+def _row(run: FinishedRun, measured: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {name: run.field(name) for name in GRID_FIELDS}
-    for stage in STAGES:
-        for metric in metrics:
-            for stat in STATS:
-                value = run.metric(stage, metric, stat)
-                row[f"{stage}_{metric}_{stat}"] = float("nan") if value is None else value
+    for column in measured:
+        value = column_value(run, column)
+        row[column] = float("nan") if value is None else value
     row["edits_done"] = run.record.edits_done
     row["total_seconds"] = run.record.timing.get("total")
     row["run_dir"] = str(run.directory)

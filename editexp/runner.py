@@ -252,6 +252,8 @@ def finish(
     record = run_record(
         steps.settings, null_space_dims, facts, pre, state, run_dir, recorder.elapsed()
     )
+    record.device = str(steps.editor.model.device)
+    record.threads = torch.get_num_threads()
     files = [directory.summary_path, run_dir / "facts.jsonl", run_dir / "batches.jsonl"]
     if with_deltas and state.deltas:
         save_deltas(run_dir / "deltas.pt", steps.editor.model, state.deltas)

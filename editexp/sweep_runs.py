@@ -65,6 +65,31 @@ class FinishedRun:
         return rows
 
 
+def metric_columns(runs: Iterable[FinishedRun], metrics: Iterable[str]) -> list[str]:
+    """results.csv's metric columns, ``<stage>_<metric>_<stat>``: every stage and metric,
+    each with its mean and std, and its standard error where a run has one (S's, by the delta
+    method: S has no std over facts)."""
+    runs, metrics = list(runs), list(metrics)
+    with_se = {
+        m
+        for m in metrics
+        if any(run.metric(s, m, "se") is not None for run in runs for s in STAGES)
+    }
+    return [
+        f"{stage}_{metric}_{stat}"
+        for stage in STAGES
+        for metric in metrics
+        for stat in ("mean", "std", "se")
+        if stat != "se" or metric in with_se
+    ]
+
+
+def column_value(run: FinishedRun, column: str) -> float | None:
+    """The value of a :func:`metric_columns` column for ``run`` (None: not measured)."""
+    stage, metric, stat = column.rsplit("_", 2)  # "each_batch" holds "_", so from the right
+    return run.metric(stage, metric, stat)
+
+
 @dataclass
 class Sweep:
     root: Path

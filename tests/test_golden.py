@@ -48,7 +48,7 @@ RUNS = {
 
 def _without_timing(row: dict) -> dict:
     """Without timings and what identifies the run or depends on what ran before."""
-    left_out = ("timing", "run_dir", "values", "config_hash", "data_hash")
+    left_out = ("timing", "run_dir", "values", "config_hash", "data_hash", "device", "threads")
     return {key: value for key, value in row.items() if key not in left_out}
 
 

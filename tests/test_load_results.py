@@ -50,6 +50,7 @@ def test_load_results_has_a_row_per_run_with_every_axis_and_metric(tmp_path):
                     column = f"{stage}_{metric}_{stat}"
                     assert row[column] == summary[stage][metric][stat], column
         assert row["post_S_mean"] == summary["post"]["S"]["mean"]
+        assert row["post_S_se"] == summary["post"]["S"]["se"]  # the delta method's
         assert math.isnan(row["post_S_std"]) and math.isnan(row["post_GE_mean"])
         assert row["edits_done"] == 2 and row["mode"] == "batch"
     with pytest.raises(FileNotFoundError):

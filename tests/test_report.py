@@ -345,3 +345,39 @@ def test_s_cells_give_the_standard_error(tmp_path: Path):
     assert "mean ± standard error (delta method" in markdown
     tex = (root / "report" / "lambda_memit.tex").read_text()
     assert f"{s_mean} $\\pm$ 1.25" in tex
+    rows = list(csv.DictReader((root / "report" / "results.csv").open()))
+    assert [row["post_S_se"] for row in rows] == ["1.25", "1.25"]
+    assert [row["pre_S_se"] for row in rows] == ["", ""]
+    assert "post_ES_se" not in rows[0]  # ES has a std: no se column
+
+
+def test_cost_section_sums_cpu_and_gpu_hours(tmp_path: Path):
+    """results.md ends with what the sweep cost: CPU-hours are seconds x threads, GPU runs
+    count GPU-hours, and each run's seconds per phase and value-cache counts are listed."""
+    root = tmp_path / "cost"
+    runs = [  # (device, threads, seconds)
+        ("cpu", 2, 1800.0),
+        ("cpu", 1, 3600.0),
+        ("cuda:0", 16, 900.0),
+    ]
+    for num, (device, threads, seconds) in enumerate(runs):
+        summary = _summary("memit", n_edits=16 * (num + 1))
+        summary.update(device=device, threads=threads, values={"computed": 7, "read": 9})
+        summary["timing"] = {"statistics": 1.5, "keys_values": 2.5, "solve": 0.25,
+                             "evaluation": 4.0, "total": seconds}  # fmt: skip
+        _job(root, num, [f"n_edits={16 * (num + 1)}"], summary)
+    assert main([str(root)]) == 0
+    section = (root / "report" / "results.md").read_text().split("## Cost")[1]
+    # wall 0.5 + 1 + 0.25 h; CPU 0.5 x 2 + 1 x 1 = 2 h; GPU 0.25 h
+    assert "3 run(s), 1.75 h of wall time, 2.00 CPU-hours, 0.25 GPU-hours." in section
+    assert "| 0 | cpu | 2 | 1.5 | 2.5 | 0.2 | 4.0 | 1800.0 | 7 / 9 |" in section
+    assert "| 2 | cuda:0 | 16 |" in section
+
+
+def test_cost_of_summaries_without_threads_is_wall_time_only(tmp_path: Path):
+    root = tmp_path / "old"
+    _job(root, 0, ["n_edits=16"], _summary("memit"))  # no device/threads: an older summary
+    assert main([str(root)]) == 0
+    section = (root / "report" / "results.md").read_text().split("## Cost")[1]
+    assert "1 run(s), 0.01 h of wall time, CPU-hours unknown" in section
+    assert "| 0 | ? | - |" in section

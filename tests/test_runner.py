@@ -50,6 +50,8 @@ def test_sequential_run_writes_all_outputs(tmp_path):
             assert set(summary[block][metric]) >= {"mean", "std"}
         assert "S" in summary[block] and "GE" in summary[block]
     assert set(summary["timing"]) >= {"statistics", "keys_values", "solve", "evaluation", "total"}
+    # where it ran, for editexp-report's CPU-hours
+    assert summary["device"] == "cpu" and summary["threads"] == torch.get_num_threads()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     facts = read_jsonl(run_dir / "facts.jsonl")
     assert len(facts) == 4 and {f["batch"] for f in facts} == {0, 1}
