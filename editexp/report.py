@@ -15,8 +15,10 @@ Every ``summary.json`` below the multirun directory (recursively) is one row, re
   for every axis that varies among the runs of a mode (layer, batch size, number of edits,
   lambda; suffixed ``_<mode>`` when the sweep mixes modes), and ``sequential`` (mode=
   sequential: the mean over all facts edited so far vs edits done, one line per batch
-  size). Post-edit means with +-1 standard error over facts, the pre-edit value dashed; a
-  series (e.g. "MEMIT, batch 256") has the same colour in every figure of the report;
+  size), and ``schedules`` (sequential runs scored after all edits that also kept the
+  paper's each_batch numbers: both against batch size). Post-edit means with +-1 standard
+  error over facts, the pre-edit value dashed; a series (e.g. "MEMIT, batch 256") has the
+  same colour in every figure of the report;
 - ``lambda_<algorithm>.md`` and ``.tex`` for every algorithm run with more than one lambda
   (the paper's Tables 3-4).
 
@@ -38,6 +40,7 @@ import io
 import json
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +329,40 @@ def report_figures(runs: Sequence[FinishedRun]) -> dict[str, Figure]:
     figure = figures.sequential_figure(sequential, colors)
     if figure is not None:
         out["sequential"] = figure
+    figure = schedule_figure(runs, colors)
+    if figure is not None:
+        out["schedules"] = figure
     return out
+
+
+AFTER_OWN_UPDATE = "after its own update (paper)"
+AFTER_ALL_EDITS = "after all edits"
+
+
+def schedule_figure(
+    runs: Sequence[FinishedRun], colors: dict[str, str] | None = None
+) -> Figure | None:
+    """The headline of sequential editing, against batch size: every fact scored right after
+    its own update (the paper's each_batch numbers) beside every fact scored after the last
+    update, for the sequential runs that measured both (eval.schedule every_k or final);
+    None without such a run."""
+    both = [
+        run
+        for run in runs
+        if run.field("mode") == "sequential"
+        and run.field("eval_schedule") != "each_batch"
+        and run.record.each_batch
+    ]
+    if not both:
+        return None
+    results = []
+    for run in both:
+        result = run_result(run)
+        own_update = figures.summaries_of(run.record.each_batch)
+        results.append(replace(result, axes={**result.axes, "eval_schedule": AFTER_OWN_UPDATE},
+                               post=own_update))  # fmt: skip
+        results.append(replace(result, axes={**result.axes, "eval_schedule": AFTER_ALL_EDITS}))
+    return figures.axis_figure(results, "batch_size", "sequential", colors)
 
 
 # --------------------------------------------------------------------------- the command

@@ -8,8 +8,8 @@ import pytest
 
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.record import BatchRecord, RunRecord, UpdateStats
-from editexp.report import main
-from editexp.sweep_runs import expected_grid
+from editexp.report import main, schedule_figure
+from editexp.sweep_runs import collect, expected_grid
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
@@ -327,6 +327,36 @@ def test_every_k_runs_also_report_the_each_batch_schedule(tmp_path: Path):
     section = text.split("## Sequential runs on the paper's schedule")[1]
     assert "| 98.00 (1.00) | 91.00 (1.00) | 72.00 (1.00) |" in section
     assert "| 97.00 (1.00) | 91.00 (1.00) | 72.00 (1.00) |" in section
+    assert _is_png(root / "report" / "schedules.png")
+
+
+def test_schedule_figure_plots_the_papers_numbers_beside_after_all_edits(tmp_path: Path):
+    """schedules: per batch size, the each_batch means (the paper's) and the post-edit means
+    (after the last update) of the same runs, as two lines of one colour each."""
+    root = tmp_path / "seq"
+    for num, bs in enumerate((16, 64)):
+        summary = _summary("memit", mode="sequential", batch_size=bs, n_edits=64,
+                           post=(80.0 + num, 70.0, 60.0))  # fmt: skip
+        summary.update(eval_schedule="every_k", every_k=1)
+        summary["each_batch"] = {"ES": _stats(95.0 + num), "PS": _stats(91.0),
+                                 "NS": _stats(72.0)}  # fmt: skip
+        _job(root, num, [f"batch_size={bs}"], summary)
+    runs = collect(root).runs
+    figure = schedule_figure(runs)
+    es = figure.axes[0]
+    assert es.get_title() == "ES"
+    legend = figure.legends[0] if figure.legends else figure.axes[-1].get_legend()
+    color = {text.get_text(): handle.get_color()
+             for text, handle in zip(legend.get_texts(), legend.legend_handles)}  # fmt: skip
+    paper = color["MEMIT, eval after its own update (paper)"]
+    after = color["MEMIT, eval after all edits"]
+    assert paper != after
+    means = {line.get_color(): list(line.get_ydata()) for line in es.get_lines()
+             if line.get_marker() == "o"}  # fmt: skip
+    assert means[paper] == [95.0, 96.0] and means[after] == [80.0, 81.0]
+    each_batch_only = [r for r in runs if r.field("batch_size") == 16]
+    object.__setattr__(each_batch_only[0].record, "eval_schedule", "each_batch")
+    assert schedule_figure(each_batch_only) is None  # nothing to compare
 
 
 def test_s_cells_give_the_standard_error(tmp_path: Path):
