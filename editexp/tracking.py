@@ -180,7 +180,11 @@ def summary_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     headline = {key: post[key]["mean"] for key in metrics_in([post]) if key in post}
     stages = ("pre", "post", "each_batch", "update_mean", "timing")
     blocks = {k: summary[k] for k in stages if summary.get(k)}
-    extra = {key: summary[key] for key in ("edits_done", "run_dir") if key in summary}
+    extra = {
+        key: summary[key]
+        for key in ("edits_done", "run_dir", "device", "threads")
+        if key in summary
+    }
     return {**headline, **flatten(blocks), **extra}
 
 

@@ -232,6 +232,8 @@ def test_summary_metrics_headline_is_post_mean() -> None:
         "update_mean": {"delta_norm": 2.0},
         "timing": {"total": 3.0},
         "edits_done": 4,
+        "device": "cpu",
+        "threads": 2,
     }
     assert summary_metrics(summary) == {
         "ES": 75.0,
@@ -246,6 +248,8 @@ def test_summary_metrics_headline_is_post_mean() -> None:
         "update_mean/delta_norm": 2.0,
         "timing/total": 3.0,
         "edits_done": 4,
+        "device": "cpu",  # where it ran: the run's CPU-hours are its seconds x threads
+        "threads": 2,
     }
 
 
