@@ -84,6 +84,17 @@ def test_mixed_samples_the_prefixes_of_the_float32_model(cache_dir, monkeypatch)
     assert passes and set(passes) == {(True, torch.bfloat16)}
 
 
+def test_mixed_sweep_cache_key_does_not_depend_on_whether_a_pass_ran(cache_dir):
+    """The value/key cache of bf16-mixed is keyed by the weights as its passes use them: an
+    Editor whose statistics came from the cache (no pass yet, the frozen matrices still
+    float32) finds the entries of one that computed them (and so rounded them)."""
+    small = {"stats.n_tokens": 500, "stats.seq_len": 64, "eval.held_out_keys": 8}
+    first = Editor.from_pretrained("tiny-llama3", precision="bf16-mixed", device="cpu", **small)
+    second = Editor.from_pretrained("tiny-llama3", precision="bf16-mixed", device="cpu", **small)
+    assert not second.model.frozen_rounded  # its statistics were read, not computed
+    assert second.sweep_cache(1).fingerprint == first.sweep_cache(1).fingerprint
+
+
 def test_c0_sums_stay_float64_inside_autocast():
     """The strips of k k^T are summed from the (bfloat16-computed) keys exactly: products
     taken in bfloat16 under the forward's autocast would be off by ~1e-3."""

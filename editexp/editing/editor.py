@@ -408,7 +408,10 @@ class Editor:
             self.values.computed += n_facts
             return None
         if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model.model)
+            # bf16-mixed: the weights as every pass uses them (the frozen matrices rounded at
+            # the first), whether or not a pass has run yet (statistics read from the cache)
+            with self.model.compute():
+                self._fingerprint = weights_fingerprint(self.model.model)
         return SweepCache(self._fingerprint, self.values)
 
     def _rank_one_preservation_errors(self, edits: RankOneEdits) -> list[float]:
