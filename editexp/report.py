@@ -58,7 +58,6 @@ from editexp.sweep_runs import (
     FinishedRun,
     Sweep,
     collect,
-    column_value,
     grid_status,
     metric_columns,
 )
@@ -129,11 +128,11 @@ def results_csv(sweep: Sweep) -> str:
     columns = metric_columns(sweep.runs, report_metrics(sweep.runs))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*GRID_FIELDS, *columns, "run_dir"])
+    writer.writerow([*GRID_FIELDS, *(column.name for column in columns), "run_dir"])
     for run in sorted_runs(sweep.runs):
         row = [format_value(run.field(name)) for name in GRID_FIELDS]
         for column in columns:
-            value = column_value(run, column)
+            value = column.value(run)
             row.append("" if value is None else repr(value))
         row.append(_relative(run.directory, sweep.root))
         writer.writerow(row)

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from editexp.metric_specs import metrics_in
-from editexp.sweep_runs import GRID_FIELDS, FinishedRun, collect, column_value, metric_columns
+from editexp.sweep_runs import GRID_FIELDS, FinishedRun, MetricColumn, collect, metric_columns
 
 
 def load_results(sweep_dir: str | Path) -> pd.DataFrame:
@@ -34,15 +34,16 @@ def load_results(sweep_dir: str | Path) -> pd.DataFrame:
     runs = sorted(collect(root).runs, key=lambda run: str(run.directory))
     metrics = metrics_in(block for run in runs for block in (run.record.pre, run.record.post))
     measured = metric_columns(runs, metrics)
-    columns = [*GRID_FIELDS, *measured, "edits_done", "total_seconds", "run_dir"]
+    names = [column.name for column in measured]
+    columns = [*GRID_FIELDS, *names, "edits_done", "total_seconds", "run_dir"]
     return pd.DataFrame([_row(run, measured) for run in runs], columns=columns)
 
 
-def _row(run: FinishedRun, measured: list[str]) -> dict[str, Any]:
+def _row(run: FinishedRun, measured: list[MetricColumn]) -> dict[str, Any]:
     row: dict[str, Any] = {name: run.field(name) for name in GRID_FIELDS}
     for column in measured:
-        value = column_value(run, column)
-        row[column] = float("nan") if value is None else value
+        value = column.value(run)
+        row[column.name] = float("nan") if value is None else value
     row["edits_done"] = run.record.edits_done
     row["total_seconds"] = run.record.timing.get("total")
     row["run_dir"] = str(run.directory)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -65,10 +65,26 @@ class FinishedRun:
         return rows
 
 
-def metric_columns(runs: Iterable[FinishedRun], metrics: Iterable[str]) -> list[str]:
-    """results.csv's metric columns, ``<stage>_<metric>_<stat>``: every stage and metric,
-    each with its mean and std, and its standard error where a run has one (S's, by the delta
-    method: S has no std over facts)."""
+class MetricColumn(NamedTuple):
+    """A results.csv column: one statistic of one metric at one stage."""
+
+    stage: str  # pre, post, each_batch
+    metric: str
+    stat: str  # mean, std, se
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}_{self.metric}_{self.stat}"
+
+    def value(self, run: FinishedRun) -> float | None:
+        """``run``'s value in this column (None: not measured)."""
+        return run.metric(self.stage, self.metric, self.stat)
+
+
+def metric_columns(runs: Iterable[FinishedRun], metrics: Iterable[str]) -> list[MetricColumn]:
+    """results.csv's metric columns: every stage and metric, each with its mean and std, and
+    its standard error where a run has one (S's, by the delta method: S has no std over
+    facts)."""
     runs, metrics = list(runs), list(metrics)
     with_se = {
         m
@@ -76,18 +92,12 @@ def metric_columns(runs: Iterable[FinishedRun], metrics: Iterable[str]) -> list[
         if any(run.metric(s, m, "se") is not None for run in runs for s in STAGES)
     }
     return [
-        f"{stage}_{metric}_{stat}"
+        MetricColumn(stage, metric, stat)
         for stage in STAGES
         for metric in metrics
         for stat in ("mean", "std", "se")
         if stat != "se" or metric in with_se
     ]
-
-
-def column_value(run: FinishedRun, column: str) -> float | None:
-    """The value of a :func:`metric_columns` column for ``run`` (None: not measured)."""
-    stage, metric, stat = column.rsplit("_", 2)  # "each_batch" holds "_", so from the right
-    return run.metric(stage, metric, stat)
 
 
 @dataclass
