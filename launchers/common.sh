@@ -48,7 +48,7 @@ fi
 # The overrides that change the layer statistics, passed on to editexp-stats.
 stats_args=()
 for arg in "$@"; do
-    case $arg in model=* | model.* | layer=* | stats.* | data.* | device=* | eval.held_out_keys=*)
+    case $arg in model=* | model.* | layer=* | stats.* | data.* | device=* | precision=* | eval.held_out_keys=*)
         stats_args+=("$arg") ;;
     esac
 done

@@ -62,8 +62,9 @@ stage1() {  # layer search on 100 tuning facts, every layer
     one_cpu
     local layers
     layers=$(seq -s, 0 $((N_LAYERS - 1)))
-    echo "+ editexp-stats model=$MODEL layer=[$layers]"
-    [[ -n ${DRY_RUN:-} ]] || OMP_NUM_THREADS=2 editexp-stats model=$MODEL "layer=[$layers]"
+    echo "+ editexp-stats model=$MODEL precision=${PRECISION:-32-true} layer=[$layers]"
+    [[ -n ${DRY_RUN:-} ]] ||
+        OMP_NUM_THREADS=2 editexp-stats model=$MODEL precision="${PRECISION:-32-true}" "layer=[$layers]"
     SWEEP_DIR=$STUDY_DIR/layer_search STATS=skip "$here/layer_search.sh" "${COMMON[@]}" \
         "${TUNING[@]}" layer="$layers" n_edits=100 hydra.launcher.array_parallelism=2
 }
