@@ -29,6 +29,7 @@ from editexp.editing.deltas import add_to_weight
 from editexp.editing.editor import Editor, as_request
 from editexp.editing.solvers import closed_form_delta
 from editexp.editing.value_cache import keys_for, values_for
+from editexp.evaluation.evaluator import Evaluator
 from editexp.models import load_model
 from editexp.run_inputs import read_inputs
 from editexp.runner import evaluator_for
@@ -72,14 +73,16 @@ def read_inputs_in(point: str, precision: str):
     return inputs, facts, editor, cfg
 
 
-def score(editor: Editor, cfg, facts, delta: torch.Tensor) -> dict[int, dict[str, float]]:
+def score(
+    editor: Editor, evaluator: Evaluator, facts, delta: torch.Tensor
+) -> dict[int, dict[str, float]]:
     """Per fact ES/PS/NS in percent after adding ``delta`` to the (32-true) model."""
     loaded, layer = editor.model, editor.settings.layers[0]
     weight = loaded.weight(layer)
     original = weight.detach().clone()
     add_to_weight(loaded, layer, delta.to(torch.float32))
     try:
-        results = evaluator_for(loaded, cfg, editor.settings).score(facts)
+        results = evaluator.score(facts)
     finally:
         with torch.no_grad():
             weight.copy_(original)
@@ -112,13 +115,15 @@ def main() -> None:
         print(f"| {' | '.join(choice)} | {relative:.3e} | {float(delta.norm()):.1f} |")
     if not args.score:
         return
-    reference = score(editor, cfg, facts, base)
+    evaluator = evaluator_for(editor.model, cfg, editor.settings)  # one for every scoring
+    reference = score(editor, evaluator, facts, base)
     print("\n| bf16-mixed input | facts | S fp32 | S with it | ES diff | PS diff | NS diff | "
           "S diff | per-fact agreement |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for index, name in enumerate(INPUTS):
         choice = tuple("bf16-mixed" if i == index else "32-true" for i in range(len(INPUTS)))
-        print(row(name, compare(reference, score(editor, cfg, facts, deltas[choice]))), flush=True)
+        scores = score(editor, evaluator, facts, deltas[choice])
+        print(row(name, compare(reference, scores)), flush=True)
 
 
 if __name__ == "__main__":

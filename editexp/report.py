@@ -173,14 +173,7 @@ def results_markdown(sweep: Sweep, status_lines: Sequence[str]) -> str:
         ]
         parts.append(f"\n## {title}\n")
         parts.append(markdown_table(header, rows))
-    # sequential runs scored on another schedule also measured the paper's each_batch numbers
-    both = [
-        run
-        for run in runs
-        if run.field("mode") == "sequential"
-        and run.field("eval_schedule") != "each_batch"
-        and run.record.each_batch
-    ]
+    both = scored_on_both_schedules(runs)
     if both:
         parts.append(EACH_BATCH_TITLE)
         rows = [
@@ -205,6 +198,18 @@ def cost_section(runs: Sequence[FinishedRun], root: Path) -> str:
         + "\n"
         + COST_NOTE
     )
+
+
+def scored_on_both_schedules(runs: Sequence[FinishedRun]) -> list[FinishedRun]:
+    """The sequential runs scored on another schedule (every_k, final) that also measured the
+    paper's each_batch numbers."""
+    return [
+        run
+        for run in runs
+        if run.field("mode") == "sequential"
+        and run.field("eval_schedule") != "each_batch"
+        and run.record.each_batch
+    ]
 
 
 EACH_BATCH_TITLE = (
@@ -345,13 +350,7 @@ def schedule_figure(
     its own update (the paper's each_batch numbers) beside every fact scored after the last
     update, for the sequential runs that measured both (eval.schedule every_k or final);
     None without such a run."""
-    both = [
-        run
-        for run in runs
-        if run.field("mode") == "sequential"
-        and run.field("eval_schedule") != "each_batch"
-        and run.record.each_batch
-    ]
+    both = scored_on_both_schedules(runs)
     if not both:
         return None
     results = []
