@@ -23,6 +23,10 @@
 #   STAGES="1 2" launchers/study_paper_scale.sh                     (only some stages)
 #   DRY_RUN=1 launchers/study_paper_scale.sh                        (the commands only)
 #   PRECISION=bf16-mixed launchers/study_paper_scale.sh             (default 32-true)
+#
+# Whatever PRECISION says, EMMET at lambda 0 with batches of 1024 facts or more runs in
+# 32-true: its ill-conditioned solve (1024 constraints in d_k = 1536) turns bf16-mixed's small
+# differences in keys and values into ES -1.9 +- 1.0 on 1024 facts (docs/precision.md).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,15 +34,16 @@ STUDY_DIR=$(realpath -m "${STUDY_DIR:-multirun/paper_scale}")
 export GPUS=0 MEM_GB=${MEM_GB:-8} TIME_MIN=${TIME_MIN:-1440} STATS=local
 MODEL=smollm2-135m
 N_LAYERS=30
-COMMON=(model=$MODEL precision="${PRECISION:-32-true}" "+eval.metrics=[perplexity]"
-    +eval.perplexity.n_tokens=16384)
+PRECISION=${PRECISION:-32-true}
+COMMON=(model=$MODEL "+eval.metrics=[perplexity]" +eval.perplexity.n_tokens=16384)
 TUNING=(data.split=tuning eval.generation_facts=0)       # choices by S: GE is not needed
 EVALUATION=(data.split=evaluation eval.generation_facts=100)
 
 # best <sweep dir> <field> [algorithm [positive]]: the field's value in the finished run with
-# the best S (of the algorithm's runs; "positive": of those with lambda > 0)
+# the best S (of the algorithm's runs; "positive": of those with lambda > 0); a placeholder in a
+# dry run before that sweep exists
 best() {
-    [[ -n ${DRY_RUN:-} ]] && { echo "BEST_${2^^}"; return; }
+    [[ -n ${DRY_RUN:-} && ! -d $1 ]] && { echo "BEST_${2^^}"; return; }
     python - "$@" <<'PY'
 import sys
 from pathlib import Path
@@ -62,10 +67,11 @@ stage1() {  # layer search on 100 tuning facts, every layer
     one_cpu
     local layers
     layers=$(seq -s, 0 $((N_LAYERS - 1)))
-    echo "+ editexp-stats model=$MODEL precision=${PRECISION:-32-true} layer=[$layers]"
+    echo "+ editexp-stats model=$MODEL precision=$PRECISION layer=[$layers]"
     [[ -n ${DRY_RUN:-} ]] ||
-        OMP_NUM_THREADS=2 editexp-stats model=$MODEL precision="${PRECISION:-32-true}" "layer=[$layers]"
+        OMP_NUM_THREADS=2 editexp-stats model=$MODEL precision="$PRECISION" "layer=[$layers]"
     SWEEP_DIR=$STUDY_DIR/layer_search STATS=skip "$here/layer_search.sh" "${COMMON[@]}" \
+        precision="$PRECISION" \
         "${TUNING[@]}" layer="$layers" n_edits=100 hydra.launcher.array_parallelism=2
 }
 
@@ -75,7 +81,7 @@ stage2() {  # lambda search at MEMIT's best layer: 512, 256 and 64 tuning facts 
     layer=$(best "$STUDY_DIR/layer_search" layer memit)
     for n in 512 256 64; do  # MEMIT and EMMET, each over its lambda grid
         SWEEP_DIR=$STUDY_DIR/lambda_search/$n "$here/lambda_search.sh" "${COMMON[@]}" \
-            "${TUNING[@]}" layer="$layer" n_edits=$n hydra.launcher.array_parallelism=1
+            precision="$PRECISION" "${TUNING[@]}" layer="$layer" n_edits=$n hydra.launcher.array_parallelism=1
     done
 }
 
@@ -89,19 +95,31 @@ stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
     two_cpus
     local dir=$STUDY_DIR/batch_scaling emmet_positive
     # shellcheck disable=SC2046
-    SWEEP_DIR=$dir/memit "$here/batch_scaling.sh" "${COMMON[@]}" "${EVALUATION[@]}" \
-        $(chosen) algorithm=memit n_edits=16,64,256,1024,2048 hydra.launcher.array_parallelism=1
+    SWEEP_DIR=$dir/memit "$here/batch_scaling.sh" "${COMMON[@]}" precision="$PRECISION" \
+        "${EVALUATION[@]}" $(chosen) algorithm=memit n_edits=16,64,256,1024,2048 \
+        hydra.launcher.array_parallelism=1
     # EMMET at lambda 0 (the paper's) edits at most d_k = 1536 facts in one batch (K^T C0^-1 K
     # is singular beyond); past that, with its best positive lambda on the tuning facts
     # shellcheck disable=SC2046
     SWEEP_DIR=$dir/emmet-lambda0 STATS=skip "$here/batch_scaling.sh" "${COMMON[@]}" \
-        "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 n_edits=16,64,256,1024 \
-        hydra.launcher.array_parallelism=1
+        precision="$PRECISION" "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 \
+        n_edits=16,64,256 hydra.launcher.array_parallelism=1
+    # shellcheck disable=SC2046
+    SWEEP_DIR=$dir/emmet-lambda0-1024 "$here/batch_scaling.sh" "${COMMON[@]}" \
+        precision=32-true "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 n_edits=1024
     emmet_positive=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda emmet positive)
     # shellcheck disable=SC2046
     SWEEP_DIR=$dir/emmet-positive STATS=skip "$here/batch_scaling.sh" "${COMMON[@]}" \
-        "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda="$emmet_positive" \
-        n_edits=1024,2048 hydra.launcher.array_parallelism=1
+        precision="$PRECISION" "${EVALUATION[@]}" $(chosen) algorithm=emmet \
+        lambda="$emmet_positive" n_edits=1024,2048 hydra.launcher.array_parallelism=1
+}
+
+# emmet_precision <batch size>: 32-true where EMMET's chosen lambda is 0 and the batch holds
+# 1024 facts or more (see the top of this file), else PRECISION
+emmet_precision() {
+    local lambda
+    lambda=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)
+    if [[ $lambda == 0 && $1 -ge 1024 ]]; then echo 32-true; else echo "$PRECISION"; fi
 }
 
 stage4() {  # sequential-batched: 2048 edits, a curve point every 512
@@ -110,22 +128,24 @@ stage4() {  # sequential-batched: 2048 edits, a curve point every 512
     # shellcheck disable=SC2207
     common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 eval.schedule=every_k
         hydra.launcher.array_parallelism=2)
-    SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" batch_size=64 \
-        eval.every_k=8
+    SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        precision="$PRECISION" batch_size=64 eval.every_k=8
     SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        batch_size=256 eval.every_k=2
+        precision="$PRECISION" batch_size=256 eval.every_k=2
     SWEEP_DIR=$dir/1024 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        batch_size=1024 eval.every_k=1
+        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1
+    SWEEP_DIR=$dir/1024-emmet "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        precision="$(emmet_precision 1024)" algorithm=emmet batch_size=1024 eval.every_k=1
     SWEEP_DIR=$dir/rome STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        algorithm=rome batch_size=1 eval.every_k=512
+        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512
 }
 
 stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
     one_cpu
     # shellcheck disable=SC2046
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 batch_size=256 \
-        eval.schedule=every_k eval.every_k=2 hydra.launcher.array_parallelism=2 \
+        "${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen) n_edits=2048 \
+        batch_size=256 eval.schedule=every_k eval.every_k=2 hydra.launcher.array_parallelism=2 \
         algorithm=memit,alphaedit sequential.keep_edits=true
 }
 
@@ -133,9 +153,9 @@ stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the
     one_cpu
     local common
     # shellcheck disable=SC2207
-    common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) eval.generation_facts=0
-        eval.schedule=each_batch editing.prefixes.seed=0,1 algorithm=memit
-        hydra.launcher.array_parallelism=2)
+    common=("${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen)
+        eval.generation_facts=0 eval.schedule=each_batch editing.prefixes.seed=0,1
+        algorithm=memit hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
         "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2
     SWEEP_DIR=$STUDY_DIR/repeats/1024 STATS=skip "$here/sequential_batch_scaling.sh" \

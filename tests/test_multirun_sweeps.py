@@ -483,3 +483,47 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
     assert {f"hydra.sweep.dir={study}/sequential/{name}" for name in ("256", "rome", "1024")} == {
         word for command in sequential for word in command.split() if "sweep.dir" in word
     }
+
+
+def test_paper_scale_study_runs_emmet_at_lambda_0_on_1024_facts_in_float32(tmp_path):
+    """launchers/study_paper_scale.sh with PRECISION=bf16-mixed: every grid point in bf16-mixed
+    except EMMET at lambda 0 with batches of 1024 or more (docs/precision.md), stage 3's one
+    batch of 1024 always and stage 4's 1024x2 where lambda 0 is EMMET's choice."""
+    from test_report import _job, _summary
+
+    study = tmp_path / "study"
+    _job(study / "layer_search", 0, ["layer=2"], _summary(layer=[2], post=(95, 90, 70)))
+    memit = study / "lambda_search" / "512" / "memit"
+    _job(memit, 0, ["lambda=1000"], _summary(lam=1000.0))
+    emmet = study / "lambda_search" / "512" / "emmet"
+    _job(emmet, 0, ["lambda=0"], _summary("emmet", lam=0.0, post=(95, 90, 70)))
+    _job(emmet, 1, ["lambda=10"], _summary("emmet", lam=10.0, post=(90, 80, 70)))
+    process = subprocess.run(
+        ["bash", str(PROJECT / "launchers" / "study_paper_scale.sh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={
+            **sweep_environment(tmp_path),
+            "DRY_RUN": "1",
+            "STUDY_DIR": str(study),
+            "STAGES": "3 4",
+            "PRECISION": "bf16-mixed",
+        },
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    sweeps = {}
+    for line in process.stdout.splitlines():
+        if line.startswith("+ editexp -m"):
+            words = line.split()
+            (sweep_dir,) = [w.split("=", 1)[1] for w in words if w.startswith("hydra.sweep.dir=")]
+            (precision,) = [w for w in words if w.startswith("precision=")]
+            sweeps[Path(sweep_dir).relative_to(study).as_posix()] = (precision, words)
+    float32 = {"batch_scaling/emmet-lambda0-1024", "sequential/1024-emmet"}
+    assert {name for name, (p, _) in sweeps.items() if p == "precision=32-true"} == float32
+    assert all(p == "precision=bf16-mixed" for n, (p, _) in sweeps.items() if n not in float32)
+    for name, (_, words) in sweeps.items():
+        assert {"layer=2", "model.hparams.emmet.lambda=0"} <= set(words), name
+    assert "n_edits=1024" in sweeps["batch_scaling/emmet-lambda0-1024"][1]
+    assert "lambda=10" in sweeps["batch_scaling/emmet-positive"][1]  # its best positive lambda
