@@ -1,12 +1,15 @@
 """Tables, figures and findings of docs/study-smollm2.md from the study's sweep directories.
 
-    python docs/study_smollm2.py /work/study/multirun [--wandb]
+    python docs/study_smollm2.py multirun/paper_scale [--wandb]
 
 expects one directory per experiment below the given root (``layer_search``, ``lambda_search``,
-``batch_scaling``, ``sequential``; each a Hydra sweep directory or the parent of several),
-runs ``editexp-report`` on each into ``<experiment>/report``, copies its tables and PNG
-figures into ``docs/study-smollm2/<experiment>/`` and writes ``docs/study-smollm2/findings.md``:
-the paper's claims checked with numbers and standard errors, and what each experiment cost.
+``batch_scaling``, ``sequential``, ``remedies``, ``repeats``; each a Hydra sweep directory or
+the parent of several, as launchers/study_paper_scale.sh writes them), runs ``editexp-report``
+on each into ``<experiment>/report``, copies its tables and PNG figures into
+``docs/study-smollm2/<experiment>/`` and writes ``docs/study-smollm2/findings.md``: the paper's
+claims checked with numbers and standard errors, between-run spread where the study repeated
+a comparison, forgetting (held-out perplexity) against edits, and what each experiment cost
+beside the paper's code's estimate for the same grid points.
 
 Standard errors: every one (ES, PS, NS, S and each difference) is the standard deviation over
 2,000 bootstrap resamples of the facts (:func:`bootstrap_se`; for the means ES, PS and NS this
@@ -28,10 +31,18 @@ import numpy as np
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.report import FinishedRun, collect
 from editexp.report import main as report_main
+from editexp.run_cost import Cost
 
 DOCS = Path(__file__).resolve().parent
 OUT = DOCS / "study-smollm2"
-EXPERIMENTS = ("layer_search", "lambda_search", "batch_scaling", "sequential")
+EXPERIMENTS = (
+    "layer_search",
+    "lambda_search",
+    "batch_scaling",
+    "sequential",
+    "remedies",
+    "repeats",
+)
 METRICS = ("ES", "PS", "NS")
 BOOTSTRAP = 2000
 
@@ -64,6 +75,21 @@ class Run:
         else:  # the run's own schedule was each_batch (or it is not sequential)
             values["each_batch"] = values["post"]
         return cls(finished, np.array([row["case_id"] for row in rows]), values)
+
+
+def override(run: Run, key: str, default: str = "0") -> str:
+    """The value of ``key`` in the overrides that made the run (``default`` if not set)."""
+    for item in run.finished.overrides or []:
+        if item.lstrip("+").startswith(f"{key}="):
+            return item.split("=", 1)[1]
+    return default
+
+
+def series(run: Run) -> str:
+    """Algorithm and lambda, e.g. "EMMET λ=0" (lambda where the algorithm has one)."""
+    lam = run.field("lambda")
+    name = run.field("algorithm").upper()
+    return name if lam is None else f"{name} λ={lam:g}"
 
 
 def s_of(values: np.ndarray) -> float:
@@ -138,17 +164,6 @@ def runs_of(directory: Path) -> list[Run]:
     return [Run.read(finished) for finished in collect(directory).runs]
 
 
-# torch threads per job in each experiment, as the study's stage scripts ran them (two 1-thread
-# jobs side by side, or one 2-thread job at a time)
-THREADS = {"layer_search": 1, "lambda_search": 2, "batch_scaling": 2, "sequential": 1}
-
-
-def machine_hours(runs: list[Run], threads: int) -> float:
-    """Hours of this 2-core machine: each job's wall time x its share of the cores."""
-    seconds = sum(run.finished.record.timing.get("total", 0.0) for run in runs)
-    return seconds * threads / 2 / 3600
-
-
 def paper_hours(runs: list[Run]) -> float:
     """What the paper's code needs for the same grid points on this CPU: every point computes
     its own values (a ROME singular edit 31.2 s), scores every edited fact once (its schedule,
@@ -204,58 +219,95 @@ def layer_findings(runs: list[Run]) -> list[str]:
     return lines
 
 
-def lambda_findings(runs: list[Run]) -> list[str]:
+def lambda_choice(done: list[Run]) -> tuple[Run, Run]:
+    """The lambda chosen by best S, and by the NS tie-break: of the lambdas whose S is within
+    one paired SE of the best S, the one with the best NS (locality first among equals)."""
+    best = max(done, key=lambda r: s_of(r.values["post"]))
+    tied = []
+    for run in done:
+        diff, se = difference(run, best)
+        if diff[3] >= -se[3]:
+            tied.append(run)
+    return best, max(tied, key=lambda r: with_s(r.values["post"])[2])
+
+
+def lambda_findings(study: dict[str, list[Run]]) -> list[str]:
+    runs = study["lambda_search"]
     lines = ["### Lambda search (paper Tables 3-4)", ""]
-    for algorithm in ("memit", "emmet"):
-        done = sorted(
-            (r for r in runs if r.field("algorithm") == algorithm), key=lambda r: r.field("lambda")
-        )
-        if not done:
-            continue
-        best = max(done, key=lambda r: s_of(r.values["post"]))
-        lines.append(f"**{algorithm.upper()}** (best λ = {best.field('lambda'):g} by S)")
-        lines.append("")
-        lines += ["| λ | ES | PS | NS | S | S − best |", "|---:|---:|---:|---:|---:|---:|"]
-        for run in done:
-            values, se = with_s(run.values["post"]), bootstrap_se(run.values["post"])
-            diff, dse = difference(run, best)
-            row = [f"{run.field('lambda'):g}"] + [level(v, s) for v, s in zip(values, se)]
-            lines.append("| " + " | ".join(row) + f" | {cell(diff[3], dse[3])} |")
-        lines.append("")
+    for n in sorted({r.field("n_edits") for r in runs}, reverse=True):
+        for algorithm in ("memit", "emmet"):
+            done = sorted(
+                (r for r in runs if r.field("algorithm") == algorithm and r.field("n_edits") == n),
+                key=lambda r: r.field("lambda"),
+            )
+            if not done:
+                continue
+            best, tie_break = lambda_choice(done)
+            lines.append(
+                f"**{algorithm.upper()}, one batch of {n}** (best λ by S: "
+                f"{best.field('lambda'):g}; by the NS tie-break: {tie_break.field('lambda'):g})"
+            )
+            lines += ["", "| λ | ES | PS | NS | S | S − best |", "|---:|---:|---:|---:|---:|---:|"]
+            for run in done:
+                values, se = with_s(run.values["post"]), bootstrap_se(run.values["post"])
+                diff, dse = difference(run, best)
+                row = [f"{run.field('lambda'):g}"] + [level(v, s) for v, s in zip(values, se)]
+                lines.append("| " + " | ".join(row) + f" | {cell(diff[3], dse[3])} |")
+            lines.append("")
     return lines
 
 
-def batch_findings(runs: list[Run]) -> list[str]:
+def batch_findings(study: dict[str, list[Run]]) -> list[str]:
+    runs = study["batch_scaling"]
     lines = ["### Batch scaling (paper Figs. 2-3)", ""]
-    header = "| algorithm | batch | ES | PS | NS | S |"
-    lines += [header, "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| series | batch | ES | PS | NS | S |", "|---|---:|---:|---:|---:|---:|"]
     changes = []
-    for algorithm in ("memit", "emmet"):
-        done = sorted(
-            (r for r in runs if r.field("algorithm") == algorithm), key=lambda r: r.field("n_edits")
-        )
+    for name in sorted({series(r) for r in runs}):
+        done = sorted((r for r in runs if series(r) == name), key=lambda r: r.field("n_edits"))
         for run in done:
             values, se = with_s(run.values["post"]), bootstrap_se(run.values["post"])
             cells = [level(v, s) for v, s in zip(values, se)]
-            lines.append(
-                f"| {algorithm.upper()} | {run.field('n_edits')} | " + " | ".join(cells) + " |"
-            )
+            lines.append(f"| {name} | {run.field('n_edits')} | " + " | ".join(cells) + " |")
         for smaller, larger in zip(done, done[1:]):  # the same facts in the next larger batch
             diff, se = difference(larger, smaller)
             changes.append(
-                f"- {algorithm.upper()}, the {smaller.field('n_edits')} facts of a batch of "
+                f"- {name}, the {smaller.field('n_edits')} facts of a batch of "
                 f"{smaller.field('n_edits')} edited in a batch of {larger.field('n_edits')} "
                 "instead (paired): "
                 + ", ".join(f"{m} {cell(d, s)}" for m, d, s in zip((*METRICS, "S"), diff, se))
             )
+    by_size: dict[int, dict[str, Run]] = {}
+    for run in runs:
+        by_size.setdefault(run.field("n_edits"), {})[series(run)] = run
+    for n, same in sorted(by_size.items()):  # MEMIT against each EMMET on the same facts
+        memit = [r for name, r in same.items() if name.startswith("MEMIT")]
+        for name, emmet in sorted(same.items()):
+            if memit and name.startswith("EMMET"):
+                diff, se = difference(memit[0], emmet)
+                changes.append(
+                    f"- {series(memit[0])} − {name}, one batch of {n} (paired): "
+                    f"S {cell(diff[3], se[3])}, NS {cell(diff[2], se[2])}"
+                )
     return lines + [""] + changes
 
 
-def sequential_findings(runs: list[Run]) -> list[str]:
+def one_batch_size(run: Run) -> int:
+    """Facts per update (a batch run's one batch holds all its edits)."""
+    return run.field("n_edits") if run.field("mode") == "batch" else run.field("batch_size")
+
+
+def sequential_findings(study: dict[str, list[Run]]) -> list[str]:
+    runs = study["sequential"]
     lines = ["### Sequential-batched editing (paper Figs. 4-5, Table 2)", ""]
-    header = (
-        "| algorithm | edits | schedule | ES | PS | NS | S | S, each_batch (paper's schedule) |"
-    )
+    lines += sequential_table(runs) + [""]
+    lines += ["Smaller sequential batches against one batch of all the edits (S, paired):"]
+    lines += schedule_comparisons(runs, study.get("batch_scaling", []))
+    return lines + [""] + forgetting_lines(runs)
+
+
+def sequential_table(runs: list[Run]) -> list[str]:
+    lines = []
+    header = "| series | edits | schedule | ES | PS | NS | S | S, each_batch (paper's schedule) |"
     lines += [header, "|---|---:|---|---:|---:|---:|---:|---:|"]
     key = lambda r: (r.field("algorithm"), r.field("n_edits"), r.field("batch_size"))  # noqa: E731
     for run in sorted(runs, key=key):
@@ -264,42 +316,178 @@ def sequential_findings(runs: list[Run]) -> list[str]:
         n, size = run.field("n_edits"), run.field("batch_size")
         cells = [level(v, s) for v, s in zip(values, se)]
         lines.append(
-            f"| {run.field('algorithm').upper()} | {n} | {n // size}x{size} | "
+            f"| {series(run)} | {n} | {n // size}x{size} | "
             + " | ".join(cells)
             + f" | {level(each, each_se)} |"
         )
-    lines += ["", "Smaller sequential batches against one batch of all the edits (S, paired):"]
+    return lines
+
+
+def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
+    """Each smaller sequential schedule and ROME's singular edits against one batch of all the
+    edits (a sequential run of one update, or a batch-scaling run of the same size)."""
+    lines = []
+    totals = {r.field("n_edits") for r in runs}
+    one_batch = [
+        r
+        for r in runs + batch_runs
+        if one_batch_size(r) in totals and one_batch_size(r) == r.field("n_edits")
+    ]
     rome = {r.field("n_edits"): r for r in runs if r.field("algorithm") == "rome"}
     for algorithm in ("memit", "emmet"):
-        for total in sorted({r.field("n_edits") for r in runs}):
-            same = {
-                r.field("batch_size"): r
-                for r in runs
+        for total in sorted(totals):
+            whole = [
+                r
+                for r in one_batch
                 if r.field("algorithm") == algorithm and r.field("n_edits") == total
-            }
-            if total not in same:
+            ]
+            smaller = sorted(
+                (
+                    r
+                    for r in runs
+                    if r.field("algorithm") == algorithm
+                    and r.field("n_edits") == total
+                    and r.field("batch_size") < total
+                ),
+                key=lambda r: r.field("batch_size"),
+            )
+            if not whole:
                 continue
-            smaller = [
-                (f"{algorithm.upper()} {total // size}x{size}", same[size])
-                for size in sorted(size for size in same if size < total)
+            named = [
+                (f"{series(r)} {total // r.field('batch_size')}x{r.field('batch_size')}", r)
+                for r in smaller
             ]
             if total in rome and rome[total].field("batch_size") == 1:  # ROME's singular edits
-                smaller.insert(0, (f"ROME {total}x1", rome[total]))
-            for name, run in smaller:
+                named.insert(0, (f"ROME {total}x1", rome[total]))
+            for name, run in named:
                 for stage in ("post", "each_batch"):
-                    d, s = difference(run, same[total], stage)
+                    d, s = difference(run, whole[0], stage)
                     lines.append(
-                        f"- {name} − {algorithm.upper()} 1x{total} ({stage}): "
+                        f"- {name} − {series(whole[0])} 1x{total} ({stage}): "
                         f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
                     )
     return lines
 
 
+def forgetting_lines(runs: list[Run]) -> list[str]:
+    """Held-out perplexity before editing and at every curve point of the sequential runs."""
+    curves = {}
+    for run in runs:
+        points = {
+            row.edits_done: row.edited_so_far["PPL"]["mean"]
+            for row in run.finished.batches()
+            if "PPL" in row.edited_so_far
+        }
+        pre = run.finished.metric("pre", "PPL")
+        if points and pre is not None:
+            curves[run] = (pre, points)
+    if not curves:
+        return []
+    edits = sorted({n for _, points in curves.values() for n in points})
+    lines = ["Forgetting: held-out perplexity (WikiText-2 after C0's sample) as edits accumulate:"]
+    lines += ["", "| run | before | " + " | ".join(f"{n} edits" for n in edits) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(edits))
+    for run, (pre, points) in sorted(curves.items(), key=lambda item: label(item[0])):
+        cells = [f"{points[n]:.2f}" if n in points else "-" for n in edits]
+        lines.append(f"| {label(run)} | {pre:.2f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def label(run: Run) -> str:
+    """A sequential run's name: series, schedule and whether it kept earlier edits' keys."""
+    n, size = run.field("n_edits"), run.field("batch_size")
+    keep = ", keep_edits" if run.field("keep_edits") else ""
+    return f"{series(run)} {n // size}x{size}{keep}"
+
+
+def remedies_findings(study: dict[str, list[Run]]) -> list[str]:
+    """keep_edits MEMIT and AlphaEdit against plain MEMIT on the same schedule and facts; the
+    target: S at least plain MEMIT's + 5 with NS at most 3 lower."""
+    lines = ["### Remedies for sequential editing", ""]
+    plain = {
+        (r.field("n_edits"), r.field("batch_size")): r
+        for r in study.get("sequential", [])
+        if r.field("algorithm") == "memit" and not r.field("keep_edits")
+    }
+    for run in sorted(study["remedies"], key=label):
+        base = plain.get((run.field("n_edits"), run.field("batch_size")))
+        if base is None:
+            continue
+        for stage in ("post", "each_batch"):
+            diff, se = difference(run, base, stage)
+            met = diff[3] >= 5 and diff[2] >= -3
+            lines.append(
+                f"- {label(run)} − {label(base)} ({stage}): S {cell(diff[3], se[3])}, "
+                f"NS {cell(diff[2], se[2])}: target {'met' if met else 'missed'}"
+            )
+    return lines + [""] + forgetting_lines(study["remedies"])
+
+
+def repeats_findings(study: dict[str, list[Run]]) -> list[str]:
+    """Each smaller sequential schedule against one batch of all the edits, on every disjoint
+    fact set and prefix seed: the differences, their mean, and their spread between runs."""
+    lines = ["### Repeats: disjoint fact sets x prefix seeds (paper's each_batch scores)", ""]
+    runs = study["repeats"]
+    for total in sorted({r.field("n_edits") for r in runs}):
+        draws: dict[tuple[str, str], dict[int, Run]] = {}
+        for run in (r for r in runs if r.field("n_edits") == total):
+            draw = (override(run, "data.fact_set"), override(run, "editing.prefixes.seed"))
+            draws.setdefault(draw, {})[run.field("batch_size")] = run
+        sizes = sorted({size for same in draws.values() for size in same if size < total})
+        lines += [f"**{total} edits** (S of each schedule − S of 1x{total}, paired over the facts)"]
+        lines += [
+            "",
+            "| fact set | prefix seed | S 1x"
+            + f"{total} | "
+            + " | ".join(f"{total // m}x{m} − 1x{total}" for m in sizes)
+            + " |",
+        ]
+        lines.append("|---:|---:|---:|" + "---:|" * len(sizes))
+        diffs: dict[int, list[tuple[float, float]]] = {m: [] for m in sizes}
+        for (fact_set, seed), same in sorted(draws.items()):
+            if total not in same:
+                continue
+            cells = []
+            for m in sizes:
+                if m not in same:
+                    cells.append("-")
+                    continue
+                d, se = difference(same[m], same[total], "each_batch")
+                diffs[m].append((d[3], se[3]))
+                cells.append(cell(d[3], se[3]))
+            whole = same[total].values["each_batch"]
+            lines.append(
+                f"| {fact_set} | {seed} | {level(s_of(whole), bootstrap_se(whole)[3])} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
+        for m, found in diffs.items():
+            if len(found) < 2:
+                continue
+            d = np.array([value for value, _ in found])
+            within = float(np.mean([se for _, se in found]))
+            spread = d.std(ddof=1)
+            lines.append(
+                f"- {total // m}x{m} − 1x{total} over {len(d)} runs: mean {d.mean():+.1f}, "
+                f"between-run SD {spread:.1f} (SE of the mean {spread / np.sqrt(len(d)):.1f}), "
+                f"mean within-run SE {within:.1f}; {int((d > 0).sum())} of {len(d)} positive"
+            )
+        lines.append("")
+    return lines
+
+
+def layer_study(study: dict[str, list[Run]]) -> list[str]:
+    return layer_findings(study["layer_search"])
+
+
 FINDINGS = {
-    "layer_search": layer_findings,
+    "layer_search": layer_study,
     "lambda_search": lambda_findings,
     "batch_scaling": batch_findings,
     "sequential": sequential_findings,
+    "remedies": remedies_findings,
+    "repeats": repeats_findings,
 }
 
 
@@ -309,25 +497,33 @@ def main() -> None:
     parser.add_argument("--wandb", action="store_true", help="also log each report to W&B")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
-    parts = ["# Study findings (written by docs/study_smollm2.py)", ""]
-    costs = ["| experiment | runs | editexp (h of this 2-core CPU) | paper's code (h, estimated) |"]
-    costs.append("|---|---:|---:|---:|")
+    study = {}
     for name in EXPERIMENTS:
         directory = args.root / name
-        if not directory.is_dir():
-            continue
-        runs = runs_of(directory)
-        if not runs:
-            continue
-        report(directory, name, args.wandb)
-        parts += FINDINGS[name](runs) + [""]
-        costs.append(
-            f"| {name} | {len(runs)} | {machine_hours(runs, THREADS[name]):.2f} "
-            f"| {paper_hours(runs):.1f} |"
-        )
-    parts += ["### Cost", "", *costs, ""]
+        runs = runs_of(directory) if directory.is_dir() else []
+        if runs:
+            report(directory, name, args.wandb)
+            study[name] = runs
+    parts = ["# Study findings (written by docs/study_smollm2.py)", ""]
+    for name in study:
+        parts += FINDINGS[name](study) + [""]
+    parts += ["### Cost", "", *cost_lines(study), ""]
     (OUT / "findings.md").write_text("\n".join(parts))
     print(f"wrote {OUT / 'findings.md'}")
+
+
+def cost_lines(study: dict[str, list[Run]]) -> list[str]:
+    """Per experiment: CPU-hours measured (seconds x threads, shared work counted where it was
+    computed) beside the paper's code's estimate for the same grid points."""
+    lines = ["| experiment | runs | wall (h) | CPU-hours | paper's code (h of this CPU, est.) |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for name, runs in study.items():
+        cost = Cost.of([run.finished.record for run in runs])
+        cpu = "?" if cost.cpu_hours is None else f"{cost.cpu_hours:.2f}"
+        lines.append(
+            f"| {name} | {len(runs)} | {cost.wall_hours:.2f} | {cpu} | {paper_hours(runs):.1f} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

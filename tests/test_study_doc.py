@@ -46,18 +46,96 @@ def test_difference_of_nested_runs_is_paired_over_the_smaller_runs_facts():
     assert se[:3] == pytest.approx([0, 0, 0], abs=1e-9)
 
 
-def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to_one_batch():
-    def run(algorithm, batch_size, ns):
-        fields = {"algorithm": algorithm, "n_edits": 4, "batch_size": batch_size}
-        values = np.array([[100.0, 100.0, ns]] * 4)
-        return study.Run(
-            SimpleNamespace(field=fields.__getitem__),
-            np.arange(4),
-            {"post": values, "each_batch": values},
-        )
+def fake_run(values, case_ids=None, overrides=(), each_batch=None, **fields):
+    """A Run of hand-made per-fact (ES, PS, NS) values and grid fields."""
+    fields = {"mode": "sequential", "lambda": None, "keep_edits": False, **fields}
+    values = np.array(values, dtype=float)
+    finished = SimpleNamespace(
+        field=fields.__getitem__,
+        overrides=list(overrides),
+        batches=lambda: [],
+        metric=lambda *args: None,
+    )
+    case_ids = np.arange(len(values)) if case_ids is None else np.array(case_ids)
+    each = values if each_batch is None else np.array(each_batch, dtype=float)
+    return study.Run(finished, case_ids, {"post": values, "each_batch": each})
 
-    runs = [run("memit", 4, 50), run("memit", 2, 60), run("rome", 1, 40)]
-    lines = "\n".join(study.sequential_findings(runs))
+
+def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to_one_batch():
+    def run(algorithm, batch_size, ns, mode="sequential"):
+        values = [[100.0, 100.0, ns]] * 4
+        return fake_run(values, algorithm=algorithm, n_edits=4, batch_size=batch_size, mode=mode)
+
+    runs = [run("memit", 2, 60), run("rome", 1, 40)]
+    one_batch = run("memit", 4, 50, mode="batch")  # stage 3's batch run is the comparator
+    lines = "\n".join(study.sequential_findings({"sequential": runs, "batch_scaling": [one_batch]}))
     assert "- MEMIT 2x2 − MEMIT 1x4 (post): S" in lines and "NS +10.0 ± 0.0" in lines
     assert "- ROME 4x1 − MEMIT 1x4 (each_batch): S" in lines and "NS -10.0 ± 0.0" in lines
     assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
+
+
+def test_lambda_choice_by_s_and_by_the_ns_tie_break():
+    rng = np.random.default_rng(0)
+    es = rng.integers(0, 2, 200) * 100.0
+    best_s = np.stack([es, es, np.full(200, 60.0)], axis=1)
+
+    def worse(flips: int, ns: float) -> np.ndarray:
+        """``flips`` successful edits fail (ES and PS 0), NS ``ns`` on every fact."""
+        values = best_s.copy()
+        values[np.flatnonzero(es == 100)[:flips], :2] = 0.0
+        values[:, 2] = ns
+        return values
+
+    tied = worse(2, 61.0)  # S 0.4 below the best, within its paired SE 0.5; NS 1 higher
+    far = worse(8, 62.0)  # S 2.6 below, 2.6 SE: out, although its NS is the highest
+    runs = [
+        fake_run(v, algorithm="memit", n_edits=200, **{"lambda": lam})
+        for v, lam in ((best_s, 1.0), (tied, 10.0), (far, 100.0))
+    ]
+    by_s, by_ns = study.lambda_choice(runs)
+    assert (by_s.field("lambda"), by_ns.field("lambda")) == (1.0, 10.0)
+
+
+def test_remedies_meet_the_target_only_with_s_5_higher_and_ns_at_most_3_lower():
+    def run(ns, es, algorithm="memit", **fields):
+        values = [[es, es, ns]] * 8
+        return fake_run(values, n_edits=8, batch_size=2, algorithm=algorithm, **fields)
+
+    plain = run(ns=70, es=50)
+    keep = run(ns=68, es=80, keep_edits=True)  # S up a lot, NS 2 lower: met
+    alpha = run(ns=60, es=90, algorithm="alphaedit", keep_edits=True)  # NS 10 lower: missed
+    lines = study.remedies_findings({"sequential": [plain], "remedies": [keep, alpha]})
+    (keep_line,) = [x for x in lines if x.startswith("- MEMIT 4x2, keep_edits") and "(post)" in x]
+    (alpha_line,) = [x for x in lines if x.startswith("- ALPHAEDIT") and "(post)" in x]
+    assert keep_line.endswith("target met") and "NS -2.0 ± 0.0" in keep_line
+    assert alpha_line.endswith("target missed")
+
+
+def test_repeats_give_the_mean_difference_and_its_spread_between_draws():
+    runs = []
+    for fact_set, gain in (("0", 2.0), ("1", 4.0), ("2", 6.0)):
+        overrides = [f"data.fact_set={fact_set}", "editing.prefixes.seed=0"]
+        for size, ns in ((4, 50.0), (2, 50.0 + gain)):
+            values = [[100.0, 100.0, ns]] * 4
+            runs.append(fake_run(values, overrides=overrides, n_edits=4, batch_size=size))
+    lines = study.repeats_findings({"repeats": runs})
+    (summary,) = [x for x in lines if x.startswith("- 2x2 − 1x4 over 3 runs")]
+    s_gain = [
+        study.s_of(np.array([[100.0, 100.0, 50.0 + g]])) - study.s_of(np.array([[100, 100, 50.0]]))
+        for g in (2.0, 4.0, 6.0)
+    ]
+    assert f"mean {np.mean(s_gain):+.1f}" in summary
+    assert f"between-run SD {np.std(s_gain, ddof=1):.1f}" in summary
+    assert summary.endswith("3 of 3 positive")
+
+
+def test_batch_findings_keep_each_lambda_of_an_algorithm_a_series_of_its_own():
+    def run(n, lam, ns):
+        values = [[100.0, 100.0, ns]] * n
+        return fake_run(values, algorithm="emmet", n_edits=n, mode="batch", **{"lambda": lam})
+
+    runs = [run(2, 0.0, 60), run(4, 0.0, 50), run(4, 10.0, 70), run(8, 10.0, 65)]
+    lines = study.batch_findings({"batch_scaling": runs})
+    nested = [x for x in lines if "instead (paired)" in x]
+    assert [x.split(",")[0] for x in nested] == ["- EMMET λ=0", "- EMMET λ=10"]
+    assert "NS -10.0 ± 0.0" in nested[0] and "NS -5.0 ± 0.0" in nested[1]
