@@ -44,6 +44,7 @@ __all__ = [
 
 MODES = ("singular", "batch", "sequential")
 SCHEDULES = ("each_batch", "final", "every_k")
+GENERATION_AT = ("every_scoring", "final")  # eval.generation_at
 
 
 class ConfigError(UserError):
@@ -150,6 +151,7 @@ class RunSettings:
     schedule: str
     every_k: int
     seed: int
+    generation_at: str = "every_scoring"  # GE at every scoring, or at the last update's only
     keep_edits: bool = False  # sequential: earlier updates' keys join each solve
     nullspace_threshold: float | None = None  # AlphaEdit: eigenvalues of C0 below it span P
     objective: Objective = Objective("post", "S")  # what the Hydra task function returns
@@ -380,6 +382,9 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
     solver = _solver_settings(cfg, algorithm, shape.mode)
     schedule = _choice("eval.schedule", cfg.eval.schedule, SCHEDULES)
     every_k = _positive_int("eval.every_k", cfg.eval.every_k)
+    generation_at = _choice(
+        "eval.generation_at", cfg.eval.get("generation_at", "every_scoring"), GENERATION_AT
+    )
     if shape.mode != "sequential":
         schedule = "each_batch"
     generation_facts = cfg.eval.generation_facts  # a count or "all" (checked above)
@@ -397,6 +402,7 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
         schedule=schedule,
         every_k=every_k,
         seed=cfg.seed,
+        generation_at=generation_at,
         keep_edits=solver.keep_edits,
         nullspace_threshold=solver.nullspace_threshold,
         objective=objective,

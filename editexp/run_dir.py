@@ -62,7 +62,11 @@ RESULT_NAMES = (
 )
 # Keys added after runs were made, with the default that reproduces those runs: left out of a
 # run's identity when they hold it.
-KEYS_ADDED_LATER = {"data.split": "all", "data.fact_set": 0}
+KEYS_ADDED_LATER = {
+    "data.split": "all",
+    "data.fact_set": 0,
+    "eval.generation_at": "every_scoring",
+}
 # Config keys that do not change results: tracking, devices, rerun switches, and where the
 # data lives (its contents are the data hash).
 NOT_RESULTS = (

@@ -67,8 +67,12 @@ class Steps:
         update = self.editor.edit(written, revertible=False)
         self.timer.add_all(update.timing, EDIT_PHASES)
         scored = scored_after(self.settings, facts, index)
+        last = index == self.settings.n_updates - 1
+        generate_for = self.generate_for
+        if self.settings.generation_at == "final" and not last:
+            generate_for = set()
         with self.timer.phase("evaluation"):
-            results = self.evaluator.score(scored, self.generate_for) if scored else []
+            results = self.evaluator.score(scored, generate_for) if scored else []
             model_metrics = self.evaluator.score_model() if scored else {}
             if self.settings.schedule == "every_k":
                 right_after = scores_right_after(self.evaluator, written, results)

@@ -13,7 +13,10 @@
 #      (eval.schedule=every_k) with the paper's each_batch scores and held-out perplexity
 #   5. the remedies at that scale: MEMIT with keep_edits, and AlphaEdit, 256x8
 #   6. repeats of the headline comparisons: 1x256 against 16x16 and 4x64 on 3 disjoint fact
-#      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 2 prefix seeds
+#      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 1 prefix seed
+#
+# Cut to fit the 15-hour budget (docs/study-smollm2.md, "Cost"): GE after the last update
+# only in stages 4-5 (eval.generation_at=final), and one prefix seed for the 1024-edit repeats
 #
 # CounterFact here has 2,758 records (2,226 for evaluation), so the paper's 4096 edits become
 # 2048; the choice rule is the best post-edit S on the tuning facts (the paper's Table 3 also
@@ -127,7 +130,7 @@ stage4() {  # sequential-batched: 2048 edits, a curve point every 512
     local dir=$STUDY_DIR/sequential common
     # shellcheck disable=SC2207
     common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 eval.schedule=every_k
-        hydra.launcher.array_parallelism=2)
+        eval.generation_at=final hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" \
         precision="$PRECISION" batch_size=64 eval.every_k=8
     SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
@@ -145,8 +148,8 @@ stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
     # shellcheck disable=SC2046
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
         "${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen) n_edits=2048 \
-        batch_size=256 eval.schedule=every_k eval.every_k=2 hydra.launcher.array_parallelism=2 \
-        algorithm=memit,alphaedit sequential.keep_edits=true
+        batch_size=256 eval.schedule=every_k eval.every_k=2 eval.generation_at=final \
+        hydra.launcher.array_parallelism=2 algorithm=memit,alphaedit sequential.keep_edits=true
 }
 
 stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
@@ -154,12 +157,14 @@ stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the
     local common
     # shellcheck disable=SC2207
     common=("${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen)
-        eval.generation_facts=0 eval.schedule=each_batch editing.prefixes.seed=0,1
-        algorithm=memit hydra.launcher.array_parallelism=2)
+        eval.generation_facts=0 eval.schedule=each_batch algorithm=memit
+        hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2
+        "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2 \
+        editing.prefixes.seed=0,1
     SWEEP_DIR=$STUDY_DIR/repeats/1024 STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${common[@]}" n_edits=1024 batch_size=256,1024 data.fact_set=0,1
+        "${common[@]}" n_edits=1024 batch_size=256,1024 data.fact_set=0,1 \
+        editing.prefixes.seed=0
 }
 
 for stage in ${STAGES:-1 2 3 4 5 6}; do

@@ -527,3 +527,5 @@ def test_paper_scale_study_runs_emmet_at_lambda_0_on_1024_facts_in_float32(tmp_p
         assert {"layer=2", "model.hparams.emmet.lambda=0"} <= set(words), name
     assert "n_edits=1024" in sweeps["batch_scaling/emmet-lambda0-1024"][1]
     assert "lambda=10" in sweeps["batch_scaling/emmet-positive"][1]  # its best positive lambda
+    for name, (_, words) in sweeps.items():  # the budget's cut: GE after the last update only
+        assert ("eval.generation_at=final" in words) == name.startswith("sequential/"), name
