@@ -155,9 +155,10 @@ stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
 stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
     one_cpu
     local common
+    # no held-out perplexity here: the repeats measure the spread of ES, PS, NS and S
     # shellcheck disable=SC2207
-    common=("${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen)
-        eval.generation_facts=0 eval.schedule=each_batch algorithm=memit
+    common=(model=$MODEL precision="$PRECISION" data.split=evaluation eval.generation_facts=0
+        $(chosen) eval.schedule=each_batch algorithm=memit
         hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
         "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2 \
