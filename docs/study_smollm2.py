@@ -146,10 +146,10 @@ def level(value: float, se: float) -> str:
 # --------------------------------------------------------------------------- the report files
 
 
-def report(directory: Path, name: str, wandb: bool) -> None:
-    """editexp-report into <directory>/report (and to W&B, ``wandb``); its tables and PNGs into
-    docs/study-smollm2."""
-    args = [str(directory)] + (["--wandb"] if wandb else [])
+def report(directory: Path, name: str, wandb: bool, colors: Path) -> None:
+    """editexp-report into <directory>/report (and to W&B, ``wandb``), each series in the
+    colour the study's ``colors`` file gives it; its tables and PNGs into docs/study-smollm2."""
+    args = [str(directory), "--colors", str(colors)] + (["--wandb"] if wandb else [])
     assert report_main(args) == 0, f"editexp-report {directory} failed"
     target = OUT / name
     if target.exists():
@@ -502,7 +502,7 @@ def main() -> None:
         directory = args.root / name
         runs = runs_of(directory) if directory.is_dir() else []
         if runs:
-            report(directory, name, args.wandb)
+            report(directory, name, args.wandb, args.root / "colors.json")
             study[name] = runs
     parts = ["# Study findings (written by docs/study_smollm2.py)", ""]
     for name in study:

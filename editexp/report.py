@@ -39,11 +39,12 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from matplotlib.colors import is_color_like
 from matplotlib.figure import Figure
 
 from editexp import figures
@@ -323,12 +324,25 @@ def _running_means(
     return edits_done, so_far
 
 
-def report_figures(runs: Sequence[FinishedRun]) -> dict[str, Figure]:
-    """Every figure of the sweep by file stem: metric vs each varying axis, and the
-    sequential runs' curves; a series has one colour in all of them."""
+def report_colors(
+    runs: Sequence[FinishedRun], taken: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """A colour for every series of the sweep's figures, keeping the colours ``taken`` (those
+    of other reports: ``--colors``)."""
     results = [run_result(run) for run in runs]
     sequential = [sequential_curve(run) for run in runs if run.field("mode") == "sequential"]
-    colors = figures.series_colors(figures.series_labels(results, sequential))
+    return figures.series_colors(figures.series_labels(results, sequential), taken)
+
+
+def report_figures(
+    runs: Sequence[FinishedRun], colors: Mapping[str, str] | None = None
+) -> dict[str, Figure]:
+    """Every figure of the sweep by file stem: metric vs each varying axis, and the
+    sequential runs' curves; a series has one colour in all of them (``colors``, default
+    :func:`report_colors`)."""
+    results = [run_result(run) for run in runs]
+    sequential = [sequential_curve(run) for run in runs if run.field("mode") == "sequential"]
+    colors = dict(colors) if colors is not None else report_colors(runs)
     out = figures.axis_figures(results, colors)
     figure = figures.sequential_figure(sequential, colors)
     if figure is not None:
@@ -398,14 +412,17 @@ def no_runs(sweep: Sweep) -> str:
     )
 
 
-def write_report(sweep: Sweep, out: Path) -> tuple[list[Path], list[str]]:
-    """Write every table and figure; returns the files written and the status lines."""
+def write_report(
+    sweep: Sweep, out: Path, colors: Mapping[str, str] | None = None
+) -> tuple[list[Path], list[str]]:
+    """Write every table and figure (series in ``colors``, default :func:`report_colors`);
+    returns the files written and the status lines."""
     lines = status_lines(sweep)
     written = [
         atomic_write_text(out / "results.csv", results_csv(sweep)),
         atomic_write_text(out / "results.md", results_markdown(sweep, lines)),
     ]
-    for stem, figure in report_figures(sweep.runs).items():
+    for stem, figure in report_figures(sweep.runs, colors).items():
         written += figures.save(figure, out / stem)
     for name, text in lambda_tables(sweep).items():
         written.append(atomic_write_text(out / name, text))
@@ -439,6 +456,13 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     parser.add_argument("--wandb-project", help="W&B project (default: the runs' project)")
     parser.add_argument("--wandb-group", help="W&B group (default: the runs' group)")
+    parser.add_argument(
+        "--colors",
+        type=Path,
+        help="a JSON file of series label -> colour that several reports share: its colours "
+        "are kept, new series get free ones, and it is written back (a study's reports then "
+        "draw each series in one colour)",
+    )
     args = parser.parse_args(argv)
     root: Path = args.multirun_dir
     if not root.is_dir():
@@ -447,13 +471,35 @@ def _main(argv: Sequence[str] | None) -> int:
     if not sweep.runs:
         raise ReportError(no_runs(sweep))
     out = (args.out or root / "report").resolve()
-    written, lines = write_report(sweep, out)
+    colors = report_colors(sweep.runs, read_colors(args.colors) if args.colors else None)
+    written, lines = write_report(sweep, out, colors)
+    if args.colors:
+        atomic_write_text(args.colors, json.dumps(colors, indent=1, sort_keys=True) + "\n")
     for line in lines:
         print(line)
     print(f"Wrote {', '.join(path.name for path in written)} to {out}")
     if args.wandb:
         log_to_wandb(sweep, out, written, args.wandb_project, args.wandb_group)
     return 0
+
+
+def read_colors(path: Path) -> dict[str, str]:
+    """``--colors``: label -> colour from ``path`` ({} while it does not exist yet)."""
+    if not path.exists():
+        return {}
+    try:
+        colors = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"--colors {path}: {error}; expected a JSON object") from None
+    if not isinstance(colors, dict):
+        raise ReportError(f"--colors {path}: expected a JSON object of label -> colour")
+    for label, color in colors.items():
+        if not isinstance(color, str) or not is_color_like(color):
+            raise ReportError(
+                f"--colors {path}: {label!r} has colour {color!r}; expected a matplotlib "
+                "colour such as '#1f77b4'"
+            )
+    return colors
 
 
 def log_to_wandb(

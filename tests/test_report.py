@@ -8,7 +8,7 @@ import pytest
 
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.record import BatchRecord, RunRecord, UpdateStats
-from editexp.report import main, schedule_figure
+from editexp.report import main, report_colors, schedule_figure
 from editexp.sweep_runs import collect, expected_grid
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -411,3 +411,29 @@ def test_cost_of_summaries_without_threads_is_wall_time_only(tmp_path: Path):
     section = (root / "report" / "results.md").read_text().split("## Cost")[1]
     assert "1 run(s), 0.01 h of wall time, CPU-hours unknown" in section
     assert "| 0 | ? | - |" in section
+
+
+def test_colors_file_gives_a_series_one_colour_across_reports(tmp_path: Path, capsys):
+    """--colors: the second report keeps the colours the first wrote. Alone it would colour
+    its sorted labels MEMIT, ROME with the palette's first two colours; MEMIT had the second."""
+    shared = tmp_path / "colors.json"
+    for root, algorithms in (("first", ("emmet", "memit")), ("second", ("memit", "rome"))):
+        for num, (algorithm, size) in enumerate((a, n) for a in algorithms for n in (16, 64)):
+            overrides = [f"algorithm={algorithm}", f"n_edits={size}"]
+            summary = _summary(algorithm, n_edits=size, batch_size=size)
+            _job(tmp_path / root, num, overrides, summary)
+    assert main([str(tmp_path / "first"), "--colors", str(shared)]) == 0
+    first = json.loads(shared.read_text())
+    assert list(first) == ["EMMET", "MEMIT"]
+    alone = report_colors(collect(tmp_path / "second").runs)
+    assert alone["MEMIT"] != first["MEMIT"]  # what the option is for
+    assert main([str(tmp_path / "second"), "--colors", str(shared)]) == 0
+    both = json.loads(shared.read_text())
+    assert both["MEMIT"] == first["MEMIT"] and both["EMMET"] == first["EMMET"]
+    assert both["ROME"] not in first.values()  # a free colour
+    shared.write_text('{"MEMIT": "not-a-colour"}')
+    with pytest.raises(SystemExit) as refused:  # one line, before any figure is drawn
+        main([str(tmp_path / "second"), "--colors", str(shared)])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "'MEMIT' has colour 'not-a-colour'; expected a matplotlib colour" in err
