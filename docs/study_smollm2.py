@@ -184,13 +184,12 @@ def paper_hours(runs: list[Run]) -> float:
 def layer_findings(runs: list[Run]) -> list[str]:
     by = {(r.field("algorithm"), r.field("layer")[0]): r for r in runs}
     layers = sorted({layer for _, layer in by})
-    best = {}
+    best, tie_break = {}, {}
     for algorithm in ("rome", "memit"):
-        done = [
-            (s_of(by[(algorithm, n)].values["post"]), n) for n in layers if (algorithm, n) in by
-        ]
+        done = [by[(algorithm, n)] for n in layers if (algorithm, n) in by]
         if done:
-            best[algorithm] = max(done)[1]
+            by_s, by_ns = by_s_and_tie_break(done)
+            best[algorithm], tie_break[algorithm] = by_s.field("layer")[0], by_ns.field("layer")[0]
     lines = ["### Layer search (paper Fig. 1, Table 1)", ""]
     lines += [
         "| layer | ROME S | MEMIT S | MEMIT − ROME (S) | MEMIT S − MEMIT's best layer |",
@@ -215,13 +214,18 @@ def layer_findings(runs: list[Run]) -> list[str]:
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     lines.append("")
     chosen = ", ".join(f"{a.upper()} {layer}" for a, layer in best.items())
-    lines.append(f"Best layer by S: {chosen} (differences paired over the same facts).")
+    ties = ", ".join(f"{a.upper()} {layer}" for a, layer in tie_break.items())
+    lines.append(
+        f"Best layer by S: {chosen}; by the NS tie-break: {ties} (differences paired over the "
+        "same facts)."
+    )
     return lines
 
 
-def lambda_choice(done: list[Run]) -> tuple[Run, Run]:
-    """The lambda chosen by best S, and by the NS tie-break: of the lambdas whose S is within
-    one paired SE of the best S, the one with the best NS (locality first among equals)."""
+def by_s_and_tie_break(done: list[Run]) -> tuple[Run, Run]:
+    """The run (lambda, layer) chosen by best S, and by the NS tie-break: of the runs whose S
+    is within one paired SE of the best S, the one with the best NS (locality first among
+    equals)."""
     best = max(done, key=lambda r: s_of(r.values["post"]))
     tied = []
     for run in done:
@@ -242,7 +246,7 @@ def lambda_findings(study: dict[str, list[Run]]) -> list[str]:
             )
             if not done:
                 continue
-            best, tie_break = lambda_choice(done)
+            best, tie_break = by_s_and_tie_break(done)
             lines.append(
                 f"**{algorithm.upper()}, one batch of {n}** (best λ by S: "
                 f"{best.field('lambda'):g}; by the NS tie-break: {tie_break.field('lambda'):g})"

@@ -74,7 +74,7 @@ def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to
     assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
 
 
-def test_lambda_choice_by_s_and_by_the_ns_tie_break():
+def test_by_s_and_tie_break_by_s_and_by_the_ns_tie_break():
     rng = np.random.default_rng(0)
     es = rng.integers(0, 2, 200) * 100.0
     best_s = np.stack([es, es, np.full(200, 60.0)], axis=1)
@@ -92,7 +92,7 @@ def test_lambda_choice_by_s_and_by_the_ns_tie_break():
         fake_run(v, algorithm="memit", n_edits=200, **{"lambda": lam})
         for v, lam in ((best_s, 1.0), (tied, 10.0), (far, 100.0))
     ]
-    by_s, by_ns = study.lambda_choice(runs)
+    by_s, by_ns = study.by_s_and_tie_break(runs)
     assert (by_s.field("lambda"), by_ns.field("lambda")) == (1.0, 10.0)
 
 
