@@ -466,19 +466,26 @@ def repeats_findings(study: dict[str, list[Run]]) -> list[str]:
                 + " |"
             )
         lines.append("")
-        for m, found in diffs.items():
-            if len(found) < 2:
-                continue
-            d = np.array([value for value, _ in found])
-            within = float(np.mean([se for _, se in found]))
-            spread = d.std(ddof=1)
-            lines.append(
-                f"- {total // m}x{m} − 1x{total} over {len(d)} runs: mean {d.mean():+.1f}, "
-                f"between-run SD {spread:.1f} (SE of the mean {spread / np.sqrt(len(d)):.1f}), "
-                f"mean within-run SE {within:.1f}; {int((d > 0).sum())} of {len(d)} positive"
-            )
+        lines += [
+            spread_line(f"{total // m}x{m} − 1x{total}", found)
+            for m, found in diffs.items()
+            if len(found) >= 2
+        ]
         lines.append("")
     return lines
+
+
+def spread_line(name: str, found: list[tuple[float, float]]) -> str:
+    """A difference repeated over runs ((value, within-run SE) each): its mean, the spread
+    between runs, and the mean within-run SE."""
+    d = np.array([value for value, _ in found])
+    within = float(np.mean([se for _, se in found]))
+    spread = d.std(ddof=1)
+    return (
+        f"- {name} over {len(d)} runs: mean {d.mean():+.1f}, between-run SD {spread:.1f} "
+        f"(SE of the mean {spread / np.sqrt(len(d)):.1f}), mean within-run SE {within:.1f}; "
+        f"{int((d > 0).sum())} of {len(d)} positive"
+    )
 
 
 def layer_study(study: dict[str, list[Run]]) -> list[str]:
