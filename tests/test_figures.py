@@ -417,3 +417,22 @@ def test_report_writes_every_figure_as_png_and_pdf(tmp_path: Path) -> None:
     tex = (report / "lambda_memit.tex").read_text()
     (bold,) = [line for line in tex.splitlines() if "\\textbf" in line]  # the best S
     assert bold.startswith("\\textbf{1000} & \\textbf{2} & ")
+
+
+def test_sequential_figure_with_ge_after_the_last_update_only() -> None:
+    """eval.generation_at=final: GE exists at the last curve point only; its panel shows that
+    one point (a marker, not an invisible one-point line), the other panels every point."""
+    xs = [4, 8, 12, 16]
+    so_far = [stats(90.0 - x, n=x) for x in xs]
+    for point in so_far[:-1]:
+        point.pop("GE", None)
+    so_far[-1]["GE"] = F.MetricSummary(590.0, 8.0, 4)
+    axes = {**result().axes, "mode": "sequential", "batch_size": 4}
+    figure = F.sequential_figure([F.Curve(axes, xs, so_far, PRE)])
+    (ge,) = [ax for ax in data_axes(figure) if ax.get_title() == "GE: MEMIT"]
+    (line,) = [line for line in ge.get_lines() if line.get_linestyle() == "-"]
+    assert list(line.get_xdata()) == [16] and list(line.get_ydata()) == [590.0]
+    assert line.get_marker() not in (None, "", "None")
+    (es,) = [ax for ax in data_axes(figure) if ax.get_title() == "ES: MEMIT"]
+    (line,) = [line for line in es.get_lines() if line.get_linestyle() == "-"]
+    assert list(line.get_xdata()) == xs
