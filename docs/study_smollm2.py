@@ -506,10 +506,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the directory holding one folder per experiment")
     parser.add_argument("--wandb", action="store_true", help="also log each report to W&B")
+    parser.add_argument(
+        "--experiments",
+        nargs="+",
+        choices=EXPERIMENTS,
+        default=EXPERIMENTS,
+        help="only these (the finished stages of a study still running)",
+    )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     study = {}
-    for name in EXPERIMENTS:
+    for name in args.experiments:
         directory = args.root / name
         runs = runs_of(directory) if directory.is_dir() else []
         if runs:
