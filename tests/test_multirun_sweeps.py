@@ -485,10 +485,10 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
     }
 
 
-def test_paper_scale_study_runs_emmet_at_lambda_0_on_1024_facts_in_float32(tmp_path):
+def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
     """launchers/study_paper_scale.sh with PRECISION=bf16-mixed: every grid point in bf16-mixed
-    except EMMET at lambda 0 with batches of 1024 or more (docs/precision.md), stage 3's one
-    batch of 1024 always and stage 4's 1024x2 where lambda 0 is EMMET's choice."""
+    except EMMET with batches of 1024 or more (docs/precision.md): stage 3's batches of 1024
+    and 2048 and stage 4's 1024x2."""
     from test_report import _job, _summary
 
     study = tmp_path / "study"
@@ -520,7 +520,11 @@ def test_paper_scale_study_runs_emmet_at_lambda_0_on_1024_facts_in_float32(tmp_p
             (sweep_dir,) = [w.split("=", 1)[1] for w in words if w.startswith("hydra.sweep.dir=")]
             (precision,) = [w for w in words if w.startswith("precision=")]
             sweeps[Path(sweep_dir).relative_to(study).as_posix()] = (precision, words)
-    float32 = {"batch_scaling/emmet-lambda0-1024", "sequential/1024-emmet"}
+    float32 = {
+        "batch_scaling/emmet-lambda0-1024",
+        "batch_scaling/emmet-positive",
+        "sequential/1024-emmet",
+    }
     assert {name for name, (p, _) in sweeps.items() if p == "precision=32-true"} == float32
     assert all(p == "precision=bf16-mixed" for n, (p, _) in sweeps.items() if n not in float32)
     for name, (_, words) in sweeps.items():
