@@ -90,44 +90,43 @@ stage2() {  # lambda search at MEMIT's best layer: 512, 256 and 64 tuning facts 
     done
 }
 
-chosen() {  # the best layer and the lambdas chosen at 512 facts
-    echo "layer=$(best "$STUDY_DIR/layer_search" layer memit)" \
-        "model.hparams.memit.lambda=$(best "$STUDY_DIR/lambda_search/512/memit" lambda)" \
-        "model.hparams.emmet.lambda=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)"
+CHOSEN=()
+choose() {  # CHOSEN: the best layer and the lambdas chosen at 512 facts (read once)
+    ((${#CHOSEN[@]})) && return
+    CHOSEN=("layer=$(best "$STUDY_DIR/layer_search" layer memit)"
+        "model.hparams.memit.lambda=$(best "$STUDY_DIR/lambda_search/512/memit" lambda)"
+        "model.hparams.emmet.lambda=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)")
 }
 
 stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
     two_cpus
+    choose
     local dir=$STUDY_DIR/batch_scaling emmet_positive
-    # shellcheck disable=SC2046
     SWEEP_DIR=$dir/memit "$here/batch_scaling.sh" "${COMMON[@]}" precision="$PRECISION" \
-        "${EVALUATION[@]}" $(chosen) algorithm=memit n_edits=16,64,256,1024,2048 \
+        "${EVALUATION[@]}" "${CHOSEN[@]}" algorithm=memit n_edits=16,64,256,1024,2048 \
         hydra.launcher.array_parallelism=1
     # EMMET at lambda 0 (the paper's) edits at most d_k = 1536 facts in one batch (K^T C0^-1 K
     # is singular beyond); past that, with its best positive lambda on the tuning facts
-    # shellcheck disable=SC2046
     SWEEP_DIR=$dir/emmet-lambda0 STATS=skip "$here/batch_scaling.sh" "${COMMON[@]}" \
-        precision="$PRECISION" "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 \
+        precision="$PRECISION" "${EVALUATION[@]}" "${CHOSEN[@]}" algorithm=emmet lambda=0 \
         n_edits=16,64,256 hydra.launcher.array_parallelism=1
-    # shellcheck disable=SC2046
     SWEEP_DIR=$dir/emmet-lambda0-1024 "$here/batch_scaling.sh" "${COMMON[@]}" \
-        precision=32-true "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda=0 n_edits=1024
+        precision=32-true "${EVALUATION[@]}" "${CHOSEN[@]}" algorithm=emmet lambda=0 n_edits=1024
     # Beyond d_k, EMMET with lambda > 0 is MEMIT at lambda (editexp/editing/emmet.py); with
     # the lambda tuned on EMMET's grid it is an almost unregularised least-squares update. A
     # failed point is reported, not fatal: it is a finding.
     emmet_positive=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda emmet positive)
-    # shellcheck disable=SC2046
     SWEEP_DIR=$dir/emmet-positive "$here/batch_scaling.sh" "${COMMON[@]}" precision=32-true \
-        "${EVALUATION[@]}" $(chosen) algorithm=emmet lambda="$emmet_positive" \
+        "${EVALUATION[@]}" "${CHOSEN[@]}" algorithm=emmet lambda="$emmet_positive" \
         n_edits=1024,2048 hydra.launcher.array_parallelism=1 ||
         echo "EMMET at lambda=$emmet_positive: a grid point failed (editexp-report $dir/emmet-positive)"
 }
 
 stage4() {  # sequential-batched: 2048 edits, a curve point every 512
     one_cpu
+    choose
     local dir=$STUDY_DIR/sequential common
-    # shellcheck disable=SC2207
-    common=("${COMMON[@]}" "${EVALUATION[@]}" $(chosen) n_edits=2048 eval.schedule=every_k
+    common=("${COMMON[@]}" "${EVALUATION[@]}" "${CHOSEN[@]}" n_edits=2048 eval.schedule=every_k
         eval.generation_at=final hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" \
         precision="$PRECISION" batch_size=64 eval.every_k=8
@@ -143,20 +142,20 @@ stage4() {  # sequential-batched: 2048 edits, a curve point every 512
 
 stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
     one_cpu
-    # shellcheck disable=SC2046
+    choose
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" $(chosen) n_edits=2048 \
+        "${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" "${CHOSEN[@]}" n_edits=2048 \
         batch_size=256 eval.schedule=every_k eval.every_k=2 eval.generation_at=final \
         hydra.launcher.array_parallelism=2 algorithm=memit,alphaedit sequential.keep_edits=true
 }
 
 stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
     one_cpu
+    choose
     local common
     # no held-out perplexity here: the repeats measure the spread of ES, PS, NS and S
-    # shellcheck disable=SC2207
     common=(model=$MODEL precision="$PRECISION" data.split=evaluation eval.generation_facts=0
-        $(chosen) eval.schedule=each_batch algorithm=memit
+        "${CHOSEN[@]}" eval.schedule=each_batch algorithm=memit
         hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
         "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2 \
