@@ -439,6 +439,27 @@ def test_layer_search_script_groups_statistics_and_runs_them_locally(tmp_path):
     assert "hydra.launcher.gpus_per_node=null" in commands[2].split()
 
 
+def study_dry_run(script: str, tmp_path: Path, study: Path, stages: str, **env: str) -> list[str]:
+    """The editexp commands a study launcher prints for ``stages`` with DRY_RUN=1 (its
+    choices read from the finished runs under ``study``)."""
+    process = subprocess.run(
+        ["bash", str(PROJECT / "launchers" / script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={
+            **sweep_environment(tmp_path),
+            "DRY_RUN": "1",
+            "STUDY_DIR": str(study),
+            "STAGES": stages,
+            **env,
+        },
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    return [line[2:] for line in process.stdout.splitlines() if line.startswith("+ editexp ")]
+
+
 def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
     """launchers/study_smollm2.sh: stage 1 is the layer search; stages 2-4 use the best layer
     (MEMIT's, by S) and the best lambdas of the finished runs before them."""
@@ -455,21 +476,7 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
     _job(study / "lambda_search" / "emmet", 0, ["lambda=0"], _summary("emmet", lam=0.0))
 
     def commands(stages: str) -> list[str]:
-        process = subprocess.run(
-            ["bash", str(PROJECT / "launchers" / "study_smollm2.sh")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-            env={
-                **sweep_environment(tmp_path),
-                "DRY_RUN": "1",
-                "STUDY_DIR": str(study),
-                "STAGES": stages,
-            },
-        )
-        assert process.returncode == 0, process.stdout + process.stderr
-        return [line[2:] for line in process.stdout.splitlines() if line.startswith("+ editexp ")]
+        return study_dry_run("study_smollm2.sh", tmp_path, study, stages)
 
     (layer_search,) = commands("1")
     assert "+experiment=layer_search" in layer_search and "n_edits=40" in layer_search.split()
@@ -498,24 +505,10 @@ def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
     emmet = study / "lambda_search" / "512" / "emmet"
     _job(emmet, 0, ["lambda=0"], _summary("emmet", lam=0.0, post=(95, 90, 70)))
     _job(emmet, 1, ["lambda=10"], _summary("emmet", lam=10.0, post=(90, 80, 70)))
-    process = subprocess.run(
-        ["bash", str(PROJECT / "launchers" / "study_paper_scale.sh")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={
-            **sweep_environment(tmp_path),
-            "DRY_RUN": "1",
-            "STUDY_DIR": str(study),
-            "STAGES": "3 4",
-            "PRECISION": "bf16-mixed",
-        },
-    )
-    assert process.returncode == 0, process.stdout + process.stderr
+    commands = study_dry_run("study_paper_scale.sh", tmp_path, study, "3 4", PRECISION="bf16-mixed")
     sweeps = {}
-    for line in process.stdout.splitlines():
-        if line.startswith("+ editexp -m"):
+    for line in commands:
+        if line.startswith("editexp -m"):
             words = line.split()
             (sweep_dir,) = [w.split("=", 1)[1] for w in words if w.startswith("hydra.sweep.dir=")]
             (precision,) = [w for w in words if w.startswith("precision=")]
