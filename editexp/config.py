@@ -387,6 +387,12 @@ def _run_settings(cfg: DictConfig) -> RunSettings:
     )
     if shape.mode != "sequential":
         schedule = "each_batch"
+    elif generation_at == "final" and schedule == "each_batch":
+        raise ConfigError(
+            "eval.generation_at=final with eval.schedule=each_batch: each fact is scored once, "
+            "right after its own update, so GE would cover the last batch's facts only; "
+            "use eval.schedule=every_k or final, or eval.generation_at=every_scoring"
+        )
     generation_facts = cfg.eval.generation_facts  # a count or "all" (checked above)
     with_ge = generation_facts == "all" or generation_facts > 0
     objective = parse_objective(cfg.get("objective", "post.S"), schedule, with_ge)

@@ -123,6 +123,9 @@ def test_generation_at_final_samples_ge_after_the_last_update_only(tmp_path):
     assert final["post"]["GE"]["n"] == 3
     with pytest.raises(ConfigError, match="eval.generation_at='sometimes'; expected one of"):
         run_config(tmp_path, "bad", *args, "eval.generation_at=sometimes")
+    each_batch = [*args, "eval.schedule=each_batch", "eval.generation_at=final"]
+    with pytest.raises(ConfigError, match="GE would cover the last batch's facts only"):
+        run_config(tmp_path, "each", *each_batch)
 
 
 def test_every_k_run_also_gives_the_each_batch_schedule_numbers(tmp_path):
