@@ -555,12 +555,17 @@ def _sequential_rows(curves: Sequence[Curve]) -> tuple[dict[str, list[Line]], st
 def series_labels(runs: Sequence[RunResult], curves: Sequence[Curve] = ()) -> list[str]:
     """Every series label of :func:`axis_figures` of ``runs`` and :func:`sequential_figure`
     of ``curves``: the keys of one ``colors`` mapping for all of them."""
-    row_sets = [_axis_rows(*plan)[0] for plan in _axis_plans(runs).values()]
+    labels = [label for plan in _axis_plans(runs).values() for label in line_labels(*plan)]
     sequential = _sequential_rows(curves)
     if sequential is not None:
-        row_sets.append(sequential[0])
-    labels = [line.label for rows in row_sets for lines in rows.values() for line in lines]
+        labels += [line.label for lines in sequential[0].values() for line in lines]
     return list(dict.fromkeys(labels))
+
+
+def line_labels(runs: Sequence[RunResult], axis: str, mode: str) -> list[str]:
+    """The series labels of :func:`axis_figure` of ``runs`` against ``axis``."""
+    rows, _ = _axis_rows(runs, axis, mode)
+    return [line.label for lines in rows.values() for line in lines]
 
 
 def _sort(axes: Mapping[str, Any]) -> tuple:

@@ -331,7 +331,9 @@ def report_colors(
     of other reports: ``--colors``)."""
     results = [run_result(run) for run in runs]
     sequential = [sequential_curve(run) for run in runs if run.field("mode") == "sequential"]
-    return figures.series_colors(figures.series_labels(results, sequential), taken)
+    labels = figures.series_labels(results, sequential)
+    labels += figures.line_labels(schedule_results(runs), "batch_size", "sequential")
+    return figures.series_colors(labels, taken)
 
 
 def report_figures(
@@ -364,17 +366,23 @@ def schedule_figure(
     its own update (the paper's each_batch numbers) beside every fact scored after the last
     update, for the sequential runs that measured both (eval.schedule every_k or final);
     None without such a run."""
-    both = scored_on_both_schedules(runs)
-    if not both:
+    results = schedule_results(runs)
+    if not results:
         return None
+    return figures.axis_figure(results, "batch_size", "sequential", colors)
+
+
+def schedule_results(runs: Sequence[FinishedRun]) -> list[figures.RunResult]:
+    """Each run of :func:`scored_on_both_schedules` twice, as the series of the schedules
+    figure: post-edit = its each_batch numbers, and post-edit = after the last update."""
     results = []
-    for run in both:
+    for run in scored_on_both_schedules(runs):
         result = run_result(run)
         own_update = figures.summaries_of(run.record.each_batch)
         results.append(replace(result, axes={**result.axes, "eval_schedule": AFTER_OWN_UPDATE},
                                post=own_update))  # fmt: skip
         results.append(replace(result, axes={**result.axes, "eval_schedule": AFTER_ALL_EDITS}))
-    return figures.axis_figure(results, "batch_size", "sequential", colors)
+    return results
 
 
 # --------------------------------------------------------------------------- the command

@@ -354,6 +354,13 @@ def test_schedule_figure_plots_the_papers_numbers_beside_after_all_edits(tmp_pat
     means = {line.get_color(): list(line.get_ydata()) for line in es.get_lines()
              if line.get_marker() == "o"}  # fmt: skip
     assert means[paper] == [95.0, 96.0] and means[after] == [80.0, 81.0]
+    colors = report_colors(runs)  # what --colors records: the schedules' series too
+    figure = schedule_figure(runs, colors)
+    legend = figure.legends[0] if figure.legends else figure.axes[-1].get_legend()
+    drawn = {text.get_text(): handle.get_color()
+             for text, handle in zip(legend.get_texts(), legend.legend_handles)}  # fmt: skip
+    for label in ("MEMIT, eval after its own update (paper)", "MEMIT, eval after all edits"):
+        assert drawn[label] == colors[label]
     each_batch_only = [r for r in runs if r.field("batch_size") == 16]
     object.__setattr__(each_batch_only[0].record, "eval_schedule", "each_batch")
     assert schedule_figure(each_batch_only) is None  # nothing to compare
