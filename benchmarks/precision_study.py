@@ -3,7 +3,7 @@
     python benchmarks/precision_study.py --out benchmarks/results/precision-study.md
     python benchmarks/precision_study.py --points layer1-memit layer5-memit   # a subset
 
-Each point (``POINTS``: the settings of docs/study-smollm2.md's grid points) runs once per
+Each point (``POINTS``: the settings of the first study's grid points, docs/study-smollm2/first-study/README.md) runs once per
 precision into ``--runs/<point>/<precision>`` through the runner; a finished run is skipped,
 so the script resumes where it stopped. Then, per point, over the edited facts: the paired
 difference bf16-mixed - fp32 of each fact's post-edit ES, PS and NS (mean and standard error),

@@ -15,7 +15,7 @@
 #   6. repeats of the headline comparisons: 1x256 against 16x16 and 4x64 on 3 disjoint fact
 #      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 1 prefix seed
 #
-# Cut to fit the 15-hour budget (docs/study-smollm2.md, "Cost"): GE after the last update
+# Cut to fit the 15-hour budget (docs/study-smollm2.md, "How it is run"): GE after the last update
 # only in stages 4-5 (eval.generation_at=final), and one prefix seed for the 1024-edit repeats
 #
 # CounterFact here has 2,758 records (2,226 for evaluation), so the paper's 4096 edits become

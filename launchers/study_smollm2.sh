@@ -1,5 +1,6 @@
 #!/bin/bash
-# The paper's whole procedure on SmolLM2-135M at the scale of docs/study-smollm2.md, on the
+# The paper's whole procedure on SmolLM2-135M at the scale of the first study
+# (docs/study-smollm2/first-study/README.md), on the
 # one-machine SLURM cluster (launchers/local-slurm): layer search -> lambda search at the best
 # layer -> batch scaling and sequential-batched editing at the chosen lambdas. Each stage reads
 # the previous one's results. Resumable: run it again with the same STUDY_DIR and finished grid
