@@ -264,13 +264,14 @@ def lambda_findings(study: dict[str, list[Run]]) -> list[str]:
 def batch_findings(study: dict[str, list[Run]]) -> list[str]:
     runs = study["batch_scaling"]
     lines = ["### Batch scaling (paper Figs. 2-3)", ""]
-    lines += ["| series | batch | ES | PS | NS | S |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"Held-out perplexity (PPL) of the unedited model: {unedited_ppl(runs)}.", ""]
+    lines += ["| series | batch | ES | PS | NS | S | PPL |", "|---|---:|---:|---:|---:|---:|---:|"]
     changes = []
     for name in sorted({series(r) for r in runs}):
         done = sorted((r for r in runs if series(r) == name), key=lambda r: r.field("n_edits"))
         for run in done:
             values, se = with_s(run.values["post"]), bootstrap_se(run.values["post"])
-            cells = [level(v, s) for v, s in zip(values, se)]
+            cells = [level(v, s) for v, s in zip(values, se)] + [ppl(run, "post")]
             lines.append(f"| {name} | {run.field('n_edits')} | " + " | ".join(cells) + " |")
         for smaller, larger in zip(done, done[1:]):  # the same facts in the next larger batch
             diff, se = difference(larger, smaller)
@@ -293,6 +294,18 @@ def batch_findings(study: dict[str, list[Run]]) -> list[str]:
                     f"S {cell(diff[3], se[3])}, NS {cell(diff[2], se[2])}"
                 )
     return lines + [""] + changes
+
+
+def ppl(run: Run, stage: str) -> str:
+    """The run's held-out perplexity at ``stage`` ("pre", "post"), or "-" if not scored."""
+    value = run.finished.metric(stage, "PPL")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def unedited_ppl(runs: list[Run]) -> str:
+    """The unedited model's perplexity, the same in every run (one model, one text)."""
+    found = sorted({ppl(run, "pre") for run in runs} - {"-"})
+    return " / ".join(found) if found else "not scored"
 
 
 def one_batch_size(run: Run) -> int:

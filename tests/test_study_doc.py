@@ -139,3 +139,17 @@ def test_batch_findings_keep_each_lambda_of_an_algorithm_a_series_of_its_own():
     nested = [x for x in lines if "instead (paired)" in x]
     assert [x.split(",")[0] for x in nested] == ["- EMMET λ=0", "- EMMET λ=10"]
     assert "NS -10.0 ± 0.0" in nested[0] and "NS -5.0 ± 0.0" in nested[1]
+    assert "perplexity (PPL) of the unedited model: not scored." in "\n".join(lines)
+
+
+def test_batch_findings_give_held_out_perplexity_before_and_after_each_batch():
+    def run(n, post_ppl):
+        scored = {("pre", "PPL"): 33.5, ("post", "PPL"): post_ppl}
+        edited = fake_run([[100.0, 90.0, 60.0]] * n, algorithm="memit", n_edits=n, mode="batch")
+        edited.finished.metric = lambda stage, name: scored[(stage, name)]
+        return edited
+
+    lines = study.batch_findings({"batch_scaling": [run(2, 34.0), run(4, 45.25)]})
+    assert "Held-out perplexity (PPL) of the unedited model: 33.50." in lines
+    rows = [line for line in lines if line.startswith("| MEMIT |")]
+    assert [row.rsplit("|", 2)[1].strip() for row in rows] == ["34.00", "45.25"]
