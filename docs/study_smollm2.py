@@ -319,7 +319,38 @@ def sequential_findings(study: dict[str, list[Run]]) -> list[str]:
     lines += sequential_table(runs) + [""]
     lines += ["Smaller sequential batches against one batch of all the edits (S, paired):"]
     lines += schedule_comparisons(runs, study.get("batch_scaling", []))
+    lines += ["", "The best batch size for the same edits (S, paired against the best):"]
+    lines += best_batch_size_lines(runs, study.get("batch_scaling", []))
     return lines + [""] + forgetting_lines(runs)
+
+
+def best_batch_size_lines(runs: list[Run], batch_runs: list[Run]) -> list[str]:
+    """The paper's "sequential batches of 1024 scale best": per series and number of edits,
+    the schedule with the best S on each scoring schedule, and every other one against it,
+    paired (the same facts in the same order). One batch of all the edits (a batch-scaling
+    run) counts as the schedule 1xN."""
+    totals = {r.field("n_edits") for r in runs}
+    groups: dict[tuple[str, int], dict[int, Run]] = {}
+    for run in runs + [r for r in batch_runs if r.field("n_edits") in totals]:
+        if run.field("algorithm") != "rome":  # ROME has one schedule: singular edits
+            groups.setdefault((series(run), run.field("n_edits")), {})[one_batch_size(run)] = run
+    lines = []
+    for (name, total), by_size in sorted(groups.items()):
+        if len(by_size) < 2:
+            continue
+        for stage in ("post", "each_batch"):
+            best = max(by_size, key=lambda size: s_of(by_size[size].values[stage]))
+            s_best = s_of(by_size[best].values[stage])
+            others = []
+            for size, run in sorted(by_size.items()):
+                if size != best:
+                    d, se = difference(run, by_size[best], stage)
+                    others.append(f"{total // size}x{size} {cell(d[3], se[3])}")
+            lines.append(
+                f"- {name}, {total} edits ({stage}): best {total // best}x{best} "
+                f"(S {s_best:.1f}); " + ", ".join(others)
+            )
+    return lines
 
 
 def sequential_table(runs: list[Run]) -> list[str]:
@@ -351,13 +382,17 @@ def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
         if one_batch_size(r) in totals and one_batch_size(r) == r.field("n_edits")
     ]
     rome = {r.field("n_edits"): r for r in runs if r.field("algorithm") == "rome"}
+    lambda_of = {(r.field("algorithm"), r.field("n_edits")): r.field("lambda") for r in runs}
     for algorithm in ("memit", "emmet"):
         for total in sorted(totals):
-            whole = [
-                r
-                for r in one_batch
-                if r.field("algorithm") == algorithm and r.field("n_edits") == total
-            ]
+            whole = sorted(  # the same series (lambda) as the sequential runs first
+                (
+                    r
+                    for r in one_batch
+                    if r.field("algorithm") == algorithm and r.field("n_edits") == total
+                ),
+                key=lambda r: r.field("lambda") != lambda_of.get((algorithm, total)),
+            )
             smaller = sorted(
                 (
                     r

@@ -74,6 +74,42 @@ def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to
     assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
 
 
+def test_sequential_findings_name_the_best_batch_size_and_compare_the_others_paired():
+    """1x8 (a batch-scaling run), 2x4 and 4x2 of the same 8 facts: 2x4 has the best S after
+    the last update; on the paper's schedule 4x2 does. An EMMET one batch at another lambda
+    is neither the comparator nor part of the ranking."""
+
+    def run(batch_size, ns, each_ns=None, mode="sequential", algorithm="memit", lam=1000.0):
+        values = [[100.0, 100.0, ns]] * 8
+        each = None if each_ns is None else [[100.0, 100.0, each_ns]] * 8
+        fields = {"n_edits": 8, "batch_size": batch_size, "mode": mode, "lambda": lam}
+        return fake_run(values, each_batch=each, algorithm=algorithm, **fields)
+
+    runs = [run(4, 70, each_ns=72), run(2, 60, each_ns=80)]
+    batch = [run(8, 65, mode="batch"), run(8, 90, mode="batch", algorithm="emmet", lam=0.0)]
+    lines = study.sequential_findings({"sequential": runs, "batch_scaling": batch})
+    best = [line for line in lines if line.startswith("- ") and " best " in line]
+    assert len(best) == 2  # MEMIT after the last update and on the paper's schedule
+    assert best[0].startswith("- MEMIT λ=1000, 8 edits (post): best 2x4 (S ")
+    assert "4x2 -5." in best[0] and "1x8 -2." in best[0]
+    assert best[1].startswith("- MEMIT λ=1000, 8 edits (each_batch): best 4x2 (S ")
+    assert not any("EMMET" in line for line in best)
+
+
+def test_sequential_runs_are_compared_with_one_batch_at_their_own_lambda():
+    def run(batch_size, ns, lam, mode="sequential"):
+        values = [[100.0, 100.0, ns]] * 8
+        fields = {"n_edits": 8, "batch_size": batch_size, "mode": mode, "lambda": lam}
+        return fake_run(values, algorithm="emmet", **fields)
+
+    batch = [run(8, 90, 0.0, mode="batch"), run(8, 50, 1e-4, mode="batch")]
+    lines = study.sequential_findings({"sequential": [run(2, 60, 1e-4)], "batch_scaling": batch})
+    compared = [line for line in lines if " − " in line and "(post)" in line]
+    assert compared == [line for line in compared if "1x8 (post): S" in line]
+    assert len(compared) == 1 and "− EMMET λ=0.0001 1x8" in compared[0]
+    assert "NS +10.0 ± 0.0" in compared[0]
+
+
 def test_by_s_and_tie_break_by_s_and_by_the_ns_tie_break():
     rng = np.random.default_rng(0)
     es = rng.integers(0, 2, 200) * 100.0
