@@ -8,15 +8,17 @@
 #   2. lambda search (tuning) at MEMIT's best layer: one batch of 512 (the tuning split holds
 #      532 facts, so not the paper's 1024), and of 64 and 256 (values cached: scoring only)
 #   3. batch scaling (evaluation): one batch of 16 ... 2048 facts, MEMIT and EMMET
-#   4. sequential-batched (evaluation), 2048 edits in all: 64x32, 256x8, 1024x2 for MEMIT and
-#      EMMET, 2048x1 for ROME (the 1x2048 point is stage 3's), a curve point every 512 edits
-#      (eval.schedule=every_k) with the paper's each_batch scores and held-out perplexity
+#   4. sequential-batched (evaluation), 2048 edits in all: 64x32, 256x8, 1024x2 for MEMIT,
+#      256x8 and 1024x2 for EMMET, 2048x1 for ROME (the 1x2048 points are stage 3's), a curve
+#      point every 512 edits (eval.schedule=every_k) with the paper's each_batch scores and
+#      held-out perplexity
 #   5. the remedies at that scale: MEMIT with keep_edits, and AlphaEdit, 256x8
 #   6. repeats of the headline comparisons: 1x256 against 16x16 and 4x64 on 3 disjoint fact
 #      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 1 prefix seed
 #
-# Cut to fit the 15-hour budget (docs/study-smollm2.md, "How it is run"): GE after the last update
-# only in stages 4-5 (eval.generation_at=final), and one prefix seed for the 1024-edit repeats
+# Cut to fit the 15-hour budget (docs/study-smollm2.md, "How it is run"): no GE in stages 4-5
+# (their forgetting measure is held-out perplexity), no EMMET 64x32, and one prefix seed for
+# the 1024-edit repeats
 #
 # CounterFact here has 2,758 records (2,226 for evaluation), so the paper's 4096 edits become
 # 2048; the choice rule is the best post-edit S on the tuning facts (the paper's Table 3 also
@@ -43,6 +45,7 @@ PRECISION=${PRECISION:-32-true}
 COMMON=(model=$MODEL "+eval.metrics=[perplexity]" +eval.perplexity.n_tokens=16384)
 TUNING=(data.split=tuning eval.generation_facts=0)       # choices by S: GE is not needed
 EVALUATION=(data.split=evaluation eval.generation_facts=100)
+SEQUENTIAL=(data.split=evaluation eval.generation_facts=0)  # cut: no GE (below)
 
 # best <sweep dir> <field> [algorithm [positive]]: the field's value in the finished run with
 # the best S (of the algorithm's runs; "positive": of those with lambda > 0); a placeholder in a
@@ -125,27 +128,32 @@ stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
 stage4() {  # sequential-batched: 2048 edits, a curve point every 512
     one_cpu
     choose
-    local dir=$STUDY_DIR/sequential common
-    common=("${COMMON[@]}" "${EVALUATION[@]}" "${CHOSEN[@]}" n_edits=2048 eval.schedule=every_k
-        eval.generation_at=final hydra.launcher.array_parallelism=2)
+    local dir=$STUDY_DIR/sequential common pids=() pid
+    common=("${COMMON[@]}" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 eval.schedule=every_k
+        hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" batch_size=64 eval.every_k=8
+        precision="$PRECISION" algorithm=memit batch_size=64 eval.every_k=8
     SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
         precision="$PRECISION" batch_size=256 eval.every_k=2
+    # three sweeps of one job each, side by side: two 1-CPU jobs at a time, not one
     SWEEP_DIR=$dir/1024 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1
-    SWEEP_DIR=$dir/1024-emmet "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision=32-true algorithm=emmet batch_size=1024 eval.every_k=1
+        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1 &
+    pids+=($!)
+    SWEEP_DIR=$dir/1024-emmet STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        precision=32-true algorithm=emmet batch_size=1024 eval.every_k=1 &
+    pids+=($!)
     SWEEP_DIR=$dir/rome STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512
+        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512 &
+    pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
 stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
     one_cpu
     choose
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${COMMON[@]}" precision="$PRECISION" "${EVALUATION[@]}" "${CHOSEN[@]}" n_edits=2048 \
-        batch_size=256 eval.schedule=every_k eval.every_k=2 eval.generation_at=final \
+        "${COMMON[@]}" precision="$PRECISION" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 \
+        batch_size=256 eval.schedule=every_k eval.every_k=2 \
         hydra.launcher.array_parallelism=2 algorithm=memit,alphaedit sequential.keep_edits=true
 }
 

@@ -524,5 +524,10 @@ def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
         assert {"layer=2", "model.hparams.emmet.lambda=0"} <= set(words), name
     assert "n_edits=1024" in sweeps["batch_scaling/emmet-lambda0-1024"][1]
     assert "lambda=10" in sweeps["batch_scaling/emmet-positive"][1]  # its best positive lambda
-    for name, (_, words) in sweeps.items():  # the budget's cut: GE after the last update only
-        assert ("eval.generation_at=final" in words) == name.startswith("sequential/"), name
+    for name, (_, words) in sweeps.items():  # the budget's cuts: no GE in the sequential runs,
+        ge = [w for w in words if w.startswith("eval.generation_facts=")]
+        assert ge[-1] == ("eval.generation_facts=0" if name.startswith("sequential/") else
+                          "eval.generation_facts=100"), name  # fmt: skip
+        assert len(ge) == 1, name  # one value, not one overridden by another
+    assert "algorithm=memit" in sweeps["sequential/64"][1]  # and no EMMET 64x32
+    assert set(sweeps) >= {"sequential/1024", "sequential/1024-emmet", "sequential/rome"}
