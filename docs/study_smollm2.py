@@ -46,6 +46,18 @@ EXPERIMENTS = (
 METRICS = ("ES", "PS", "NS")
 BOOTSTRAP = 2000
 
+# The study's main series, one strong colour each in every figure; the other series (lambdas
+# of the search, batch sizes of the curves) take free colours from the shared colours file
+SERIES_COLORS = {
+    "MEMIT": "#1f77b4",
+    "MEMIT, λ 1000": "#1f77b4",  # MEMIT at its chosen lambda, where the figure names lambdas
+    "ROME": "#ff7f0e",
+    "EMMET": "#2ca02c",
+    "EMMET, λ 0": "#2ca02c",
+    "EMMET, λ 0.0001": "#d62728",  # EMMET at its tuned lambda, beside lambda 0 in stage 3
+    "ALPHAEDIT": "#9467bd",
+}
+
 # The paper's code on this CPU (measured; issue 14): seconds per fact
 PAPER_VALUES, PAPER_ROME_EDIT, PAPER_SCORING, PAPER_GE = 12.4, 31.2, 1.64, 5.6
 
@@ -158,6 +170,15 @@ def report(directory: Path, name: str, wandb: bool, colors: Path) -> None:
     for path in sorted((directory / "report").iterdir()):
         if path.suffix in (".md", ".csv", ".png"):
             shutil.copy(path, target / path.name)
+
+
+def seed_colors(path: Path) -> None:
+    """Write :data:`SERIES_COLORS` into the study's colours file. A label that had one of
+    their colours loses it and gets a free one at its next report: no two labels share one."""
+    colors = json.loads(path.read_text()) if path.exists() else {}
+    reserved = set(SERIES_COLORS.values())
+    colors = {label: c for label, c in colors.items() if c not in reserved} | SERIES_COLORS
+    path.write_text(json.dumps(colors, indent=1, sort_keys=True) + "\n")
 
 
 def runs_of(directory: Path) -> list[Run]:
@@ -563,6 +584,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
+    seed_colors(args.root / "colors.json")
     study = {}
     for name in args.experiments:
         directory = args.root / name

@@ -76,8 +76,12 @@ ERROR_LABEL = "±1 standard error over facts\n(S: delta method)"
 PRE_LABEL = "pre-edit (unedited model)"
 DPI = 200
 # tab10, then the lighter halves of tab20's pairs: 20 distinct colours, then repeated
-PALETTE = tuple(
-    to_hex(color) for color in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2])
+PALETTE = tuple(  # strong colours first; a study with many series gets the others after them
+    dict.fromkeys(
+        to_hex(color)
+        for name in ("tab10", "tab20", "tab20b", "tab20c")
+        for color in colormaps[name].colors
+    )
 )
 PERCENT_LIMITS = (-3.0, 103.0)  # 0-100 with room for the markers
 
@@ -286,6 +290,8 @@ def _set_x_scale(ax, axis: str, xs: Sequence[Any]) -> None:
             ticks, labels = [0.0, *ticks], ["0", *labels]
     ax.set_xticks(ticks, labels=labels)
     ax.xaxis.set_minor_locator(NullLocator())
+    if base == 2 and max(len(label) for label in labels) >= 4:  # 1024 and 2048 would touch
+        ax.tick_params(axis="x", labelrotation=45)
 
 
 def _dodge(axis: str, xs: Sequence[Any], n_lines: int) -> Callable[[Any, int], Any]:

@@ -223,7 +223,20 @@ def test_a_series_has_one_colour_in_every_figure() -> None:
         "a": F.PALETTE[1],
         "b": F.PALETTE[0],
     }
-    assert len(set(F.PALETTE)) == 20
+    assert len(set(F.PALETTE)) == len(F.PALETTE) == 60
+    # a study's 25th series: no colour another series already has (the palette has 60)
+    taken = {f"series {i}": color for i, color in enumerate(F.PALETTE[:24])}
+    assert F.series_colors(["new"], taken)["new"] not in taken.values()
+
+
+def test_batch_sizes_to_2048_get_ticks_that_do_not_touch() -> None:
+    runs = [result(batch_size=n, n_edits=n) for n in (16, 64, 256, 1024, 2048)]
+    ax = data_axes(F.axis_figures(runs)["metric_vs_batch_size"])[0]
+    labels = ax.get_xticklabels()
+    assert [t.get_text() for t in labels] == ["16", "64", "256", "1024", "2048"]
+    assert {t.get_rotation() for t in labels} == {45.0}
+    small = data_axes(F.axis_figures(runs[:3])["metric_vs_batch_size"])[0]
+    assert {t.get_rotation() for t in small.get_xticklabels()} == {0.0}
 
 
 def test_percent_panels_span_0_to_100_whatever_the_data() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -189,3 +190,15 @@ def test_batch_findings_give_held_out_perplexity_before_and_after_each_batch():
     assert "Held-out perplexity (PPL) of the unedited model: 33.50." in lines
     rows = [line for line in lines if line.startswith("| MEMIT |")]
     assert [row.rsplit("|", 2)[1].strip() for row in rows] == ["34.00", "45.25"]
+
+
+def test_the_studys_main_series_keep_their_colours_and_no_other_label_shares_one(tmp_path):
+    path = tmp_path / "colors.json"
+    path.write_text(json.dumps({"MEMIT": "#2ca02c", "batch 64": "#1f77b4", "λ 10": "#aec7e8"}))
+    study.seed_colors(path)
+    colors = json.loads(path.read_text())
+    assert colors["MEMIT"] == "#1f77b4" and colors["EMMET"] == "#2ca02c"
+    assert "batch 64" not in colors  # it had MEMIT's colour: a free one at its next report
+    assert colors["λ 10"] == "#aec7e8"
+    study.seed_colors(path)  # again: the same file
+    assert json.loads(path.read_text()) == colors
