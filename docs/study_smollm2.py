@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from editexp.cache import atomic_write_text
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.report import FinishedRun, collect
 from editexp.report import main as report_main
@@ -178,7 +179,7 @@ def seed_colors(path: Path) -> None:
     colors = json.loads(path.read_text()) if path.exists() else {}
     reserved = set(SERIES_COLORS.values())
     colors = {label: c for label, c in colors.items() if c not in reserved} | SERIES_COLORS
-    path.write_text(json.dumps(colors, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(colors, indent=1, sort_keys=True) + "\n")
 
 
 def runs_of(directory: Path) -> list[Run]:

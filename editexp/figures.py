@@ -75,8 +75,8 @@ LOG_BASE = {"batch_size": 2, "n_edits": 2, "edits_done": 2, "lambda": 10}
 ERROR_LABEL = "±1 standard error over facts\n(S: delta method)"
 PRE_LABEL = "pre-edit (unedited model)"
 DPI = 200
-# tab10, then the lighter halves of tab20's pairs: 20 distinct colours, then repeated
-PALETTE = tuple(  # strong colours first; a study with many series gets the others after them
+# tab10, tab20's lighter halves, then tab20b and tab20c: 60 distinct colours, then repeated
+PALETTE = tuple(
     dict.fromkeys(
         to_hex(color)
         for name in ("tab10", "tab20", "tab20b", "tab20c")
