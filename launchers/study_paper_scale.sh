@@ -45,7 +45,7 @@ PRECISION=${PRECISION:-32-true}
 COMMON=(model=$MODEL "+eval.metrics=[perplexity]" +eval.perplexity.n_tokens=16384)
 TUNING=(data.split=tuning eval.generation_facts=0)       # choices by S: GE is not needed
 EVALUATION=(data.split=evaluation eval.generation_facts=100)
-SEQUENTIAL=(data.split=evaluation eval.generation_facts=0)  # cut: no GE (below)
+SEQUENTIAL=(data.split=evaluation eval.generation_facts=0)  # stages 4-6: no GE (the cuts above)
 
 # best <sweep dir> <field> [algorithm [positive]]: the field's value in the finished run with
 # the best S (of the algorithm's runs; "positive": of those with lambda > 0); a placeholder in a
@@ -162,7 +162,7 @@ stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the
     choose
     local common
     # no held-out perplexity here: the repeats measure the spread of ES, PS, NS and S
-    common=(model=$MODEL precision="$PRECISION" data.split=evaluation eval.generation_facts=0
+    common=(model=$MODEL precision="$PRECISION" "${SEQUENTIAL[@]}"
         "${CHOSEN[@]}" eval.schedule=each_batch algorithm=memit
         hydra.launcher.array_parallelism=2)
     SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
