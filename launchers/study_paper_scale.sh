@@ -48,21 +48,49 @@ EVALUATION=(data.split=evaluation eval.generation_facts=100)
 SEQUENTIAL=(data.split=evaluation eval.generation_facts=0)  # stages 4-6: no GE (the cuts above)
 
 # best <sweep dir> <field> [algorithm [positive]]: the field's value in the finished run with
-# the best S (of the algorithm's runs; "positive": of those with lambda > 0); a placeholder in a
-# dry run before that sweep exists
+# the best S (of the algorithm's runs; "positive": of those with lambda > 0). Where the sweep's
+# runs are not on this machine (a fresh clone, a new cluster account), the same choice is read
+# from the report committed for it: $REPORTS/<experiment>/results.csv (docs/study-smollm2);
+# a placeholder in a dry run where neither exists.
+REPORTS=$(realpath -m "${REPORTS:-$here/../docs/study-smollm2}")
 best() {
-    [[ -n ${DRY_RUN:-} && ! -d $1 ]] && { echo "BEST_${2^^}"; return; }
-    python - "$@" <<'PY'
+    python - "$STUDY_DIR" "$REPORTS" "${DRY_RUN:-}" "$@" <<'PY'
+import csv
 import sys
 from pathlib import Path
 
 from editexp.report import collect
 
-root, name, *only = sys.argv[1:]
-runs = [r for r in collect(Path(root)).runs if not only or r.field("algorithm") == only[0]]
-runs = [r for r in runs if "positive" not in only or r.field("lambda") > 0]
-value = max(runs, key=lambda r: r.metric("post", "S")).field(name)
-print(value[0] if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) else value)
+study, reports, dry_run, root, name, *only = sys.argv[1:]
+root = Path(root)
+if root.is_dir():
+    runs = [
+        {name: r.field(name), "algorithm": r.field("algorithm"), "lambda": r.field("lambda"),
+         "S": r.metric("post", "S")}
+        for r in collect(root).runs
+    ]  # fmt: skip
+else:
+    experiment, *sweep = root.relative_to(study).parts
+    table = Path(reports) / experiment / "results.csv"
+    if not table.is_file():
+        if dry_run:
+            sys.exit(print(f"BEST_{name.upper()}"))
+        sys.exit(f"study: no runs in {root} and no committed report {table}: run the stage first")
+    prefix = "/".join(sweep) + "/" if sweep else ""
+    with table.open() as file:
+        rows = [row for row in csv.DictReader(file) if row["run_dir"].startswith(prefix)]
+    runs = [
+        {name: row[name], "algorithm": row["algorithm"],
+         "lambda": float(row["lambda"] or 0),  # ROME's: none
+         "S": float(row["post_S_mean"])}
+        for row in rows
+    ]  # fmt: skip
+runs = [r for r in runs if not only or r["algorithm"] == only[0]]
+runs = [r for r in runs if "positive" not in only or r["lambda"] > 0]
+value = max(runs, key=lambda r: r["S"])[name]
+if isinstance(value, tuple):  # a run's layers
+    value = value[0]
+print(f"{float(value):g}" if name == "lambda" else value)
 PY
 }
 
@@ -96,9 +124,11 @@ stage2() {  # lambda search at MEMIT's best layer: 512, 256 and 64 tuning facts 
 CHOSEN=()
 choose() {  # CHOSEN: the best layer and the lambdas chosen at 512 facts (read once)
     ((${#CHOSEN[@]})) && return
-    CHOSEN=("layer=$(best "$STUDY_DIR/layer_search" layer memit)"
-        "model.hparams.memit.lambda=$(best "$STUDY_DIR/lambda_search/512/memit" lambda)"
-        "model.hparams.emmet.lambda=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)")
+    local layer memit emmet  # assigned apart from `local`, so that a failed choice stops here
+    layer=$(best "$STUDY_DIR/layer_search" layer memit)
+    memit=$(best "$STUDY_DIR/lambda_search/512/memit" lambda)
+    emmet=$(best "$STUDY_DIR/lambda_search/512/emmet" lambda)
+    CHOSEN=("layer=$layer" "model.hparams.memit.lambda=$memit" "model.hparams.emmet.lambda=$emmet")
 }
 
 stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
