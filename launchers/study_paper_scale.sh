@@ -29,6 +29,11 @@
 #   DRY_RUN=1 launchers/study_paper_scale.sh                        (the commands only)
 #   PRECISION=bf16-mixed launchers/study_paper_scale.sh             (default 32-true)
 #
+# The finished runs' records (summaries, per-fact rows, configs: editexp/run_archive.py) are
+# kept in the repository, in ARCHIVE (docs/study-smollm2/runs), so that the study goes on from
+# a fresh machine: they are restored into STUDY_DIR before the stages run (the same commands
+# then skip those runs) and saved back after each stage and on exit; commit them.
+#
 # Whatever PRECISION says, EMMET with batches of 1024 facts or more runs in 32-true: its
 # ill-conditioned solve (1024 constraints in d_k = 1536) turns bf16-mixed's small differences
 # in keys and values into ES -1.9 +- 1.0 on 1024 facts at lambda 0 (docs/precision.md). Its
@@ -203,7 +208,14 @@ stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the
         editing.prefixes.seed=0
 }
 
+ARCHIVE=$(realpath -m "${ARCHIVE:-$here/../docs/study-smollm2/runs}")
+archive() {  # archive <from> <to>: the finished runs' records
+    [[ -n ${DRY_RUN:-} || ! -d $1 ]] || python -m editexp.run_archive "$1" "$2"
+}
+archive "$ARCHIVE" "$STUDY_DIR"
+trap 'archive "$STUDY_DIR" "$ARCHIVE"' EXIT
 for stage in ${STAGES:-1 2 3 4 5 6}; do
     echo "$(date -u +%T) stage $stage"
     "stage$stage"
+    archive "$STUDY_DIR" "$ARCHIVE"
 done

@@ -531,3 +531,42 @@ def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
         assert len(ge) == 1, name  # one value, not one overridden by another
     assert "algorithm=memit" in sweeps["sequential/64"][1]  # and no EMMET 64x32
     assert set(sweeps) >= {"sequential/1024", "sequential/1024-emmet", "sequential/rome"}
+
+
+def test_paper_scale_study_reads_its_choices_from_the_committed_reports(tmp_path):
+    """On a fresh machine (no stage 1-2 runs), the layer and lambdas come from the reports
+    committed for those stages (results.csv, best post-edit S, the lambda search at 512 facts
+    only); where neither exists, a real run stops with one line instead of running stage 3
+    with an empty override."""
+    reports = tmp_path / "reports"
+    (reports / "layer_search").mkdir(parents=True)
+    (reports / "lambda_search").mkdir()
+    fields = ["algorithm", "layer", "lambda", "post_S_mean", "run_dir"]
+
+    def table(name: str, rows: list[tuple]) -> None:
+        with (reports / name / "results.csv").open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(fields)
+            writer.writerows(rows)
+
+    table("layer_search", [("memit", 2, 1, 90, "0"), ("memit", 4, 1, 95, "1"),
+                           ("rome", 7, "", 99, "2")])  # fmt: skip
+    table("lambda_search", [("memit", 4, 100, 80, "512/memit/memit-0"),
+                            ("memit", 4, 1000, 85, "512/memit/memit-1"),
+                            ("memit", 4, 10, 99, "256/memit/memit-0"),  # another size
+                            ("emmet", 4, 0, 90, "512/emmet/emmet-0"),
+                            ("emmet", 4, 0.0001, 88, "512/emmet/emmet-1")])  # fmt: skip
+    study = tmp_path / "study"
+    commands = study_dry_run("study_paper_scale.sh", tmp_path, study, "3", REPORTS=str(reports))
+    chosen = {"layer=4", "model.hparams.memit.lambda=1000", "model.hparams.emmet.lambda=0"}
+    sweeps = [c for c in commands if c.startswith("editexp -m")]
+    assert len(sweeps) == 4 and all(chosen <= set(c.split()) for c in sweeps), sweeps
+    assert "lambda=0.0001" in sweeps[-1].split()  # EMMET's best positive lambda
+
+    env = {**sweep_environment(tmp_path), "STUDY_DIR": str(study), "STAGES": "3",
+           "REPORTS": str(tmp_path / "none"), "ARCHIVE": str(tmp_path / "no-archive")}  # fmt: skip
+    script = PROJECT / "launchers" / "study_paper_scale.sh"
+    process = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    assert process.returncode != 0 and "+ editexp" not in process.stdout, process.stdout
+    assert f"no runs in {study}/layer_search and no committed report" in process.stderr
