@@ -30,6 +30,7 @@ the prefixes of ``32-true``.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,18 +79,45 @@ class Precision:
         return torch.autocast(device_type=torch.device(device).type, dtype=self.matmul_dtype)
 
     def check_device(self, device: torch.device | str) -> None:
-        """One line when ``device`` cannot run this precision."""
+        """One line when ``device`` has no bfloat16 units for this precision's matmuls: a GPU
+        older than Ampere, or a CPU with neither AMX nor AVX512-BF16, where bfloat16 matmuls
+        are emulated (measured on an AMD EPYC with AVX2 only: 53x slower than float32).
+        ``EDITEXP_ALLOW_EMULATED_BF16=1`` runs such a CPU anyway (tests of the bf16 code)."""
         import torch
 
         device = torch.device(device)
-        if self.matmul_dtype != torch.bfloat16 or device.type != "cuda":
+        if self.matmul_dtype != torch.bfloat16:
             return
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
             name = torch.cuda.get_device_name(device)
             raise PrecisionError(
                 f"precision={self.name}: {name} has no bfloat16 units (compute capability "
                 "8.0 or newer: A100, H100, L4, RTX 30xx/40xx); use precision=32-true"
             )
+        if device.type == "cpu" and not cpu_has_bf16_units():
+            if os.environ.get(ALLOW_EMULATED_BF16) == "1":
+                return
+            raise PrecisionError(
+                f"precision={self.name}: this CPU has no bfloat16 units (AMX or AVX512-BF16; "
+                f"torch sees {torch.backends.cpu.get_cpu_capability()}), so its bfloat16 "
+                "matmuls are emulated, about 50x slower than float32; use precision=32-true "
+                f"(or set {ALLOW_EMULATED_BF16}=1 to run it anyway)"
+            )
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX tiles or AVX512-BF16), as torch
+    reports it; True where this torch cannot tell."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in _BF16_PROBES]
+    if not all(callable(probe) for probe in probes):
+        return True
+    return any(probe() for probe in probes)
+
+
+_BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+ALLOW_EMULATED_BF16 = "EDITEXP_ALLOW_EMULATED_BF16"
 
 
 PRECISIONS = {

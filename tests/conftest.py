@@ -21,6 +21,9 @@ DEFAULT_DATA_DIR = PROJECT.parent / "shared" / "data"
 os.environ.setdefault("EDITEXP_DATA_DIR", str(DEFAULT_DATA_DIR))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The bf16 code paths are tested on every CPU, also where bfloat16 matmuls are emulated (slow,
+# but the tiny models keep them small); editexp refuses such a CPU to users (precision.py).
+os.environ.setdefault("EDITEXP_ALLOW_EMULATED_BF16", "1")
 
 # A whole run on the tiny Llama-3 in seconds: small statistics, one short GE fact, 3 value steps.
 TINY_RUN = [

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_RUN, compose_config
+from console_scripts import editexp, user_error
 
 from editexp.editing.editor import EditingError, Editor
 from editexp.editing.prefixes import context_prefixes
@@ -34,6 +35,23 @@ def test_precisions_and_the_error_for_an_unknown_one():
     assert get_precision(None).name == "32-true"
     with pytest.raises(PrecisionError, match="precision='16-mixed'; expected one of 64-true"):
         get_precision("16-mixed")
+
+
+def test_a_cpu_without_bfloat16_units_is_refused_in_one_line(tmp_path, monkeypatch):
+    """bf16 matmuls emulated in software (no AMX, no AVX512-BF16) cost ~50x float32: the run
+    stops before the model loads, unless the user insists."""
+    import editexp.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.delenv(precision.ALLOW_EMULATED_BF16)
+    line = user_error(editexp(tmp_path / "run", "precision=bf16-mixed", "device=cpu"))
+    assert "precision=bf16-mixed: this CPU has no bfloat16 units (AMX or AVX512-BF16" in line
+    assert "use precision=32-true" in line and not (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(PrecisionError, match="precision=bf16-true: this CPU has no bfloat16"):
+        get_precision("bf16-true").check_device("cpu")
+    get_precision("32-true").check_device("cpu")  # float32 matmuls: nothing to check
+    monkeypatch.setenv(precision.ALLOW_EMULATED_BF16, "1")
+    get_precision("bf16-mixed").check_device("cpu")
 
 
 def test_precision_joins_the_run_identity_without_changing_32_true_hashes():
