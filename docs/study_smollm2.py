@@ -6,10 +6,12 @@ expects one directory per experiment below the given root (``layer_search``, ``l
 ``batch_scaling``, ``sequential``, ``remedies``, ``repeats``; each a Hydra sweep directory or
 the parent of several, as launchers/study_paper_scale.sh writes them), runs ``editexp-report``
 on each into ``<experiment>/report``, copies its tables and PNG figures into
-``docs/study-smollm2/<experiment>/`` and writes ``docs/study-smollm2/findings.md``: the paper's
-claims checked with numbers and standard errors, between-run spread where the study repeated
-a comparison, forgetting (held-out perplexity) against edits, and what each experiment cost
-beside the paper's code's estimate for the same grid points.
+``docs/study-smollm2/<experiment>/`` with its findings (``findings.md``: the paper's claims
+checked with numbers and standard errors, between-run spread where the study repeated a
+comparison, forgetting (held-out perplexity) against edits) and its cost (``cost.json``,
+beside the paper's code's estimate for the same grid points), and assembles
+``docs/study-smollm2/findings.md`` from every experiment's: an experiment whose runs are not
+below the root keeps what was committed for it.
 
 Standard errors: every one (ES, PS, NS, S and each difference) is the standard deviation over
 2,000 bootstrap resamples of the facts (:func:`bootstrap_se`; for the means ES, PS and NS this
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from editexp.cache import atomic_write_text
+from editexp.cache import atomic_write_json, atomic_write_text
 from editexp.evaluation.metrics import harmonic_mean
 from editexp.report import FinishedRun, collect
 from editexp.report import main as report_main
@@ -159,12 +161,11 @@ def level(value: float, se: float) -> str:
 # --------------------------------------------------------------------------- the report files
 
 
-def report(directory: Path, name: str, wandb: bool, colors: Path) -> None:
+def report(directory: Path, target: Path, wandb: bool, colors: Path) -> None:
     """editexp-report into <directory>/report (and to W&B, ``wandb``), each series in the
-    colour the study's ``colors`` file gives it; its tables and PNGs into docs/study-smollm2."""
+    colour the study's ``colors`` file gives it; its tables and PNGs into ``target``."""
     args = [str(directory), "--colors", str(colors)] + (["--wandb"] if wandb else [])
     assert report_main(args) == 0, f"editexp-report {directory} failed"
-    target = OUT / name
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -583,34 +584,53 @@ def main() -> None:
         default=EXPERIMENTS,
         help="only these (the finished stages of a study still running)",
     )
+    parser.add_argument("--out", type=Path, default=OUT, help=f"default {OUT}")
     args = parser.parse_args()
-    OUT.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     seed_colors(args.root / "colors.json")
     study = {}
     for name in args.experiments:
         directory = args.root / name
         runs = runs_of(directory) if directory.is_dir() else []
         if runs:
-            report(directory, name, args.wandb, args.root / "colors.json")
+            report(directory, args.out / name, args.wandb, args.root / "colors.json")
             study[name] = runs
+    write_findings(args.out, study)
+    print(f"wrote {args.out / 'findings.md'}")
+
+
+def write_findings(out: Path, study: dict[str, list[Run]]) -> None:
+    """Each experiment's findings and cost into ``out/<experiment>/`` (findings.md, cost.json),
+    then ``out/findings.md`` from every experiment's files there: those written now and those
+    committed before, so that an experiment whose runs are not on this machine keeps its
+    findings."""
+    for name, runs in study.items():
+        atomic_write_text(out / name / "findings.md", "\n".join(FINDINGS[name](study)) + "\n")
+        cost = Cost.of([run.finished.record for run in runs])
+        row = {"runs": len(runs), "wall_hours": cost.wall_hours, "cpu_hours": cost.cpu_hours}
+        atomic_write_json(out / name / "cost.json", row | {"paper_hours": paper_hours(runs)})
     parts = ["# Study findings (written by docs/study_smollm2.py)", ""]
-    for name in study:
-        parts += FINDINGS[name](study) + [""]
-    parts += ["### Cost", "", *cost_lines(study), ""]
-    (OUT / "findings.md").write_text("\n".join(parts))
-    print(f"wrote {OUT / 'findings.md'}")
+    done = [name for name in EXPERIMENTS if (out / name / "findings.md").is_file()]
+    for name in done:
+        parts += [(out / name / "findings.md").read_text().rstrip("\n"), ""]
+    parts += ["### Cost", "", *cost_lines(out, done), ""]
+    atomic_write_text(out / "findings.md", "\n".join(parts))
 
 
-def cost_lines(study: dict[str, list[Run]]) -> list[str]:
-    """Per experiment: CPU-hours measured (seconds x threads, shared work counted where it was
-    computed) beside the paper's code's estimate for the same grid points."""
+def cost_lines(out: Path, experiments: list[str]) -> list[str]:
+    """Per experiment (its cost.json): CPU-hours measured (seconds x threads, shared work
+    counted where it was computed) beside the paper's code's estimate for the same points."""
     lines = ["| experiment | runs | wall (h) | CPU-hours | paper's code (h of this CPU, est.) |"]
     lines.append("|---|---:|---:|---:|---:|")
-    for name, runs in study.items():
-        cost = Cost.of([run.finished.record for run in runs])
-        cpu = "?" if cost.cpu_hours is None else f"{cost.cpu_hours:.2f}"
+    for name in experiments:
+        path = out / name / "cost.json"
+        if not path.is_file():
+            continue
+        row = json.loads(path.read_text())
+        cpu = "?" if row["cpu_hours"] is None else f"{row['cpu_hours']:.2f}"
         lines.append(
-            f"| {name} | {len(runs)} | {cost.wall_hours:.2f} | {cpu} | {paper_hours(runs):.1f} |"
+            f"| {name} | {row['runs']} | {row['wall_hours']:.2f} | {cpu} "
+            f"| {row['paper_hours']:.1f} |"
         )
     return lines
 

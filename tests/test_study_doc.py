@@ -202,3 +202,26 @@ def test_the_studys_main_series_keep_their_colours_and_no_other_label_shares_one
     assert colors["λ 10"] == "#aec7e8"
     study.seed_colors(path)  # again: the same file
     assert json.loads(path.read_text()) == colors
+
+
+def test_findings_keep_the_experiments_whose_runs_are_not_on_this_machine(tmp_path, monkeypatch):
+    """findings.md is assembled from every experiment's committed findings and cost: the
+    experiments reported now replace theirs, the others (runs lost with a machine) stay."""
+    out = tmp_path / "study-smollm2"
+    (out / "layer_search").mkdir(parents=True)
+    (out / "layer_search" / "findings.md").write_text("### Layer search\n\nlayer 3 best\n")
+    cost = {"runs": 60, "wall_hours": 1.65, "cpu_hours": 1.65, "paper_hours": 39.1}
+    (out / "layer_search" / "cost.json").write_text(json.dumps(cost))
+    (out / "batch_scaling").mkdir()
+    (out / "batch_scaling" / "findings.md").write_text("### Batch scaling\n\nold numbers\n")
+    monkeypatch.setitem(study.FINDINGS, "batch_scaling", lambda s: ["### Batch scaling", "", "new"])
+    measured = SimpleNamespace(wall_hours=0.5, cpu_hours=None)
+    monkeypatch.setattr(study, "Cost", SimpleNamespace(of=lambda records: measured))
+    monkeypatch.setattr(study, "paper_hours", lambda runs: 2.0)
+    runs = [SimpleNamespace(finished=SimpleNamespace(record=None))] * 3
+    study.write_findings(out, {"batch_scaling": runs})
+    text = (out / "findings.md").read_text()
+    assert text.index("layer 3 best") < text.index("### Batch scaling\n\nnew") < text.index("Cost")
+    assert "old numbers" not in text
+    assert "| layer_search | 60 | 1.65 | 1.65 | 39.1 |" in text
+    assert "| batch_scaling | 3 | 0.50 | ? | 2.0 |" in text
