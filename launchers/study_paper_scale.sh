@@ -99,8 +99,9 @@ print(f"{float(value):g}" if name == "lambda" else value)
 PY
 }
 
-# Two 1-CPU jobs side by side where grid points are independent; one 2-CPU job at a time where
-# they share the values the first point computes.
+# Two 1-CPU jobs side by side where grid points are independent and short; one 2-CPU job at a
+# time where they share the values the first point computes, or where a run must finish within
+# a session (stages 4-5).
 one_cpu() { export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CPUS=1; }
 two_cpus() { export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 CPUS=2; }
 
@@ -161,35 +162,33 @@ stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
 }
 
 stage4() {  # sequential-batched: 2048 edits, a curve point every 512
-    one_cpu
+    # 2-thread jobs one at a time: a run of 2048 sequential edits (about 2 h in 32-true on a
+    # 2-core CPU) must finish within one session when the machine may not outlive it; most
+    # telling first (docs/study-smollm2.md, "How it is run")
+    two_cpus
     choose
-    local dir=$STUDY_DIR/sequential common pids=() pid
+    local dir=$STUDY_DIR/sequential common
     common=("${COMMON[@]}" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 eval.schedule=every_k
-        hydra.launcher.array_parallelism=2)
-    SWEEP_DIR=$dir/64 "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=memit batch_size=64 eval.every_k=8
-    SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        hydra.launcher.array_parallelism=1)
+    SWEEP_DIR=$dir/256 "$here/sequential_batch_scaling.sh" "${common[@]}" \
         precision="$PRECISION" batch_size=256 eval.every_k=2
-    # three sweeps of one job each, side by side: two 1-CPU jobs at a time, not one
     SWEEP_DIR=$dir/1024 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1 &
-    pids+=($!)
+        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1
+    SWEEP_DIR=$dir/64 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        precision="$PRECISION" algorithm=memit batch_size=64 eval.every_k=8
     SWEEP_DIR=$dir/1024-emmet STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision=32-true algorithm=emmet batch_size=1024 eval.every_k=1 &
-    pids+=($!)
+        precision=32-true algorithm=emmet batch_size=1024 eval.every_k=1
     SWEEP_DIR=$dir/rome STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512 &
-    pids+=($!)
-    for pid in "${pids[@]}"; do wait "$pid"; done
+        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512
 }
 
 stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
-    one_cpu
+    two_cpus  # as stage 4: one run at a time, each within a session
     choose
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
         "${COMMON[@]}" precision="$PRECISION" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 \
         batch_size=256 eval.schedule=every_k eval.every_k=2 \
-        hydra.launcher.array_parallelism=2 algorithm=memit,alphaedit sequential.keep_edits=true
+        hydra.launcher.array_parallelism=1 algorithm=memit,alphaedit sequential.keep_edits=true
 }
 
 stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
