@@ -11,78 +11,101 @@ for runs with a ``summary.json`` (never earlier attempts, unfinished runs, check
     python -m editexp.run_archive docs/study-smollm2/runs multirun/paper_scale   # restore
 
 Restored runs are what they were: ``editexp-report`` reads them, and the same sweep command
-skips them (the runner checks their config and data hashes as for any finished run). A file
-that already exists at the target is left alone when it is the same and refused when it
-differs, so a copy never overwrites a result. Every file is written atomically.
+skips them (the runner checks their config and data hashes as for any finished run).
+
+- **A run is copied whole or not at all**: only where the target has no ``summary.json`` for
+  it, with ``summary.json`` written last, so a copy that was killed leaves no summary and the
+  next copy does the run again. Every file is written atomically.
+- **A result is never overwritten**: where the target has the run's summary it must be the same
+  (else nothing is copied and the run is named); the run's other files there are left as they
+  are (a skipped rerun appends to ``runner.log`` and rewrites ``.hydra/``).
+- **A sweep's ``multirun.yaml``** (its grid, which a later command may extend) is copied
+  wherever it differs: the source's is the newer one (restore before a study runs, save after).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from editexp.cache import atomic_write
 from editexp.errors import UserError, cli_errors
 from editexp.run_dir import ATTEMPTS_DIR, SUMMARY_NAME
 
-RUN_FILES = (SUMMARY_NAME, "run.json", "facts.jsonl", "batches.jsonl", "runner.log")
+RUN_FILES = ("run.json", "facts.jsonl", "batches.jsonl", "runner.log")  # and the summary, last
 HYDRA_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
-SWEEP_FILES = ("multirun.yaml",)
+SWEEP_FILE = "multirun.yaml"
 
 
-def records_below(root: Path) -> list[Path]:
-    """The files below ``root`` that hold finished runs' results, relative to ``root``."""
-    found: set[Path] = set()
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if ATTEMPTS_DIR in relative.parts or not path.is_file() or path.is_symlink():
-            continue
-        if path.name in SWEEP_FILES:
-            found.add(relative)
-        elif path.name == SUMMARY_NAME:
-            found |= {relative.parent / name for name in RUN_FILES}
-            hydra = _hydra_dirs(path.parent, root)
-            found |= {folder / name for folder in hydra for name in HYDRA_FILES}
-    return sorted(item for item in found if (root / item).is_file())
+@dataclass(frozen=True)
+class Records:
+    """What a copy reads below a root (paths relative to it)."""
+
+    runs: list[Path]  # directories holding a finished run's summary.json
+    sweeps: list[Path]  # the sweeps' multirun.yaml files
+
+    @classmethod
+    def below(cls, root: Path) -> Records:
+        runs, sweeps = [], []
+        for path in sorted(root.rglob("*")):
+            relative = path.relative_to(root)
+            if ATTEMPTS_DIR in relative.parts or path.is_symlink() or not path.is_file():
+                continue
+            if path.name == SUMMARY_NAME:
+                runs.append(relative.parent)
+            elif path.name == SWEEP_FILE:
+                sweeps.append(relative)
+        return cls(runs, sweeps)
 
 
-def _hydra_dirs(run_dir: Path, root: Path) -> list[Path]:
-    """The ``.hydra`` folder of the grid point holding ``run_dir`` (``run_dir`` itself or
-    the nearest ancestor up to ``root`` that has one), relative to ``root``."""
-    directory = run_dir
-    while not (directory / ".hydra").is_dir():
-        if directory == root:
-            return []
+def run_files(root: Path, run: Path) -> list[Path]:
+    """A finished run's files below ``root`` (relative to it), its summary last: the records
+    beside the summary and the ``.hydra`` config of its grid point (the run's directory or the
+    nearest ancestor up to ``root`` that has one)."""
+    files = [run / name for name in RUN_FILES]
+    directory = root / run
+    while not (directory / ".hydra").is_dir() and directory != root:
         directory = directory.parent
-    return [(directory / ".hydra").relative_to(root)]
+    if (directory / ".hydra").is_dir():
+        hydra = (directory / ".hydra").relative_to(root)
+        files += [hydra / name for name in HYDRA_FILES]
+    return [item for item in files if (root / item).is_file()] + [run / SUMMARY_NAME]
 
 
 def copy_records(source: Path, target: Path) -> tuple[int, int]:
-    """Copy the finished runs' records below ``source`` to the same places below ``target``.
-    Returns (files written, files already there and the same); a file at the target with
-    other contents is refused before anything is written."""
+    """Copy the finished runs below ``source`` that ``target`` lacks, to the same places below
+    it, and the sweeps' grids. Returns (runs copied, runs already there)."""
     if not source.is_dir():
         raise UserError(f"run archive: {source} is not a directory (expected a sweep or study dir)")
-    files = records_below(source)
-    conflicts = [
-        item
-        for item in files
-        if (target / item).exists() and (target / item).read_bytes() != (source / item).read_bytes()
-    ]
-    if conflicts:
+    records = Records.below(source)
+    there = [run for run in records.runs if (target / run / SUMMARY_NAME).exists()]
+    summary = lambda root, run: _read(root / run / SUMMARY_NAME)  # noqa: E731
+    differ = [run for run in there if summary(target, run) != summary(source, run)]
+    if differ:
         raise UserError(
-            f"run archive: {target / conflicts[0]} exists with other contents than "
-            f"{source / conflicts[0]} ({len(conflicts)} such files); nothing was copied: "
-            "move the target's run aside or copy into an empty directory"
+            f"run archive: {target / differ[0]} holds another result than {source / differ[0]} "
+            f"(its summary.json differs; {len(differ)} such runs); nothing was copied: move the "
+            "target's run aside or copy into an empty directory"
         )
-    written = 0
-    for item in files:
-        if not (target / item).exists():
-            data = (source / item).read_bytes()
-            atomic_write(target / item, lambda tmp, data=data: tmp.write_bytes(data))
-            written += 1
-    return written, len(files) - written
+    for sweep in records.sweeps:
+        if _read(target / sweep) != _read(source / sweep):
+            _copy(source / sweep, target / sweep)
+    for run in records.runs:
+        if run not in there:
+            for item in run_files(source, run):
+                _copy(source / item, target / item)
+    return len(records.runs) - len(there), len(there)
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _copy(source: Path, target: Path) -> None:
+    data = source.read_bytes()
+    atomic_write(target, lambda tmp: tmp.write_bytes(data))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,11 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target", type=Path, help="where the records go, same layout")
     args = parser.parse_args(argv)
     with cli_errors("run_archive"):
-        written, same = copy_records(args.source, args.target)
-        runs = sum(1 for item in records_below(args.source) if item.name == SUMMARY_NAME)
+        copied, there = copy_records(args.source, args.target)
         print(
-            f"{runs} finished runs in {args.source}: {written} files copied to {args.target}, "
-            f"{same} already there"
+            f"{args.source} -> {args.target}: {copied} finished runs copied, {there} already there"
         )
 
 

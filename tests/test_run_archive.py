@@ -47,29 +47,47 @@ def a_sweep(root: Path) -> None:
 def test_only_finished_runs_records_are_copied_and_read_back_the_same(tmp_path):
     sweep, archive = tmp_path / "sweep", tmp_path / "archive"
     a_sweep(sweep)
-    assert copy_records(sweep, archive) == (15, 0)
+    assert copy_records(sweep, archive) == (2, 0)
     run_files = [".hydra/config.yaml", ".hydra/overrides.yaml", "batches.jsonl", "facts.jsonl"]
     run_files += ["run.json", "runner.log", "summary.json"]
     expected = {"multirun.yaml"} | {f"{num}/{name}" for num in (0, 1) for name in run_files}
     assert set(files_below(archive)) == expected  # no deltas, W&B, attempts, unfinished job
+    assert all(files_below(archive)[name] == (sweep / name).read_bytes() for name in expected)
     before, after = collect(sweep), collect(archive)
     assert [run.record for run in after.runs] == [run.record for run in before.runs]
     assert [run.overrides for run in after.runs] == [run.overrides for run in before.runs]
     assert after.grid == before.grid and not after.unreadable
 
 
-def test_a_second_copy_writes_nothing_and_a_different_result_is_refused(tmp_path):
+def test_a_run_there_is_left_alone_and_a_different_result_refused(tmp_path):
     sweep, archive = tmp_path / "sweep", tmp_path / "archive"
     a_sweep(sweep)
     copy_records(sweep, archive)
-    assert copy_records(sweep, archive) == (0, 15)
+    (sweep / "0" / "runner.log").write_text("Results:\n... exists; skipping\n")  # a rerun
+    _multirun_yaml(sweep, {"lambda": "1,10,100,1000"}, ["algorithm=memit"])  # a wider grid
+    assert copy_records(sweep, archive) == (0, 2)
+    assert (archive / "0" / "runner.log").read_text() == "Results:\n"
+    assert b"1,10,100,1000" in (archive / "multirun.yaml").read_bytes()
+
     summary = archive / "1" / "summary.json"
     summary.write_text(json.dumps(_summary(lam=10.0, post=(50.0, 50.0, 50.0))))
-    (archive / "0" / "facts.jsonl").unlink()
+    (sweep / "multirun.yaml").write_text("changed")
     before = files_below(archive)
-    with pytest.raises(UserError, match=r"1/summary.json exists with other contents"):
+    with pytest.raises(UserError, match=r"archive/1 holds another result than .*sweep/1"):
         copy_records(sweep, archive)
-    assert files_below(archive) == before  # not even the missing facts.jsonl was written
+    assert files_below(archive) == before  # not even the changed grid was copied
+
+
+def test_a_copy_killed_before_the_summary_is_done_again(tmp_path):
+    sweep, archive = tmp_path / "sweep", tmp_path / "archive"
+    a_sweep(sweep)
+    copy_records(sweep, archive)
+    (archive / "1" / "summary.json").unlink()  # as a copy killed before its last file
+    (archive / "1" / "facts.jsonl").write_text("half")
+    assert copy_records(sweep, archive) == (1, 1)
+    assert (archive / "1" / "facts.jsonl").read_bytes() == (
+        sweep / "1" / "facts.jsonl"
+    ).read_bytes()
 
 
 def test_a_missing_source_is_one_line(tmp_path, capsys):
