@@ -3,10 +3,11 @@
     python benchmarks/precision_study.py --out benchmarks/results/precision-study.md
     python benchmarks/precision_study.py --points layer1-memit layer5-memit   # a subset
 
-Each point (``POINTS``: the settings of the first study's grid points, docs/study-smollm2/first-study/README.md) runs once per
-precision into ``--runs/<point>/<precision>`` through the runner; a finished run is skipped,
-so the script resumes where it stopped. Then, per point, over the edited facts: the paired
-difference bf16-mixed - fp32 of each fact's post-edit ES, PS and NS (mean and standard error),
+Each point (``POINTS``: the settings of the first study's grid points,
+docs/study-smollm2/first-study/README.md) runs once per precision into
+``--runs/<point>/<precision>`` through the runner; a finished run is skipped, so the script
+resumes where it stopped. Then, per point, over the edited facts: the paired difference
+bf16-mixed - fp32 of each fact's post-edit ES, PS and NS (mean and standard error),
 of S (the harmonic mean of the three means; standard error by a paired bootstrap over
 facts), and the share of the per-fact ES/PS/NS values that are equal. For ``reference-64``
 (docs/fidelity.md's run), also each precision against the paper code's numbers in
