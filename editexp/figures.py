@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matplotlib import colormaps
+from matplotlib import colormaps, ticker
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -388,6 +388,12 @@ def _set_y_axis(ax, metric: str) -> None:
     if metric_spec.unit == "%":
         ax.set_ylim(*PERCENT_LIMITS)
         ax.set_yticks(range(0, 101, 20))
+    if metric_spec.log_axis:  # plain numbers on the ticks, the minor ones too within a decade
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(
+            ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5))
+        )
 
 
 def _natural(label: str) -> tuple:

@@ -29,6 +29,7 @@ class MetricSpec:
     decimals: int = 2
     headline: bool = True  # a column of the tables and a panel of the figures
     always: bool = False  # a column even when no run measured it (CounterFact's)
+    log_axis: bool = False  # drawn on a log axis: a ratio that can span orders of magnitude
 
     @property
     def label(self) -> str:

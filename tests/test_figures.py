@@ -267,6 +267,9 @@ def test_sequential_figure_draws_perplexity_against_edits() -> None:
     (dashed,) = [line for line in panel.get_lines() if line.get_linestyle() == "--"]
     assert set(dashed.get_ydata()) == {18.0}
     assert panel.get_ylim()[1] < 50  # not a percent: scaled to its data
+    assert panel.get_yscale() == "log"  # one damaging edit can multiply it a hundredfold
+    assert spec("ES").log_axis is False and all(ax.get_yscale() == "linear"
+        for ax in data_axes(figure) if not ax.get_title().startswith("PPL"))  # fmt: skip
     _assert_legend_outside_data(figure)
 
 

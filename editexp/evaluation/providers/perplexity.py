@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     from editexp.data.corpus import CorpusSource
     from editexp.models import LoadedModel
 
-PPL = register(MetricSpec("PPL", "held-out perplexity", "", higher_is_better=False))
+PPL = register(
+    MetricSpec("PPL", "held-out perplexity", "", higher_is_better=False, log_axis=True)
+)  # a log axis: one damaging edit can multiply it a hundredfold beside others that add 10%
 PERPLEXITY_VERSION = 1  # bump when the computation changes: part of the pre-edit cache key
 
 
