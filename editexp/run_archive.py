@@ -33,6 +33,7 @@ from pathlib import Path
 from editexp.cache import atomic_write
 from editexp.errors import UserError, cli_errors
 from editexp.run_dir import ATTEMPTS_DIR, SUMMARY_NAME
+from editexp.sweep_runs import job_dir_of
 
 RUN_FILES = ("run.json", "facts.jsonl", "batches.jsonl", "runner.log")  # and the summary, last
 HYDRA_FILES = ("config.yaml", "overrides.yaml", "hydra.yaml")
@@ -44,7 +45,7 @@ class Records:
     """What a copy reads below a root (paths relative to it)."""
 
     runs: list[Path]  # directories holding a finished run's summary.json
-    sweeps: list[Path]  # the sweeps' multirun.yaml files
+    sweeps: list[Path]  # the multirun.yaml files of sweeps with at least one finished run
 
     @classmethod
     def below(cls, root: Path) -> Records:
@@ -57,7 +58,8 @@ class Records:
                 runs.append(relative.parent)
             elif path.name == SWEEP_FILE:
                 sweeps.append(relative)
-        return cls(runs, sweeps)
+        finished = [sweep for sweep in sweeps if any(sweep.parent in run.parents for run in runs)]
+        return cls(runs, finished)
 
 
 def run_files(root: Path, run: Path) -> list[Path]:
@@ -65,11 +67,9 @@ def run_files(root: Path, run: Path) -> list[Path]:
     beside the summary and the ``.hydra`` config of its grid point (the run's directory or the
     nearest ancestor up to ``root`` that has one)."""
     files = [run / name for name in RUN_FILES]
-    directory = root / run
-    while not (directory / ".hydra").is_dir() and directory != root:
-        directory = directory.parent
-    if (directory / ".hydra").is_dir():
-        hydra = (directory / ".hydra").relative_to(root)
+    job_dir = job_dir_of(root / run, root)
+    if job_dir is not None:
+        hydra = (job_dir / ".hydra").relative_to(root)
         files += [hydra / name for name in HYDRA_FILES]
     return [item for item in files if (root / item).is_file()] + [run / SUMMARY_NAME]
 

@@ -126,7 +126,7 @@ def _natural_key(path: Path) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in parts]
 
 
-def _job_dir_of(path: Path, root: Path) -> Path | None:
+def job_dir_of(path: Path, root: Path) -> Path | None:
     """The nearest directory at or above ``path`` (inside ``root``) with a ``.hydra`` folder."""
     for candidate in (path, *path.parents):
         if (candidate / ".hydra").is_dir():
@@ -144,7 +144,7 @@ def collect(root: Path) -> Sweep:
     for path in sorted(root.rglob("summary.json")):
         if ATTEMPTS_DIR in path.relative_to(root).parts:  # earlier attempts moved aside
             continue
-        job_dir = _job_dir_of(path.parent, root)
+        job_dir = job_dir_of(path.parent, root)
         try:
             summary = json.loads(path.read_text())
             # not an object, or the result of another config than the job's grid point

@@ -90,6 +90,18 @@ def test_a_copy_killed_before_the_summary_is_done_again(tmp_path):
     ).read_bytes()
 
 
+def test_a_sweep_with_no_finished_run_leaves_no_grid_in_the_archive(tmp_path):
+    study, archive = tmp_path / "study", tmp_path / "archive"
+    study.mkdir()
+    a_sweep(study / "finished")
+    (study / "started").mkdir()
+    _multirun_yaml(study / "started", {"lambda": "1"}, ["algorithm=emmet"])
+    _job(study / "started", 0, ["lambda=1"], None)  # stopped before its summary
+    assert copy_records(study, archive) == (2, 0)
+    assert (archive / "finished" / "multirun.yaml").is_file()
+    assert not (archive / "started").exists()
+
+
 def test_a_missing_source_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nowhere"), str(tmp_path / "archive")])
