@@ -8,17 +8,18 @@
 #   2. lambda search (tuning) at MEMIT's best layer: one batch of 512 (the tuning split holds
 #      532 facts, so not the paper's 1024), and of 64 and 256 (values cached: scoring only)
 #   3. batch scaling (evaluation): one batch of 16 ... 2048 facts, MEMIT and EMMET
-#   4. sequential-batched (evaluation), 2048 edits in all: 64x32, 256x8, 1024x2 for MEMIT,
-#      256x8 and 1024x2 for EMMET, 2048x1 for ROME (the 1x2048 points are stage 3's), a curve
-#      point every 512 edits (eval.schedule=every_k) with the paper's each_batch scores and
-#      held-out perplexity
-#   5. the remedies at that scale: MEMIT with keep_edits, and AlphaEdit, 256x8
-#   6. repeats of the headline comparisons: 1x256 against 16x16 and 4x64 on 3 disjoint fact
-#      sets x 2 prefix seeds; 1x1024 against 4x256 on 2 disjoint sets x 1 prefix seed
+#   4. sequential-batched (evaluation), a curve point every 512 edits (eval.schedule=every_k)
+#      with the paper's each_batch scores and held-out perplexity: MEMIT 1024x2 and 256x8 (2048
+#      edits; the 1x2048 points are stage 3's), MEMIT 256x4 and EMMET 256x4 (1024 edits,
+#      against stage 3's 1x1024)
+#   5. the remedies, MEMIT with keep_edits and AlphaEdit, 256x4, against MEMIT 256x4
+#   6. repeats of the headline comparison: 1x256 against 4x64 and 16x16 on 3 disjoint fact
+#      sets, prefix seed 0
 #
-# Cut to fit the 15-hour budget (docs/study-smollm2.md, "How it is run"): no GE in stages 4-5
-# (their forgetting measure is held-out perplexity), no EMMET 64x32, and one prefix seed for
-# the 1024-edit repeats
+# Cut to fit the 15-hour budget (docs/study-smollm2.md, "How it is run", three revisions): no
+# GE in stages 4-6 (their forgetting measure is held-out perplexity); no MEMIT 64x32, EMMET
+# 256x8, EMMET 1024x2 or ROME 2048x1; the remedies at 1024 edits, not 2048; the repeats with one
+# prefix seed and without the 1024-edit comparison
 #
 # CounterFact here has 2,758 records (2,226 for evaluation), so the paper's 4096 edits become
 # 2048; the choice rule is the best post-edit S on the tuning facts (the paper's Table 3 also
@@ -161,50 +162,48 @@ stage3() {  # batch scaling: one batch of 16 ... 2048 evaluation facts
         echo "EMMET at lambda=$emmet_positive: a grid point failed (editexp-report $dir/emmet-positive)"
 }
 
-stage4() {  # sequential-batched: 2048 edits, a curve point every 512
+stage4() {  # sequential-batched, a curve point every 512 edits
     # 2-thread jobs one at a time: a run of 2048 sequential edits (about 2 h in 32-true on a
-    # 2-core CPU) must finish within one session when the machine may not outlive it; most
-    # telling first (docs/study-smollm2.md, "How it is run")
+    # 2-core CPU) must finish within one session when the machine may not outlive it
     two_cpus
     choose
     local dir=$STUDY_DIR/sequential common
-    common=("${COMMON[@]}" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 eval.schedule=every_k
-        hydra.launcher.array_parallelism=1)
-    SWEEP_DIR=$dir/256 "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" batch_size=256 eval.every_k=2
+    common=("${COMMON[@]}" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" precision="$PRECISION"
+        eval.schedule=every_k hydra.launcher.array_parallelism=1)
+    # EMMET 4x256 against its one batch of 1024 (stage 3), which broke the model
+    SWEEP_DIR=$dir/256-emmet "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        algorithm=emmet n_edits=1024 batch_size=256 eval.every_k=2
+    # the paper's "sequential batches of 1024 scale best": 1024x2 and 256x8 against 1x2048;
+    # 256x4 against 1x1024, and the remedies' comparator (stage 5)
     SWEEP_DIR=$dir/1024 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=memit batch_size=1024 eval.every_k=1
-    SWEEP_DIR=$dir/64 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=memit batch_size=64 eval.every_k=8
-    SWEEP_DIR=$dir/1024-emmet STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision=32-true algorithm=emmet batch_size=1024 eval.every_k=1
-    SWEEP_DIR=$dir/rome STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
-        precision="$PRECISION" algorithm=rome batch_size=1 eval.every_k=512
+        algorithm=memit n_edits=2048 batch_size=1024 eval.every_k=1
+    SWEEP_DIR=$dir/256 STATS=skip "$here/sequential_batch_scaling.sh" "${common[@]}" \
+        algorithm=memit n_edits=2048,1024 batch_size=256 eval.every_k=2
 }
 
-stage5() {  # the remedies at the same scale: MEMIT keep_edits, AlphaEdit; 256x8
+stage5() {  # the remedies: MEMIT keep_edits and AlphaEdit, 256x4, against MEMIT 256x4
     two_cpus  # as stage 4: one run at a time, each within a session
     choose
     SWEEP_DIR=$STUDY_DIR/remedies STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${COMMON[@]}" precision="$PRECISION" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=2048 \
+        "${COMMON[@]}" precision="$PRECISION" "${SEQUENTIAL[@]}" "${CHOSEN[@]}" n_edits=1024 \
         batch_size=256 eval.schedule=every_k eval.every_k=2 \
         hydra.launcher.array_parallelism=1 algorithm=memit,alphaedit sequential.keep_edits=true
 }
 
-stage6() {  # repeats: disjoint fact sets x prefix seeds, each_batch scores (the paper's)
-    one_cpu
+stage6() {  # repeats: disjoint fact sets, each_batch scores (the paper's)
+    # one fact set per sweep, so that each finishes its three schedules before the next starts
+    two_cpus
     choose
-    local common
+    local common fact_set
     # no held-out perplexity here: the repeats measure the spread of ES, PS, NS and S
     common=(model=$MODEL precision="$PRECISION" "${SEQUENTIAL[@]}"
         "${CHOSEN[@]}" eval.schedule=each_batch algorithm=memit
-        hydra.launcher.array_parallelism=2)
-    SWEEP_DIR=$STUDY_DIR/repeats/256 STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${common[@]}" n_edits=256 batch_size=16,64,256 data.fact_set=0,1,2 \
-        editing.prefixes.seed=0,1
-    SWEEP_DIR=$STUDY_DIR/repeats/1024 STATS=skip "$here/sequential_batch_scaling.sh" \
-        "${common[@]}" n_edits=1024 batch_size=256,1024 data.fact_set=0,1 \
-        editing.prefixes.seed=0
+        hydra.launcher.array_parallelism=1)
+    for fact_set in 0 1 2; do
+        SWEEP_DIR=$STUDY_DIR/repeats/256/set$fact_set STATS=skip \
+            "$here/sequential_batch_scaling.sh" "${common[@]}" n_edits=256 \
+            batch_size=256,64,16 data.fact_set=$fact_set editing.prefixes.seed=0
+    done
 }
 
 ARCHIVE=$(realpath -m "${ARCHIVE:-$here/../docs/study-smollm2/runs}")

@@ -492,10 +492,12 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
     }
 
 
-def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
-    """launchers/study_paper_scale.sh with PRECISION=bf16-mixed: every grid point in bf16-mixed
-    except EMMET with batches of 1024 or more (docs/precision.md): stage 3's batches of 1024
-    and 2048 and stage 4's 1024x2."""
+def test_paper_scale_study_runs_the_grid_its_budget_section_names(tmp_path):
+    """launchers/study_paper_scale.sh with PRECISION=bf16-mixed, stages 3-6: every grid point in
+    bf16-mixed except EMMET's one batch of 1024 or more (docs/precision.md); and the grid of the
+    third revision (docs/study-smollm2.md, "How it is run"): no GE after stage 3, MEMIT 1024x2
+    and 256x8 on 2048 edits, MEMIT and EMMET 256x4 on 1024, the remedies at 256x4, the repeats
+    one fact set per sweep."""
     from test_report import _job, _summary
 
     study = tmp_path / "study"
@@ -505,7 +507,9 @@ def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
     emmet = study / "lambda_search" / "512" / "emmet"
     _job(emmet, 0, ["lambda=0"], _summary("emmet", lam=0.0, post=(95, 90, 70)))
     _job(emmet, 1, ["lambda=10"], _summary("emmet", lam=10.0, post=(90, 80, 70)))
-    commands = study_dry_run("study_paper_scale.sh", tmp_path, study, "3 4", PRECISION="bf16-mixed")
+    commands = study_dry_run(
+        "study_paper_scale.sh", tmp_path, study, "3 4 5 6", PRECISION="bf16-mixed"
+    )
     sweeps = {}
     for line in commands:
         if line.startswith("editexp -m"):
@@ -513,24 +517,32 @@ def test_paper_scale_study_runs_emmet_on_1024_facts_in_float32(tmp_path):
             (sweep_dir,) = [w.split("=", 1)[1] for w in words if w.startswith("hydra.sweep.dir=")]
             (precision,) = [w for w in words if w.startswith("precision=")]
             sweeps[Path(sweep_dir).relative_to(study).as_posix()] = (precision, words)
-    float32 = {
-        "batch_scaling/emmet-lambda0-1024",
-        "batch_scaling/emmet-positive",
-        "sequential/1024-emmet",
-    }
+    float32 = {"batch_scaling/emmet-lambda0-1024", "batch_scaling/emmet-positive"}
     assert {name for name, (p, _) in sweeps.items() if p == "precision=32-true"} == float32
     assert all(p == "precision=bf16-mixed" for n, (p, _) in sweeps.items() if n not in float32)
     for name, (_, words) in sweeps.items():
         assert {"layer=2", "model.hparams.emmet.lambda=0"} <= set(words), name
     assert "n_edits=1024" in sweeps["batch_scaling/emmet-lambda0-1024"][1]
     assert "lambda=10" in sweeps["batch_scaling/emmet-positive"][1]  # its best positive lambda
-    for name, (_, words) in sweeps.items():  # the budget's cuts: no GE in the sequential runs,
+    for name, (_, words) in sweeps.items():  # the budget's cuts: no GE after stage 3
         ge = [w for w in words if w.startswith("eval.generation_facts=")]
-        assert ge[-1] == ("eval.generation_facts=0" if name.startswith("sequential/") else
-                          "eval.generation_facts=100"), name  # fmt: skip
-        assert len(ge) == 1, name  # one value, not one overridden by another
-    assert "algorithm=memit" in sweeps["sequential/64"][1]  # and no EMMET 64x32
-    assert set(sweeps) >= {"sequential/1024", "sequential/1024-emmet", "sequential/rome"}
+        assert ge == ["eval.generation_facts=100" if name.startswith("batch_scaling/") else
+                      "eval.generation_facts=0"], name  # fmt: skip
+    grid = {
+        "sequential/256-emmet": {"algorithm=emmet", "n_edits=1024", "batch_size=256"},
+        "sequential/1024": {"algorithm=memit", "n_edits=2048", "batch_size=1024"},
+        "sequential/256": {"algorithm=memit", "n_edits=2048,1024", "batch_size=256"},
+        "remedies": {"algorithm=memit,alphaedit", "n_edits=1024", "batch_size=256"},
+        **{
+            f"repeats/256/set{k}": {f"data.fact_set={k}", "n_edits=256", "batch_size=256,64,16"}
+            for k in range(3)
+        },
+    }
+    assert set(sweeps) - {n for n in sweeps if n.startswith("batch_scaling/")} == set(grid)
+    for name, expected in grid.items():
+        words = sweeps[name][1]
+        assert expected <= set(words), name
+        assert len([w for w in words if w.startswith("n_edits=")]) == 1, name
 
 
 def test_paper_scale_study_reads_its_choices_from_the_committed_reports(tmp_path):
