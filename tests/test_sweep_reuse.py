@@ -71,15 +71,24 @@ def test_a_second_lambda_computes_no_values(tmp_path, cache_dir):
     assert max_difference(post_scores(tmp_path / "b"), post_scores(tmp_path / "d")) < 1e-5
 
 
-def test_sequential_reads_only_its_first_batch(tmp_path, cache_dir):
+def test_sequential_runs_read_the_values_of_the_same_updates_only(tmp_path, cache_dir):
+    """A sequential run's first batch reads the unedited model's values; a later batch reads
+    values only where another run made the very same updates before it."""
     common = [*FAST, "algorithm=memit", "eval.generation_facts=0"]
+    sequential = [*common, "mode=sequential", "batch_size=2"]
     run(compose_config(*common, "mode=batch", "n_edits=4"), tmp_path / "batch")
-    sequential = run(
-        compose_config(*common, "mode=sequential", "n_edits=4", "batch_size=2"),
-        tmp_path / "seq",
-    ).to_json()
-    # batch 1 is on the unedited model (read); batch 2 on the edited one (computed fresh)
-    assert sequential["values"] == {"computed": 2, "read": 2}
+    longer = run(compose_config(*sequential, "n_edits=6"), tmp_path / "longer").to_json()
+    # batch 1 on the unedited model (read); batches 2 and 3 on edited ones (computed)
+    assert longer["values"] == {"computed": 4, "read": 2}
+    # the first two updates of the longer run: every value read, and the same as computed
+    shorter = run(compose_config(*sequential, "n_edits=4"), tmp_path / "shorter").to_json()
+    assert shorter["values"] == {"computed": 0, "read": 4}
+    fresh = run(compose_config(*sequential, "n_edits=4", "editing.cache=false"), tmp_path / "f")
+    assert fresh.to_json()["values"] == {"computed": 4, "read": 0}
+    assert max_difference(post_scores(tmp_path / "shorter"), post_scores(tmp_path / "f")) < 1e-5
+    # another lambda: another first update, so batch 2 is edited into other weights
+    other = run(compose_config(*sequential, "n_edits=4", "lambda=10"), tmp_path / "other")
+    assert other.to_json()["values"] == {"computed": 2, "read": 2}
 
 
 @pytest.mark.parametrize("algorithm", ["rome", "memit"])

@@ -56,6 +56,7 @@ from editexp.editing.solvers import algorithm_of, closed_form_delta
 from editexp.editing.value_cache import (
     CacheCounts,
     SweepCache,
+    edited_fingerprint,
     keys_for,
     values_for,
     weights_fingerprint,
@@ -89,7 +90,7 @@ def edit_batch(
 
     ``past_keys`` (per layer) are the earlier updates' keys to preserve (None: none kept).
     ``cache``: read and store the values and the first layer's keys in the sweep's cache
-    (only for the unedited model; see :mod:`editexp.editing.value_cache`)."""
+    (its fingerprint that of the weights as they are; :mod:`editexp.editing.value_cache`)."""
     record = algorithm_of(plan.algorithm)
     if record.one_fact_per_update and len(requests) != 1:
         raise EditingError(
@@ -296,8 +297,8 @@ class Editor:
                 layer: PastKeys.empty(factor.dim, factor.matrix.device)
                 for layer, factor in self.covariances.items()
             }
-        # The sweep's value/key cache serves updates of the unedited model: the edited
-        # matrices as they are now (the model this Editor was given), compared before each
+        # The sweep's value/key cache is keyed by the weights: the edited matrices as they are
+        # now (the model this Editor was given) tell an unedited model apart before each
         # update; values counts those computed and read over all updates.
         self.use_cache = bool(cfg.editing.get("cache", True))
         self.values = CacheCounts()
@@ -402,17 +403,33 @@ class Editor:
         )
 
     def sweep_cache(self, n_facts: int) -> SweepCache | None:
-        """The sweep's cache for an update of ``n_facts`` facts now, or None (cache off, or the
-        model edited: its values are computed fresh and counted as computed here)."""
-        if not (self.use_cache and self.is_unedited()):
+        """The sweep's cache for an update of ``n_facts`` facts now, or None (cache off: the
+        values are computed fresh and counted as computed here). It is keyed by the weights
+        this Editor was given and, once it has edited them, by the edited matrices' exact
+        bytes: a sequential run reads the values of another run that made the same updates
+        before it (a shorter run of the same batches), and nothing else."""
+        if not self.use_cache:
             self.values.computed += n_facts
             return None
         if self._fingerprint is None:
+            self._fingerprint = self._unedited_fingerprint()
+        if self.is_unedited():
+            return SweepCache(self._fingerprint, self.values)
+        matrices = [self.model.edit_module(layer).weight for layer in self._unedited]
+        return SweepCache(edited_fingerprint(self._fingerprint, matrices), self.values)
+
+    def _unedited_fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the model as this Editor was given it (the edited
+        matrices put back for the while, where a resumed run has applied its checkpoint)."""
+        now = snapshot_weights(self.model, self.settings.layers, "cpu")
+        restore_weights(self.model, self._unedited)
+        try:
             # bf16-mixed: the weights as every pass uses them (the frozen matrices rounded at
             # the first), whether or not a pass has run yet (statistics read from the cache)
             with self.model.compute():
-                self._fingerprint = weights_fingerprint(self.model.model)
-        return SweepCache(self._fingerprint, self.values)
+                return weights_fingerprint(self.model.model)
+        finally:
+            restore_weights(self.model, now)
 
     def _rank_one_preservation_errors(self, edits: RankOneEdits) -> list[float]:
         """:meth:`preservation_error` of every Delta_i = r_i w_i^T, as if each were applied:

@@ -1,11 +1,13 @@
-"""Values v* and keys k* of the unedited model, on disk, shared by every grid point of a sweep.
+"""Values v* and keys k* on disk, shared by every grid point of a sweep that needs them.
 
 v* of a fact depends only on the model's weights, the edited module and layer, the fact, the
 value hyperparameters, the context prefixes and the code that optimises it; k* only on the
 model, module, layer, prefixes, prompt and subject. Every non-sequential grid point that edits
 the same fact at the same layer (ROME and MEMIT in the layer search, every lambda of the lambda
 search, the nested sizes of batch scaling, the first update of every sequential run) needs the
-same vectors, so they are computed once and read from here afterwards.
+same vectors, so they are computed once and read from here afterwards. So do sequential runs
+whose updates so far were the same: a run of 256x4 needs the values its batches had in a run of
+256x8, on the same edited weights.
 
 Layout: ``<cache root>/<kind>/<model name>/layer<L>-<settings hash>/<fact hash>.pt``, one small
 file per fact (a dict of tensors), ``settings.json`` naming what the settings hash covers:
@@ -15,14 +17,17 @@ the hyperparameters, the prefixes and a hash of the source files that compute th
 (:data:`CODE_MODULES`), so a changed objective never reads stale values. The fact hash covers
 every field of the request (values) or prompt and subject (keys).
 
-Only call this for the *unedited* model: vectors computed on an edited model (sequential
-batches after the first) must be computed fresh. Facts are looked up and computed chunk by
+An edited model is told apart by :func:`edited_fingerprint`: the unedited weights'
+fingerprint and the exact bytes of the edited matrices, so only the very same weights, bit for
+bit, read another run's vectors (an update solved with another thread count or lambda misses,
+and computes). Facts are looked up and computed chunk by
 chunk under a file lock on the settings directory, so two jobs that need the same facts compute
 each chunk once (the second waits, then reads); every file is written atomically.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 from collections.abc import Callable, Sequence
@@ -65,8 +70,9 @@ class CacheCounts:
 
 @dataclass
 class SweepCache:
-    """How a run uses the cache while its model is unedited: the fingerprint of the unedited
-    weights (computed once) and the counts of vectors computed and read so far."""
+    """How a run uses the cache for its next update: the fingerprint of the weights as they are
+    now (:func:`weights_fingerprint`, or :func:`edited_fingerprint` once edited) and the counts
+    of vectors computed and read so far."""
 
     fingerprint: str
     counts: CacheCounts
@@ -205,6 +211,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return stable_hash(parts)
 
 
+def edited_fingerprint(unedited: str, matrices: Sequence[torch.Tensor]) -> str:
+    """The fingerprint of a model whose edited ``matrices`` changed since its weights had the
+    fingerprint ``unedited``: that and a sha256 of each matrix's exact bytes."""
+    digests = []
+    for matrix in matrices:
+        data = matrix.detach().cpu().contiguous().view(torch.uint8).numpy()
+        digests.append(hashlib.sha256(data.tobytes()).hexdigest())
+    return stable_hash([unedited, digests])
+
+
 def _settings(
     kind: str,
     loaded: LoadedModel,
@@ -244,8 +260,8 @@ def value_cache(
     hparams: ValueHparams,
     fingerprint: str | None = None,
 ) -> VectorCache:
-    """The cache of values at ``layer``; ``fingerprint``: :func:`weights_fingerprint` of the
-    unedited model (computed here when not given)."""
+    """The cache of values at ``layer``; ``fingerprint``: of the weights as they are
+    (:func:`weights_fingerprint` of the model, computed here when not given)."""
     fingerprint = fingerprint or weights_fingerprint(loaded.model)
     extra = {"hparams": asdict(hparams)}
     settings = _settings("values", loaded, layer, prefixes, fingerprint, extra)
@@ -282,7 +298,7 @@ def cached_values(
     chunk_size: int,
     counts: CacheCounts,
 ) -> Values:
-    """Values of the unedited model for ``requests``, read from ``cache`` (a
+    """Values of the model for ``requests``, read from ``cache`` (a
     :func:`value_cache`) where present and computed with ``compute(missing requests)``
     otherwise (then stored)."""
     names = [field.name for field in fields(Values)]
@@ -303,7 +319,7 @@ def cached_keys(
     chunk_size: int,
     counts: CacheCounts,
 ) -> torch.Tensor:
-    """Keys k* (d_k, E) of the unedited model, read from ``cache`` (a :func:`key_cache`) like
+    """Keys k* (d_k, E) of the model, read from ``cache`` (a :func:`key_cache`) like
     :func:`cached_values`; ``compute(requests)`` returns their keys as columns."""
 
     def compute_entries(indices: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -325,8 +341,8 @@ def values_for(
     progress: bool,
     cache: SweepCache | None,
 ) -> Values:
-    """``compute_values``, through the sweep's cache when ``cache`` is given (the model must
-    then be the unedited one)."""
+    """``compute_values``, through the sweep's cache when ``cache`` is given (its fingerprint
+    must be of the weights as they are)."""
 
     def compute(chunk: Sequence[EditRequest]) -> Values:
         return compute_values(loaded, chunk, prefixes, layer, hparams, batch_size, progress)
@@ -345,8 +361,8 @@ def keys_for(
     batch_size: int,
     cache: SweepCache | None,
 ) -> torch.Tensor:
-    """k* (d_k, E) at ``layer``, through the sweep's cache when ``cache`` is given (the model
-    must then be the unedited one; key counts are not recorded)."""
+    """k* (d_k, E) at ``layer``, through the sweep's cache when ``cache`` is given (as
+    :func:`values_for`; key counts are not recorded)."""
 
     def compute(chunk: Sequence[EditRequest]) -> torch.Tensor:
         return compute_keys(loaded, chunk, prefixes, [layer], batch_size)[layer]
