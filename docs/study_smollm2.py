@@ -161,16 +161,23 @@ def level(value: float, se: float) -> str:
 # --------------------------------------------------------------------------- the report files
 
 
+# Report files an experiment does not keep: batch scaling's two EMMET lambdas at 1024 facts
+# make editexp-report draw lambda panels of one point per batch, which stage 2 answers.
+NOT_KEPT = {"batch_scaling": ("metric_vs_lambda", "lambda_")}
+
+
 def report(directory: Path, target: Path, wandb: bool, colors: Path) -> None:
     """editexp-report into <directory>/report (and to W&B, ``wandb``), each series in the
-    colour the study's ``colors`` file gives it; its tables and PNGs into ``target``."""
+    colour the study's ``colors`` file gives it; its tables and PNGs into ``target``, less
+    the files :data:`NOT_KEPT` names for the experiment."""
     args = [str(directory), "--colors", str(colors)] + (["--wandb"] if wandb else [])
     assert report_main(args) == 0, f"editexp-report {directory} failed"
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    dropped = NOT_KEPT.get(directory.name, ())
     for path in sorted((directory / "report").iterdir()):
-        if path.suffix in (".md", ".csv", ".png"):
+        if path.suffix in (".md", ".csv", ".png") and not path.name.startswith(dropped):
             shutil.copy(path, target / path.name)
 
 
