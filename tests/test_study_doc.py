@@ -225,3 +225,19 @@ def test_findings_keep_the_experiments_whose_runs_are_not_on_this_machine(tmp_pa
     assert "old numbers" not in text
     assert "| layer_search | 60 | 1.65 | 1.65 | 39.1 |" in text
     assert "| batch_scaling | 3 | 0.50 | ? | 2.0 |" in text
+
+
+def test_an_experiment_keeps_its_report_files_less_those_it_does_not_keep(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "report_main", lambda args: 0)
+    names = ["results.md", "results.csv", "metric_vs_batch_size.png", "metric_vs_lambda.png"]
+    names += ["lambda_emmet.md", "metric_vs_batch_size.pdf"]
+    for experiment in ("batch_scaling", "lambda_search"):
+        (tmp_path / experiment / "report").mkdir(parents=True)
+        for name in names:
+            (tmp_path / experiment / "report" / name).write_text(name)
+        study.report(tmp_path / experiment, tmp_path / "out" / experiment, False, tmp_path / "c")
+    kept = lambda name: sorted(p.name for p in (tmp_path / "out" / name).iterdir())  # noqa: E731
+    assert kept("batch_scaling") == ["metric_vs_batch_size.png", "results.csv", "results.md"]
+    assert "metric_vs_lambda.png" in kept("lambda_search") and "lambda_emmet.md" in kept(
+        "lambda_search"
+    )
