@@ -20,7 +20,8 @@ skips them (the runner checks their config and data hashes as for any finished r
   (else nothing is copied and the run is named); the run's other files there are left as they
   are (a skipped rerun appends to ``runner.log`` and rewrites ``.hydra/``).
 - **A sweep's ``multirun.yaml``** (its grid, which a later command may extend) is copied
-  wherever it differs: the source's is the newer one (restore before a study runs, save after).
+  wherever it differs, for sweeps with at least one finished run: the source's is the newer
+  one (restore before a study runs, save after).
 """
 
 from __future__ import annotations
