@@ -395,12 +395,17 @@ class Editor:
         items = [facts] if isinstance(facts, Fact | EditRequest | Mapping) else list(facts)
         return [as_request(item, index) for index, item in enumerate(items)]
 
-    def is_unedited(self) -> bool:
-        """Whether the edited matrices are as this Editor found them."""
-        return all(
-            torch.equal(self.model.edit_module(layer).weight.detach().cpu(), weight)
-            for layer, weight in self._unedited.items()
-        )
+    def is_unedited(self, matrices: Mapping[int, torch.Tensor] | None = None) -> bool:
+        """Whether the edited matrices (or ``matrices``, a CPU copy of them taken by
+        :meth:`_edited_matrices`) are as this Editor found them."""
+        matrices = self._edited_matrices() if matrices is None else matrices
+        return all(torch.equal(matrices[layer], weight) for layer, weight in self._unedited.items())
+
+    def _edited_matrices(self) -> dict[int, torch.Tensor]:
+        """The edited layers' matrices now, on the CPU (a copy where the model is elsewhere)."""
+        return {
+            layer: self.model.edit_module(layer).weight.detach().cpu() for layer in self._unedited
+        }
 
     def sweep_cache(self, n_facts: int) -> SweepCache | None:
         """The sweep's cache for an update of ``n_facts`` facts now, or None (cache off: the
@@ -413,10 +418,10 @@ class Editor:
             return None
         if self._fingerprint is None:
             self._fingerprint = self._unedited_fingerprint()
-        if self.is_unedited():
+        matrices = self._edited_matrices()  # one copy serves the check and the hash
+        if self.is_unedited(matrices):
             return SweepCache(self._fingerprint, self.values)
-        matrices = [self.model.edit_module(layer).weight for layer in self._unedited]
-        return SweepCache(edited_fingerprint(self._fingerprint, matrices), self.values)
+        return SweepCache(edited_fingerprint(self._fingerprint, matrices.values()), self.values)
 
     def _unedited_fingerprint(self) -> str:
         """:func:`weights_fingerprint` of the model as this Editor was given it (the edited

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -211,13 +211,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return stable_hash(parts)
 
 
-def edited_fingerprint(unedited: str, matrices: Sequence[torch.Tensor]) -> str:
+def edited_fingerprint(unedited: str, matrices: Iterable[torch.Tensor]) -> str:
     """The fingerprint of a model whose edited ``matrices`` changed since its weights had the
     fingerprint ``unedited``: that and a sha256 of each matrix's exact bytes."""
     digests = []
     for matrix in matrices:
         data = matrix.detach().cpu().contiguous().view(torch.uint8).numpy()
-        digests.append(hashlib.sha256(data.tobytes()).hexdigest())
+        digests.append(hashlib.sha256(data).hexdigest())  # the array's buffer, not a copy
     return stable_hash([unedited, digests])
 
 
