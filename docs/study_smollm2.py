@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from editexp.cache import atomic_write_json, atomic_write_text
 from editexp.evaluation.metrics import harmonic_mean
@@ -162,8 +164,12 @@ def level(value: float, se: float) -> str:
 
 
 # Report files an experiment does not keep: batch scaling's two EMMET lambdas at 1024 facts
-# make editexp-report draw lambda panels of one point per batch, which stage 2 answers.
-NOT_KEPT = {"batch_scaling": ("metric_vs_lambda", "lambda_")}
+# make editexp-report draw lambda panels of one point per batch, which stage 2 answers; the
+# repeats' fact sets would be pooled into one point per batch size (repeats_figure draws them).
+NOT_KEPT = {
+    "batch_scaling": ("metric_vs_lambda", "lambda_"),
+    "repeats": ("metric_vs_batch_size",),
+}
 
 
 def report(directory: Path, target: Path, wandb: bool, colors: Path) -> None:
@@ -505,17 +511,29 @@ def remedies_findings(study: dict[str, list[Run]]) -> list[str]:
     return lines + [""] + forgetting_lines(study["remedies"])
 
 
+Draws = dict[tuple[str, str], dict[int, Run]]  # (fact set, prefix seed) -> batch size -> run
+
+
+def repeat_draws(runs: list[Run]) -> dict[int, Draws]:
+    """The repeats' runs by number of edits, then draw (fact set, prefix seed), then batch."""
+    by_total: dict[int, Draws] = {}
+    for run in runs:
+        draw = (override(run, "data.fact_set"), override(run, "editing.prefixes.seed"))
+        draws = by_total.setdefault(run.field("n_edits"), {})
+        draws.setdefault(draw, {})[run.field("batch_size")] = run
+    return dict(sorted(by_total.items()))
+
+
+def smaller_batches(draws: Draws, total: int) -> list[int]:
+    return sorted({size for same in draws.values() for size in same if size < total})
+
+
 def repeats_findings(study: dict[str, list[Run]]) -> list[str]:
     """Each smaller sequential schedule against one batch of all the edits, on every disjoint
     fact set and prefix seed: the differences, their mean, and their spread between runs."""
     lines = ["### Repeats: disjoint fact sets x prefix seeds (paper's each_batch scores)", ""]
-    runs = study["repeats"]
-    for total in sorted({r.field("n_edits") for r in runs}):
-        draws: dict[tuple[str, str], dict[int, Run]] = {}
-        for run in (r for r in runs if r.field("n_edits") == total):
-            draw = (override(run, "data.fact_set"), override(run, "editing.prefixes.seed"))
-            draws.setdefault(draw, {})[run.field("batch_size")] = run
-        sizes = sorted({size for same in draws.values() for size in same if size < total})
+    for total, draws in repeat_draws(study["repeats"]).items():
+        sizes = smaller_batches(draws, total)
         lines += [f"**{total} edits** (S of each schedule − S of 1x{total}, paired over the facts)"]
         lines += [
             "",
@@ -553,6 +571,73 @@ def repeats_findings(study: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def repeats_figure(runs: list[Run]) -> Figure:
+    """The headline comparison, one row per number of edits: each smaller schedule's paired
+    difference from one batch of all the edits (ES, PS, NS, S; the paper's each_batch scores),
+    one marker per draw with its within-run SE, and their mean with the SE between draws."""
+    by_total = repeat_draws(runs)
+    figure = Figure(figsize=(13, 3.2 * len(by_total) + 0.6), layout="constrained")
+    axes = figure.subplots(len(by_total), 4, squeeze=False)
+    markers = "osD^vP*X"
+    for row, (total, draws) in zip(axes, by_total.items()):
+        sizes = smaller_batches(draws, total)
+        pairs = [
+            (draw, m, *difference(same[m], same[total], "each_batch"))
+            for draw, same in sorted(draws.items())
+            for m in sizes
+            if m in same and total in same
+        ]
+        names = sorted({draw for draw, *_ in pairs})
+        limit = max([5.0] + [abs(d[k]) + se[k] + 1 for *_, d, se in pairs for k in range(4)])
+        for k, (ax, metric) in enumerate(zip(row, (*METRICS, "S"))):
+            for x, m in enumerate(sizes):
+                found = [(draw, d[k], se[k]) for draw, size, d, se in pairs if size == m]
+                for draw, d, se in found:
+                    offset = x - 0.25 + 0.5 * names.index(draw) / max(len(names), 2)
+                    style = {"marker": markers[names.index(draw) % len(markers)], "capsize": 3}
+                    ax.errorbar(offset, d, yerr=se, color=SERIES_COLORS["MEMIT"], **style)
+                if len(found) >= 2:
+                    d = np.array([value for _, value, _ in found])
+                    sem = d.std(ddof=1) / np.sqrt(len(d))
+                    ax.errorbar(
+                        x + 0.3,
+                        d.mean(),
+                        yerr=sem,
+                        color="black",
+                        marker="_",
+                        markersize=14,
+                        capsize=5,
+                        lw=2,
+                    )
+            ax.axhline(0, color="0.35", ls="--", lw=1)
+            ax.set_xticks(range(len(sizes)), [f"{total // m}x{m}" for m in sizes])
+            ax.set_xlim(-0.6, len(sizes) - 0.4)
+            ax.set_ylim(-limit, limit)
+            ax.set_title(f"{metric}: schedule − 1x{total}", fontsize="medium")
+            ax.set_ylabel("difference (points)")
+            ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], color=SERIES_COLORS["MEMIT"], marker=markers[i % len(markers)], ls="none")
+        for i in range(len(names))
+    ] + [Line2D([], [], color="black", marker="_", markersize=14, ls="none")]
+    labels = [
+        f"fact set {fact_set}, prefix seed {seed} (±1 SE over facts)" for fact_set, seed in names
+    ]
+    figure.legend(
+        handles,
+        labels + ["mean of the draws (±1 SE between draws)"],
+        loc="outside lower center",
+        ncol=2,
+        frameon=False,
+        fontsize="small",
+    )
+    figure.suptitle(
+        "MEMIT, layer 3, λ 1000: smaller sequential batches against one batch of "
+        "all the edits, paired over the facts (paper's each_batch scores)"
+    )
+    return figure
+
+
 def spread_line(name: str, found: list[tuple[float, float]]) -> str:
     """A difference repeated over runs ((value, within-run SE) each): its mean, the spread
     between runs, and the mean within-run SE."""
@@ -580,6 +665,10 @@ FINDINGS = {
 }
 
 
+# The study's own figures, beside editexp-report's
+FIGURES = {"repeats": repeats_figure}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the directory holding one folder per experiment")
@@ -601,6 +690,8 @@ def main() -> None:
         runs = runs_of(directory) if directory.is_dir() else []
         if runs:
             report(directory, args.out / name, args.wandb, args.root / "colors.json")
+            if name in FIGURES:
+                FIGURES[name](runs).savefig(args.out / name / f"{name}.png", dpi=150)
             study[name] = runs
     write_findings(args.out, study)
     print(f"wrote {args.out / 'findings.md'}")

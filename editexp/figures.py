@@ -452,7 +452,7 @@ def _draw(
         grid[len(cells)].legend(handles, legend_labels, loc="center", frameon=False)
     else:
         figure.legend(
-            handles, legend_labels, loc="outside right upper", fontsize="small", frameon=False
+            handles, legend_labels, loc="outside right center", fontsize="small", frameon=False
         )
     if title:
         figure.suptitle(title)

@@ -166,6 +166,28 @@ def test_repeats_give_the_mean_difference_and_its_spread_between_draws():
     assert summary.endswith("3 of 3 positive")
 
 
+def test_repeats_figure_draws_each_draws_paired_difference_and_their_mean():
+    runs, gains = [], (2.0, 4.0, 9.0)
+    for fact_set, gain in zip("012", gains):
+        overrides = [f"data.fact_set={fact_set}", "editing.prefixes.seed=0"]
+        for size, ns in ((4, 50.0), (2, 50.0 + gain)):
+            values = [[100.0, 100.0, ns]] * 4
+            runs.append(fake_run(values, overrides=overrides, n_edits=4, batch_size=size))
+    figure = study.repeats_figure(runs)
+    ns_panel, s_panel = figure.axes[2], figure.axes[3]
+    plotted = lambda ax: [float(c.lines[0].get_ydata()[0]) for c in ax.containers]  # noqa: E731
+    assert plotted(ns_panel) == pytest.approx([*gains, np.mean(gains)])
+    s_gain = [
+        study.s_of(np.array([[100, 100, 50 + g]])) - study.s_of(np.array([[100, 100, 50]]))
+        for g in gains
+    ]
+    assert plotted(s_panel) == pytest.approx([*s_gain, np.mean(s_gain)])
+    mean_bar = s_panel.containers[-1].lines[2][0].get_segments()[0][:, 1]  # the mean's +-1 SE
+    half = np.std(s_gain, ddof=1) / np.sqrt(3)
+    assert mean_bar == pytest.approx([np.mean(s_gain) - half, np.mean(s_gain) + half])
+    assert s_panel.get_ylim()[1] >= max(s_gain) and s_panel.get_ylim()[0] == -s_panel.get_ylim()[1]
+
+
 def test_batch_findings_keep_each_lambda_of_an_algorithm_a_series_of_its_own():
     def run(n, lam, ns):
         values = [[100.0, 100.0, ns]] * n
