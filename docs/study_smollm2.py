@@ -716,9 +716,13 @@ def write_findings(out: Path, study: dict[str, list[Run]]) -> None:
 
 
 def cost_lines(out: Path, experiments: list[str]) -> list[str]:
-    """Per experiment (its cost.json): CPU-hours measured (seconds x threads, shared work
-    counted where it was computed) beside the paper's code's estimate for the same points."""
-    lines = ["| experiment | runs | wall (h) | CPU-hours | paper's code (h of this CPU, est.) |"]
+    """Per experiment (its cost.json): its runs' hours summed (not the sweep's elapsed time,
+    which is shorter where jobs ran side by side) and CPU-hours (seconds x threads), shared work
+    counted where it was computed, beside the paper's code's estimate for the same points."""
+    lines = [
+        "| experiment | runs | run hours (summed) | CPU-hours "
+        "| paper's code (h of this CPU, est.) |"
+    ]
     lines.append("|---|---:|---:|---:|---:|")
     for name in experiments:
         path = out / name / "cost.json"
