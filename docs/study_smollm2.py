@@ -459,7 +459,7 @@ def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
 
 def forgetting_lines(runs: list[Run]) -> list[str]:
     """Held-out perplexity before editing and at every curve point of the sequential runs."""
-    curves = {}
+    curves: list[tuple[str, float, dict[int, float]]] = []  # (run's label, before, points)
     for run in runs:
         points = {
             row.edits_done: row.edited_so_far["PPL"]["mean"]
@@ -468,16 +468,16 @@ def forgetting_lines(runs: list[Run]) -> list[str]:
         }
         pre = run.finished.metric("pre", "PPL")
         if points and pre is not None:
-            curves[run] = (pre, points)
+            curves.append((label(run), pre, points))
     if not curves:
         return []
-    edits = sorted({n for _, points in curves.values() for n in points})
+    edits = sorted({n for *_, points in curves for n in points})
     lines = ["Forgetting: held-out perplexity (WikiText-2 after C0's sample) as edits accumulate:"]
     lines += ["", "| run | before | " + " | ".join(f"{n} edits" for n in edits) + " |"]
     lines.append("|---|---:|" + "---:|" * len(edits))
-    for run, (pre, points) in sorted(curves.items(), key=lambda item: label(item[0])):
+    for name, pre, points in sorted(curves, key=lambda curve: curve[0]):
         cells = [f"{points[n]:.2f}" if n in points else "-" for n in edits]
-        lines.append(f"| {label(run)} | {pre:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {pre:.2f} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

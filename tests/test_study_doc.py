@@ -214,6 +214,22 @@ def test_batch_findings_give_held_out_perplexity_before_and_after_each_batch():
     assert [row.rsplit("|", 2)[1].strip() for row in rows] == ["34.00", "45.25"]
 
 
+def test_forgetting_gives_perplexity_at_every_curve_point_of_each_run():
+    def run(size, curve):
+        edited = fake_run([[100.0, 100.0, 60.0]] * 4, algorithm="memit", n_edits=4, batch_size=size)
+        rows = [SimpleNamespace(edits_done=n, edited_so_far={"PPL": {"mean": p}}) for n, p in curve]
+        edited.finished.batches = lambda: rows
+        edited.finished.metric = lambda stage, name: (
+            33.5 if (stage, name) == ("pre", "PPL") else None
+        )
+        return edited
+
+    lines = study.forgetting_lines([run(2, [(2, 40.0), (4, 51.0)]), run(1, [(4, 45.5)])])
+    assert "| run | before | 2 edits | 4 edits |" in lines
+    assert "| MEMIT 4x1 | 33.50 | - | 45.50 |" in lines
+    assert "| MEMIT 2x2 | 33.50 | 40.00 | 51.00 |" in lines
+
+
 def test_the_studys_main_series_keep_their_colours_and_no_other_label_shares_one(tmp_path):
     path = tmp_path / "colors.json"
     path.write_text(json.dumps({"MEMIT": "#2ca02c", "batch 64": "#1f77b4", "λ 10": "#aec7e8"}))
