@@ -27,6 +27,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -355,9 +356,32 @@ def sequential_findings(study: dict[str, list[Run]]) -> list[str]:
     lines += sequential_table(runs) + [""]
     lines += ["Smaller sequential batches against one batch of all the edits (S, paired):"]
     lines += schedule_comparisons(runs, study.get("batch_scaling", []))
+    against_memit = emmet_against_memit(runs, study.get("batch_scaling", []))
+    if against_memit:
+        lines += ["", "EMMET's sequential schedules against MEMIT's one batch of the same edits:"]
+        lines += against_memit
     lines += ["", "The best batch size for the same edits (S, paired against the best):"]
     lines += best_batch_size_lines(runs, study.get("batch_scaling", []))
     return lines + [""] + forgetting_lines(runs)
+
+
+def emmet_against_memit(runs: list[Run], batch_runs: list[Run]) -> list[str]:
+    """Each sequential EMMET run against MEMIT's one batch of all its edits, paired."""
+    memit = {
+        r.field("n_edits"): r
+        for r in batch_runs + runs
+        if r.field("algorithm") == "memit" and one_batch_size(r) == r.field("n_edits")
+    }
+    lines = []
+    for run in (r for r in runs if r.field("algorithm") == "emmet"):
+        whole = memit.get(run.field("n_edits"))
+        for stage in ("post", "each_batch") if whole else ():
+            d, s = difference(run, whole, stage)
+            lines.append(
+                f"- {label(run)} − {series(whole)} 1x{whole.field('n_edits')} ({stage}): "
+                f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
+            )
+    return lines
 
 
 def best_batch_size_lines(runs: list[Run], batch_runs: list[Run]) -> list[str]:
@@ -409,8 +433,23 @@ def sequential_table(runs: list[Run]) -> list[str]:
 
 def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
     """Each smaller sequential schedule and ROME's singular edits against one batch of all the
-    edits (a sequential run of one update, or a batch-scaling run of the same size)."""
+    edits, on both scoring schedules (:func:`schedule_pairs`)."""
     lines = []
+    for name, run, whole in schedule_pairs(runs, batch_runs):
+        for stage in ("post", "each_batch"):
+            d, s = difference(run, whole, stage)
+            lines.append(
+                f"- {name} − {series(whole)} 1x{whole.field('n_edits')} ({stage}): "
+                f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
+            )
+    return lines
+
+
+def schedule_pairs(runs: list[Run], batch_runs: list[Run]) -> list[tuple[str, Run, Run]]:
+    """(name, sequential run, one batch of all its edits): each smaller sequential schedule of
+    MEMIT and EMMET, and ROME's singular edits, with the one batch (a sequential run of one
+    update, or a batch-scaling run of the same size) of its algorithm, at its lambda where
+    there is one."""
     totals = {r.field("n_edits") for r in runs}
     one_batch = [
         r
@@ -419,23 +458,19 @@ def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
     ]
     rome = {r.field("n_edits"): r for r in runs if r.field("algorithm") == "rome"}
     lambda_of = {(r.field("algorithm"), r.field("n_edits")): r.field("lambda") for r in runs}
+    kind = lambda r: (r.field("algorithm"), r.field("n_edits"))  # noqa: E731
+    pairs = []
     for algorithm in ("memit", "emmet"):
         for total in sorted(totals):
             whole = sorted(  # the same series (lambda) as the sequential runs first
-                (
-                    r
-                    for r in one_batch
-                    if r.field("algorithm") == algorithm and r.field("n_edits") == total
-                ),
-                key=lambda r: r.field("lambda") != lambda_of.get((algorithm, total)),
+                (r for r in one_batch if kind(r) == (algorithm, total)),
+                key=lambda r: r.field("lambda") != lambda_of.get(kind(r)),
             )
             smaller = sorted(
                 (
                     r
                     for r in runs
-                    if r.field("algorithm") == algorithm
-                    and r.field("n_edits") == total
-                    and r.field("batch_size") < total
+                    if kind(r) == (algorithm, total) and r.field("batch_size") < total
                 ),
                 key=lambda r: r.field("batch_size"),
             )
@@ -447,14 +482,43 @@ def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
             ]
             if total in rome and rome[total].field("batch_size") == 1:  # ROME's singular edits
                 named.insert(0, (f"ROME {total}x1", rome[total]))
-            for name, run in named:
-                for stage in ("post", "each_batch"):
-                    d, s = difference(run, whole[0], stage)
-                    lines.append(
-                        f"- {name} − {series(whole[0])} 1x{total} ({stage}): "
-                        f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
-                    )
-    return lines
+            pairs += [(name, run, whole[0]) for name, run in named]
+    return pairs
+
+
+def schedule_figure(study: dict[str, list[Run]]) -> Figure | None:
+    """Stage 4's headline: each smaller sequential schedule's paired difference from one batch
+    of all the edits (ES, PS, NS, S), scored after all the edits and after its own update
+    (the paper's each_batch), ±1 SE over the facts; one colour per series."""
+    pairs = schedule_pairs(study["sequential"], study.get("batch_scaling", []))
+    if not pairs:
+        return None
+    stages = {"post": ("o", "after all the edits"), "each_batch": ("s", "after its own update")}
+    found = {
+        (i, stage): difference(run, whole, stage)
+        for i, (_, run, whole) in enumerate(pairs)
+        for stage in stages
+    }
+    limit = symmetric_limit(list(found.values()))
+    figure = Figure(figsize=(3.6 * 4, 4.2), layout="constrained")
+    for k, (ax, metric) in enumerate(zip(figure.subplots(1, 4), (*METRICS, "S"))):
+        for (i, stage), (d, se) in found.items():
+            color = SERIES_COLORS.get(series(pairs[i][1]).split(" λ")[0], "0.3")
+            marker = stages[stage][0]
+            x = i - 0.12 if stage == "post" else i + 0.12
+            face = color if stage == "post" else "white"
+            ax.errorbar(x, d[k], yerr=se[k], color=color, marker=marker, mfc=face, capsize=3)
+        ticks = [f"{name}\n− 1x{whole.field('n_edits')}" for name, _, whole in pairs]
+        difference_panel(ax, ticks, limit, f"{metric}: schedule − one batch")
+        ax.tick_params(axis="x", labelsize="small", labelrotation=30)
+    handles = [
+        Line2D([], [], color="0.3", marker=m, mfc="0.3" if stage == "post" else "white", ls="none")
+        for stage, (m, _) in stages.items()
+    ]
+    labels = [f"scored {text} (±1 SE over facts, paired)" for _, text in stages.values()]
+    figure.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
+    figure.suptitle("Sequential batches against one batch of the same edits, paired over the facts")
+    return figure
 
 
 def forgetting_lines(runs: list[Run]) -> list[str]:
@@ -588,7 +652,7 @@ def repeats_figure(runs: list[Run]) -> Figure:
             if m in same and total in same
         ]
         names = sorted({draw for draw, *_ in pairs})
-        limit = max([5.0] + [abs(d[k]) + se[k] + 1 for *_, d, se in pairs for k in range(4)])
+        limit = symmetric_limit([(d, se) for *_, d, se in pairs])
         for k, (ax, metric) in enumerate(zip(row, (*METRICS, "S"))):
             for x, m in enumerate(sizes):
                 found = [(draw, d[k], se[k]) for draw, size, d, se in pairs if size == m]
@@ -609,13 +673,8 @@ def repeats_figure(runs: list[Run]) -> Figure:
                         capsize=5,
                         lw=2,
                     )
-            ax.axhline(0, color="0.35", ls="--", lw=1)
-            ax.set_xticks(range(len(sizes)), [f"{total // m}x{m}" for m in sizes])
-            ax.set_xlim(-0.6, len(sizes) - 0.4)
-            ax.set_ylim(-limit, limit)
-            ax.set_title(f"{metric}: schedule − 1x{total}", fontsize="medium")
-            ax.set_ylabel("difference (points)")
-            ax.grid(alpha=0.3)
+            ticks = [f"{total // m}x{m}" for m in sizes]
+            difference_panel(ax, ticks, limit, f"{metric}: schedule − 1x{total}")
     handles = [
         Line2D([], [], color=SERIES_COLORS["MEMIT"], marker=markers[i % len(markers)], ls="none")
         for i in range(len(names))
@@ -636,6 +695,23 @@ def repeats_figure(runs: list[Run]) -> Figure:
         "all the edits, paired over the facts (paper's each_batch scores)"
     )
     return figure
+
+
+def difference_panel(ax: Any, ticks: list[str], limit: float, title: str) -> None:
+    """A panel of paired differences: one tick per comparison, a zero line, and a y range
+    symmetric about zero (``limit`` points each way), so no gain or loss looks bigger."""
+    ax.axhline(0, color="0.35", ls="--", lw=1)
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlim(-0.6, len(ticks) - 0.4)
+    ax.set_ylim(-limit, limit)
+    ax.set_title(title, fontsize="medium")
+    ax.set_ylabel("difference (points)")
+    ax.grid(alpha=0.3)
+
+
+def symmetric_limit(found: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """A y range that holds every (difference, SE) pair's ±1 SE bar, at least ±5 points."""
+    return max([5.0] + [abs(d[k]) + se[k] + 1 for d, se in found for k in range(4)])
 
 
 def spread_line(name: str, found: list[tuple[float, float]]) -> str:
@@ -665,8 +741,11 @@ FINDINGS = {
 }
 
 
-# The study's own figures, beside editexp-report's
-FIGURES = {"repeats": repeats_figure}
+# The study's own figures (<experiment>_vs_one_batch.png), beside editexp-report's
+FIGURES = {
+    "repeats": lambda study: repeats_figure(study["repeats"]),
+    "sequential": schedule_figure,
+}
 
 
 def main() -> None:
@@ -690,9 +769,11 @@ def main() -> None:
         runs = runs_of(directory) if directory.is_dir() else []
         if runs:
             report(directory, args.out / name, args.wandb, args.root / "colors.json")
-            if name in FIGURES:
-                FIGURES[name](runs).savefig(args.out / name / f"{name}.png", dpi=150)
             study[name] = runs
+    for name in set(study) & set(FIGURES):  # the study's own figures, from all its runs
+        figure = FIGURES[name](study)
+        if figure is not None:
+            figure.savefig(args.out / name / f"{name}_vs_one_batch.png", dpi=150)
     write_findings(args.out, study)
     print(f"wrote {args.out / 'findings.md'}")
 

@@ -75,6 +75,32 @@ def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to
     assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
 
 
+def test_schedule_figure_draws_each_schedule_against_one_batch_on_both_scorings():
+    def run(batch_size, ns, each_ns, mode="sequential"):
+        values, each = [[100.0, 100.0, ns]] * 4, [[100.0, 100.0, each_ns]] * 4
+        fields = {"algorithm": "memit", "n_edits": 4, "batch_size": batch_size, "mode": mode}
+        return fake_run(values, each_batch=each, **fields)
+
+    one_batch = run(4, 50, 50, mode="batch")
+    figure = study.schedule_figure({"sequential": [run(2, 60, 66)], "batch_scaling": [one_batch]})
+    ns_panel = figure.axes[2]
+    plotted = [float(c.lines[0].get_ydata()[0]) for c in ns_panel.containers]
+    assert plotted == pytest.approx([10.0, 16.0])  # after all edits, after its own update
+    assert ns_panel.get_xticklabels()[0].get_text() == "MEMIT 2x2\n− 1x4"
+    assert study.schedule_figure({"sequential": [one_batch]}) is None  # nothing to compare
+
+
+def test_sequential_emmet_is_compared_with_memits_one_batch_of_the_same_edits():
+    def run(algorithm, batch_size, ns, mode="sequential"):
+        values = [[100.0, 100.0, ns]] * 4
+        return fake_run(values, algorithm=algorithm, n_edits=4, batch_size=batch_size, mode=mode)
+
+    memit = run("memit", 4, 70, mode="batch")
+    lines = study.emmet_against_memit([run("emmet", 2, 55), run("memit", 2, 60)], [memit])
+    assert len(lines) == 2 and all(x.startswith("- EMMET 2x2 − MEMIT 1x4") for x in lines)
+    assert "NS -15.0 ± 0.0" in lines[0]
+
+
 def test_sequential_findings_name_the_best_batch_size_and_compare_the_others_paired():
     """1x8 (a batch-scaling run), 2x4 and 4x2 of the same 8 facts: 2x4 has the best S after
     the last update; on the paper's schedule 4x2 does. An EMMET one batch at another lambda
