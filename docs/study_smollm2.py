@@ -642,7 +642,6 @@ def repeats_figure(runs: list[Run]) -> Figure:
     by_total = repeat_draws(runs)
     figure = Figure(figsize=(13, 3.2 * len(by_total) + 0.6), layout="constrained")
     axes = figure.subplots(len(by_total), 4, squeeze=False)
-    markers = "osD^vP*X"
     for row, (total, draws) in zip(axes, by_total.items()):
         sizes = smaller_batches(draws, total)
         pairs = [
@@ -656,27 +655,11 @@ def repeats_figure(runs: list[Run]) -> Figure:
         for k, (ax, metric) in enumerate(zip(row, (*METRICS, "S"))):
             for x, m in enumerate(sizes):
                 found = [(draw, d[k], se[k]) for draw, size, d, se in pairs if size == m]
-                for draw, d, se in found:
-                    offset = x - 0.25 + 0.5 * names.index(draw) / max(len(names), 2)
-                    style = {"marker": markers[names.index(draw) % len(markers)], "capsize": 3}
-                    ax.errorbar(offset, d, yerr=se, color=SERIES_COLORS["MEMIT"], **style)
-                if len(found) >= 2:
-                    d = np.array([value for _, value, _ in found])
-                    sem = d.std(ddof=1) / np.sqrt(len(d))
-                    ax.errorbar(
-                        x + 0.3,
-                        d.mean(),
-                        yerr=sem,
-                        color="black",
-                        marker="_",
-                        markersize=14,
-                        capsize=5,
-                        lw=2,
-                    )
+                draw_repeats(ax, x, [(names.index(draw), d, se) for draw, d, se in found])
             ticks = [f"{total // m}x{m}" for m in sizes]
             difference_panel(ax, ticks, limit, f"{metric}: schedule − 1x{total}")
     handles = [
-        Line2D([], [], color=SERIES_COLORS["MEMIT"], marker=markers[i % len(markers)], ls="none")
+        Line2D([], [], color=SERIES_COLORS["MEMIT"], marker=MARKERS[i % len(MARKERS)], ls="none")
         for i in range(len(names))
     ] + [Line2D([], [], color="black", marker="_", markersize=14, ls="none")]
     labels = [
@@ -695,6 +678,23 @@ def repeats_figure(runs: list[Run]) -> Figure:
         "all the edits, paired over the facts (paper's each_batch scores)"
     )
     return figure
+
+
+MARKERS = "osD^vP*X"  # one per draw of the repeats
+
+
+def draw_repeats(ax: Any, x: int, found: list[tuple[int, float, float]]) -> None:
+    """At tick ``x``: each draw's (index, difference, within-run SE) as its own marker, and,
+    from two draws on, their mean with the SE between draws (a black bar to their right)."""
+    for index, d, se in found:
+        offset = x - 0.25 + 0.5 * index / max(len(found), 2)
+        marker = MARKERS[index % len(MARKERS)]
+        ax.errorbar(offset, d, yerr=se, color=SERIES_COLORS["MEMIT"], marker=marker, capsize=3)
+    if len(found) >= 2:
+        d = np.array([value for _, value, _ in found])
+        sem = d.std(ddof=1) / np.sqrt(len(d))
+        style = {"color": "black", "marker": "_", "markersize": 14, "capsize": 5, "lw": 2}
+        ax.errorbar(x + 0.3, d.mean(), yerr=sem, **style)
 
 
 def difference_panel(ax: Any, ticks: list[str], limit: float, title: str) -> None:
