@@ -372,16 +372,8 @@ def emmet_against_memit(runs: list[Run], batch_runs: list[Run]) -> list[str]:
         for r in batch_runs + runs
         if r.field("algorithm") == "memit" and one_batch_size(r) == r.field("n_edits")
     }
-    lines = []
-    for run in (r for r in runs if r.field("algorithm") == "emmet"):
-        whole = memit.get(run.field("n_edits"))
-        for stage in ("post", "each_batch") if whole else ():
-            d, s = difference(run, whole, stage)
-            lines.append(
-                f"- {label(run)} − {series(whole)} 1x{whole.field('n_edits')} ({stage}): "
-                f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
-            )
-    return lines
+    emmet = [r for r in runs if r.field("algorithm") == "emmet" and r.field("n_edits") in memit]
+    return [line for r in emmet for line in against_lines(label(r), r, memit[r.field("n_edits")])]
 
 
 def best_batch_size_lines(runs: list[Run], batch_runs: list[Run]) -> list[str]:
@@ -434,14 +426,20 @@ def sequential_table(runs: list[Run]) -> list[str]:
 def schedule_comparisons(runs: list[Run], batch_runs: list[Run]) -> list[str]:
     """Each smaller sequential schedule and ROME's singular edits against one batch of all the
     edits, on both scoring schedules (:func:`schedule_pairs`)."""
+    pairs = schedule_pairs(runs, batch_runs)
+    return [line for name, run, whole in pairs for line in against_lines(name, run, whole)]
+
+
+def against_lines(name: str, run: Run, whole: Run) -> list[str]:
+    """``run`` (called ``name``) − ``whole``, one batch of all its edits, paired over the facts:
+    S and NS after all the edits and after each fact's own update (each_batch)."""
     lines = []
-    for name, run, whole in schedule_pairs(runs, batch_runs):
-        for stage in ("post", "each_batch"):
-            d, s = difference(run, whole, stage)
-            lines.append(
-                f"- {name} − {series(whole)} 1x{whole.field('n_edits')} ({stage}): "
-                f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
-            )
+    for stage in ("post", "each_batch"):
+        d, s = difference(run, whole, stage)
+        lines.append(
+            f"- {name} − {series(whole)} 1x{whole.field('n_edits')} ({stage}): "
+            f"S {cell(d[3], s[3])}, NS {cell(d[2], s[2])}"
+        )
     return lines
 
 
