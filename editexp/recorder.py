@@ -3,7 +3,6 @@ after every step writes the checkpoint and the rows (facts.jsonl, batches.jsonl)
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 
 from editexp.data.counterfact import Fact
@@ -45,7 +44,7 @@ class Recorder:
 
     def elapsed(self) -> float:
         """Seconds over all attempts so far."""
-        return self.state.elapsed_before + time.perf_counter() - self.started
+        return self.state.elapsed(self.started)
 
     def book(self, booking: Booking) -> None:
         """Book one update: the facts it scored (their scoring now counts), its record line."""

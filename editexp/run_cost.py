@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from editexp.record import RunRecord
-from editexp.timing import PHASES
+from editexp.timing import INTERRUPTED, PHASES
 
-COLUMNS = (*PHASES, "total")
+COLUMNS = (*PHASES, INTERRUPTED, "total")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,8 @@ COST_HEADER = ["Run", "Device", "Threads", *(f"{phase} (s)" for phase in COLUMNS
 COST_NOTE = (
     "Seconds each run spent itself, over all its attempts; what it read from a cache "
     "(statistics, the values another grid point computed) is counted where it was computed. "
+    "interrupted: what killed attempts ran after their last checkpoint (work redone, or "
+    "read back from the value cache, on resume; included in total). "
     "Values: facts whose values the run computed / read from the sweep's value cache. "
     "CPU-hours: seconds x torch threads.\n"
 )

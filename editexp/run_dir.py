@@ -49,12 +49,14 @@ RECORD_NAME = "run.json"
 ATTEMPTS_DIR = ".attempts"
 SUMMARY_NAME = "summary.json"
 CHECKPOINT_NAME = "checkpoint.pt"
+HEARTBEAT_NAME = "attempt.json"  # the running attempt's seconds so far (editexp.heartbeat)
 # What one attempt writes into its run directory, moved aside together by force=true
 # (summary.json first: an interrupted move never leaves a summary beside other rows).
 RESULT_NAMES = (
     SUMMARY_NAME,
     "deltas.pt",
     CHECKPOINT_NAME,
+    HEARTBEAT_NAME,
     "facts.jsonl",
     "batches.jsonl",
     "wandb",
@@ -201,6 +203,7 @@ class RunDirectory:
         self.path = Path(path)
         self.summary_path = self.path / SUMMARY_NAME
         self.checkpoint_path = self.path / CHECKPOINT_NAME
+        self.heartbeat_path = self.path / HEARTBEAT_NAME
         self.record_path = self.path / RECORD_NAME
 
     # ---------------------------------------------------------------- lock
@@ -322,9 +325,11 @@ class RunDirectory:
         return [self.path / name for name in RESULT_NAMES if (self.path / name).exists()]
 
     def has_rows(self) -> bool:
-        """Result rows or files beyond ``run.json`` and W&B's folder (which an attempt killed
-        before its first update leaves, and the next attempt may simply take over)."""
-        return any(path.name not in (RECORD_NAME, "wandb") for path in self.existing_results())
+        """Result rows or files beyond ``run.json``, the heartbeat and W&B's folder (which an
+        attempt killed before its first update leaves, and the next attempt may simply take
+        over)."""
+        taken_over = (RECORD_NAME, HEARTBEAT_NAME, "wandb")
+        return any(path.name not in taken_over for path in self.existing_results())
 
     def move_aside(self) -> Path | None:
         """Move every result of earlier attempts into ``.attempts/<time>/``; returns it."""

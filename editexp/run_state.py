@@ -8,6 +8,7 @@ editor's past keys as ``{"gram": tensor, "count": int}`` per layer, rebuilt on l
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import torch
 from editexp.cache import atomic_torch_save
 from editexp.editing.linalg import PastKeys
 from editexp.evaluation.counterfact_eval import FactScores
+from editexp.heartbeat import read_heartbeat
 from editexp.record import BatchRecord, RunRecord
 from editexp.run_dir import RunDirectory, RunIdentity
-from editexp.timing import PHASES
+from editexp.timing import INTERRUPTED, PHASES
 
 log = logging.getLogger("editexp")
 
@@ -40,7 +42,9 @@ class RunState:
     weights: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> W as edited so
     # far: a resumed run restores it as it was, so it goes on bit for bit (W0 + deltas in order)
     past_keys: dict[int, PastKeys] | None = None  # the Editor's, when it keeps earlier edits
-    timing: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    timing: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys((*PHASES, INTERRUPTED), 0.0)
+    )
     elapsed_before: float = 0.0  # seconds spent by earlier, interrupted attempts
     values: dict[str, int] = field(default_factory=lambda: {"computed": 0, "read": 0})
     # facts' values computed here and read from the sweep's cache, over all attempts
@@ -48,6 +52,19 @@ class RunState:
     @property
     def updates_done(self) -> int:
         return len(self.batches)
+
+    def elapsed(self, started: float) -> float:
+        """Seconds over all attempts, this one started at ``started`` (``time.perf_counter``)."""
+        return self.elapsed_before + time.perf_counter() - started
+
+    def count_interrupted(self, heartbeat: float | None) -> None:
+        """Count what a killed attempt ran after the state was saved: ``heartbeat``, its last
+        seconds over all attempts (editexp.heartbeat), beyond ``elapsed_before``."""
+        lost = 0.0 if heartbeat is None else heartbeat - self.elapsed_before
+        if lost > 0:
+            self.timing[INTERRUPTED] = self.timing.get(INTERRUPTED, 0.0) + lost
+            self.elapsed_before += lost
+            log.info("counting %.0f s that a killed attempt ran after its last checkpoint", lost)
 
     def add_deltas(self, deltas: dict[int, torch.Tensor]) -> None:
         """Sum an update's deltas (layer -> Delta) into the run's."""
@@ -127,7 +144,8 @@ def claim(
     own_hydra_files: dict[Path, str] | None,
 ) -> RunRecord | RunState:
     """What the locked directory holds for this run: the record of the same finished run (to
-    skip), the state of the same unfinished one (to resume), or a fresh start."""
+    skip), the state of the same unfinished one (to resume), or a fresh start; the last two
+    count the time a killed attempt ran after its last checkpoint (its heartbeat)."""
     if force:
         moved = directory.move_aside()
         if moved is not None:
@@ -144,10 +162,14 @@ def claim(
         if saved is not None:
             directory.check(identity, saved, "an unfinished run")
             try:
-                return RunState.from_saved(saved)
+                state = RunState.from_saved(saved)
             except (KeyError, TypeError, ValueError, AttributeError) as error:
                 raise directory.damaged(directory.checkpoint_path, repr(error)) from None
+            state.count_interrupted(read_heartbeat(directory.heartbeat_path))
+            return state
         if directory.has_rows():  # rows without a checkpoint: never mix them with ours
             directory.move_aside()
     directory.start_attempt(identity, own_hydra_files)
-    return RunState(identity.config_hash, identity.data_hash)
+    state = RunState(identity.config_hash, identity.data_hash)
+    state.count_interrupted(read_heartbeat(directory.heartbeat_path))  # killed before update 1
+    return state

@@ -15,7 +15,9 @@ record. Everything goes into the run's Hydra output directory (layouts in
   they are, the summed weight deltas, rows written); a run started again with the same config
   and data resumes after its last completed update, bit for bit as if it had not stopped;
 - ``deltas.pt``: the edited matrices' deltas, to apply to a fresh model (``Editor.apply``);
-- ``run.json``: the config and data the attempt belongs to.
+- ``run.json``: the config and data the attempt belongs to;
+- ``attempt.json``, while an attempt runs: its seconds so far (:mod:`editexp.heartbeat`), so
+  that a resumed run's timing counts what a killed attempt ran after its last checkpoint.
 
 The run directory holds one config and one attempt at a time (:mod:`editexp.run_dir`): the
 run locks it, checks what it holds against its own config and data before skipping or
@@ -50,6 +52,7 @@ from editexp.config import RunSettings, run_settings
 from editexp.data.counterfact import Fact
 from editexp.editing.editor import Editor, save_deltas
 from editexp.evaluation.evaluator import Evaluator
+from editexp.heartbeat import Heartbeat
 from editexp.models import LoadedModel, load_model, model_shape
 from editexp.progress import UpdateProgress
 from editexp.record import RunRecord
@@ -118,7 +121,8 @@ def run(
         name, group = run_identity(overrides or [], sweep_dir)
         run_id = run_id_for(directory.path, fresh=bool(cfg.force))
         wandb = WandbIdentity(run_id, name, group, experiment)
-        return edit_and_evaluate(cfg, settings, facts, state, directory, wandb, started)
+        with Heartbeat(directory.heartbeat_path, lambda: state.elapsed(started)):
+            return edit_and_evaluate(cfg, settings, facts, state, directory, wandb, started)
 
 
 def edit_and_evaluate(

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 PHASES = ("statistics", "keys_values", "solve", "evaluation")
+INTERRUPTED = "interrupted"  # seconds killed attempts ran after their last checkpoint (heartbeat)
 
 
 class PhaseTimer:

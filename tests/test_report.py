@@ -407,7 +407,7 @@ def test_cost_section_sums_cpu_and_gpu_hours(tmp_path: Path):
     section = (root / "report" / "results.md").read_text().split("## Cost")[1]
     # wall 0.5 + 1 + 0.25 h; CPU 0.5 x 2 + 1 x 1 = 2 h; GPU 0.25 h
     assert "3 run(s), 1.75 h of wall time, 2.00 CPU-hours, 0.25 GPU-hours." in section
-    assert "| 0 | cpu | 2 | 1.5 | 2.5 | 0.2 | 4.0 | 1800.0 | 7 / 9 |" in section
+    assert "| 0 | cpu | 2 | 1.5 | 2.5 | 0.2 | 4.0 | 0.0 | 1800.0 | 7 / 9 |" in section
     assert "| 2 | cuda:0 | 16 |" in section
 
 
