@@ -177,17 +177,23 @@ def _shown(value: Any) -> str:
     return format_value(value) or "none"
 
 
-def _varying(items: Iterable[Mapping[str, Any]], names: Iterable[str]) -> list[str]:
-    """The names whose value differs among the runs of at least one algorithm (so that e.g.
-    each algorithm's own default lambda does not label the lines)."""
+def _varying(
+    items: Iterable[Mapping[str, Any]], names: Iterable[str], within_algorithm: bool = False
+) -> list[str]:
+    """The names whose value differs among the runs: lambda (or, ``within_algorithm``, every
+    name) only where it differs among the runs of one algorithm, so that each algorithm's own
+    default lambda does not label the lines, while e.g. two algorithms' runs of different
+    numbers of edits are told apart."""
+    items = list(items)
     by_algorithm: dict[Any, list[Mapping[str, Any]]] = {}
     for item in items:
         by_algorithm.setdefault(item.get("algorithm"), []).append(item)
-    return [
-        name
-        for name in names
-        if any(len({_hashable(i.get(name)) for i in group}) > 1 for group in by_algorithm.values())
-    ]
+
+    def differs(name: str) -> bool:
+        groups = by_algorithm.values() if within_algorithm or name == "lambda" else [items]
+        return any(len({_hashable(i.get(name)) for i in group}) > 1 for group in groups)
+
+    return [name for name in names if differs(name)]
 
 
 def _hashable(value: Any) -> Any:
@@ -484,7 +490,8 @@ def _axis_plans(runs: Sequence[RunResult]) -> dict[str, tuple[list[RunResult], s
         group = [run for run in runs if str(run.axes.get("mode")) == mode]
         for axis in _figure_axes(mode):
             plotted = [run for run in group if _x_value(run, axis) is not None]
-            if not _varying([{**r.axes, axis: _x_value(r, axis)} for r in plotted], [axis]):
+            points = [{**r.axes, axis: _x_value(r, axis)} for r in plotted]
+            if not _varying(points, [axis], within_algorithm=True):
                 continue
             name = f"metric_vs_{axis}" + (f"_{mode}" if len(modes) > 1 else "")
             plans[name] = (plotted, axis, mode)

@@ -229,6 +229,18 @@ def test_a_series_has_one_colour_in_every_figure() -> None:
     assert F.series_colors(["new"], taken)["new"] not in taken.values()
 
 
+def test_runs_of_different_numbers_of_edits_are_told_apart_across_algorithms() -> None:
+    # the study's sequential schedules: EMMET's 1024 edits beside MEMIT's 2048; each
+    # algorithm's own lambda still labels nothing
+    runs = [result(algorithm="emmet", mode="sequential", batch_size=256, n_edits=1024,
+                   **{"lambda": 1e-4})]  # fmt: skip
+    runs += [result(mode="sequential", batch_size=b, n_edits=2048, **{"lambda": 1000.0})
+             for b in (256, 1024)]  # fmt: skip
+    labels = ["EMMET, edits 1024", "MEMIT, edits 2048"]
+    assert F.line_labels(runs, "batch_size", "sequential") == labels
+    assert set(F.axis_figures(runs)) == {"metric_vs_batch_size"}  # not vs n_edits: one each
+
+
 def test_batch_sizes_to_2048_get_ticks_that_do_not_touch() -> None:
     runs = [result(batch_size=n, n_edits=n) for n in (16, 64, 256, 1024, 2048)]
     ax = data_axes(F.axis_figures(runs)["metric_vs_batch_size"])[0]
