@@ -72,6 +72,7 @@ def test_sequential_findings_compare_smaller_batches_and_romes_singular_edits_to
     lines = "\n".join(study.sequential_findings({"sequential": runs, "batch_scaling": [one_batch]}))
     assert "- MEMIT 2x2 − MEMIT 1x4 (post): S" in lines and "NS +10.0 ± 0.0" in lines
     assert "- ROME 4x1 − MEMIT 1x4 (each_batch): S" in lines and "NS -10.0 ± 0.0" in lines
+    assert "ES +0.0 ± 0.0, PS +0.0 ± 0.0, NS +10.0 ± 0.0" in lines  # each metric, not only S
     assert "EMMET" not in lines  # no EMMET run, no EMMET comparison
 
 
