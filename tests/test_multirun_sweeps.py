@@ -495,9 +495,9 @@ def test_study_script_takes_each_stage_from_the_previous_ones_results(tmp_path):
 def test_paper_scale_study_runs_the_grid_its_budget_section_names(tmp_path):
     """launchers/study_paper_scale.sh with PRECISION=bf16-mixed, stages 3-6: every grid point in
     bf16-mixed except EMMET's one batch of 1024 or more (docs/precision.md); and the grid of the
-    third revision (docs/study-smollm2.md, "How it is run"): no GE after stage 3, MEMIT 1024x2
-    and 256x8 on 2048 edits, MEMIT and EMMET 256x4 on 1024, the remedies at 256x4, the repeats
-    one fact set per sweep."""
+    third revision (docs/study-smollm2.md, "Budget and its revisions"): no GE after stage 3,
+    MEMIT 1024x2 and 256x8 on 2048 edits, MEMIT and EMMET 256x4 on 1024, the remedies at 256x4,
+    the repeats one fact set per sweep."""
     from test_report import _job, _summary
 
     study = tmp_path / "study"
