@@ -120,6 +120,7 @@ def test_sequential_findings_name_the_best_batch_size_and_compare_the_others_pai
     assert len(best) == 2  # MEMIT after the last update and on the paper's schedule
     assert best[0].startswith("- MEMIT λ=1000, 8 edits (post): best 2x4 (S ")
     assert "4x2 -5." in best[0] and "1x8 -2." in best[0]
+    assert "4x2 -5.7 ± 0.0 (NS -10.0 ± 0.0)" in best[0]  # NS 60 against the best's 70
     assert best[1].startswith("- MEMIT λ=1000, 8 edits (each_batch): best 4x2 (S ")
     assert not any("EMMET" in line for line in best)
 
