@@ -28,8 +28,7 @@ HEARTBEAT_SECONDS = 60.0
 class Heartbeat:
     """While the ``with`` block runs, a daemon thread writes ``{"elapsed": elapsed()}`` to
     ``path`` every ``interval`` seconds, and once more on the way out; a block that ends
-    without an exception removes the file (its run is finished or refused, nothing was
-    lost)."""
+    without an exception removes the file (its run is finished: nothing was lost)."""
 
     def __init__(
         self, path: Path, elapsed: Callable[[], float], interval: float = HEARTBEAT_SECONDS
