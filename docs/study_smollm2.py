@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -493,38 +493,71 @@ def schedule_pairs(runs: list[Run], batch_runs: list[Run]) -> list[tuple[str, Ru
 
 
 def schedule_figure(study: dict[str, list[Run]]) -> Figure | None:
-    """Stage 4's headline: each smaller sequential schedule's paired difference from one batch
-    of all the edits (ES, PS, NS, S), scored after all the edits and after its own update
-    (the paper's each_batch), ±1 SE over the facts; one colour per series."""
+    """Stage 4's headline: each smaller sequential schedule against one batch of all the
+    edits (:func:`paired_figure`)."""
     pairs = schedule_pairs(study["sequential"], study.get("batch_scaling", []))
     if not pairs:
         return None
-    stages = {"post": ("o", "after all the edits"), "each_batch": ("s", "after its own update")}
+    plot = PairedPlot(
+        pairs=[(run, whole) for _, run, whole in pairs],
+        ticks=[f"{name}\n− 1x{whole.field('n_edits')}" for name, _, whole in pairs],
+        colors=[SERIES_COLORS.get(series(run).split(" λ")[0], "0.3") for _, run, _ in pairs],
+        difference="schedule − one batch",
+        title="Sequential batches against one batch of the same edits, paired over the facts",
+    )
+    figure, _ = paired_figure(plot)
+    return figure
+
+
+SCORINGS = {"post": ("o", "after all the edits"), "each_batch": ("s", "after its own update")}
+
+
+@dataclass
+class PairedPlot:
+    """What :func:`paired_figure` draws: (run, base) pairs, one tick and one colour each."""
+
+    pairs: list[tuple[Run, Run]]
+    ticks: list[str]
+    colors: list[str]
+    difference: str  # each panel's title after its metric, e.g. "schedule − one batch"
+    title: str
+    targets: dict[str, float] = field(default_factory=dict)  # metric -> goal (dotted line)
+
+
+def paired_figure(plot: PairedPlot, extra: int = 0) -> tuple[Figure, list[Any]]:
+    """One tick per (run, base) pair: run − base in ES, PS, NS and S, paired over the facts,
+    scored after all the edits and after its own update (the paper's each_batch), ±1 SE over
+    the facts; ``extra`` panels are left empty to the right and returned."""
     found = {
-        (i, stage): difference(run, whole, stage)
-        for i, (_, run, whole) in enumerate(pairs)
-        for stage in stages
+        (i, stage): difference(run, base, stage)
+        for i, (run, base) in enumerate(plot.pairs)
+        for stage in SCORINGS
     }
+    colors, targets = plot.colors, plot.targets
     limit = symmetric_limit(list(found.values()))
-    figure = Figure(figsize=(3.6 * 4, 4.2), layout="constrained")
-    for k, (ax, metric) in enumerate(zip(figure.subplots(1, 4), (*METRICS, "S"))):
+    figure = Figure(figsize=(3.6 * (4 + extra), 4.2), layout="constrained")
+    axes = figure.subplots(1, 4 + extra)
+    for k, (ax, metric) in enumerate(zip(axes, (*METRICS, "S"))):
         for (i, stage), (d, se) in found.items():
-            color = SERIES_COLORS.get(series(pairs[i][1]).split(" λ")[0], "0.3")
-            marker = stages[stage][0]
             x = i - 0.12 if stage == "post" else i + 0.12
-            face = color if stage == "post" else "white"
-            ax.errorbar(x, d[k], yerr=se[k], color=color, marker=marker, mfc=face, capsize=3)
-        ticks = [f"{name}\n− 1x{whole.field('n_edits')}" for name, _, whole in pairs]
-        difference_panel(ax, ticks, limit, f"{metric}: schedule − one batch")
+            face = colors[i] if stage == "post" else "white"
+            style = {"marker": SCORINGS[stage][0], "mfc": face, "capsize": 3}
+            ax.errorbar(x, d[k], yerr=se[k], color=colors[i], **style)
+        difference_panel(ax, plot.ticks, limit, f"{metric}: {plot.difference}")
+        if metric in targets:
+            ax.axhline(targets[metric], color="0.2", ls=":", lw=1.2, label="target")
         ax.tick_params(axis="x", labelsize="small", labelrotation=30)
     handles = [
         Line2D([], [], color="0.3", marker=m, mfc="0.3" if stage == "post" else "white", ls="none")
-        for stage, (m, _) in stages.items()
+        for stage, (m, _) in SCORINGS.items()
     ]
-    labels = [f"scored {text} (±1 SE over facts, paired)" for _, text in stages.values()]
-    figure.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)
-    figure.suptitle("Sequential batches against one batch of the same edits, paired over the facts")
-    return figure
+    labels = [f"scored {text} (±1 SE over facts, paired)" for _, text in SCORINGS.values()]
+    if targets:
+        handles.append(Line2D([], [], color="0.2", ls=":"))
+        labels.append("target (" + ", ".join(f"{m} {v:+g}" for m, v in targets.items()) + ")")
+    figure.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
+    figure.suptitle(plot.title)
+    return figure, list(axes[4:])
 
 
 def forgetting_lines(runs: list[Run]) -> list[str]:
@@ -558,27 +591,77 @@ def label(run: Run) -> str:
     return f"{series(run)} {n // size}x{size}{keep}"
 
 
-def remedies_findings(study: dict[str, list[Run]]) -> list[str]:
-    """keep_edits MEMIT and AlphaEdit against plain MEMIT on the same schedule and facts; the
-    target: S at least plain MEMIT's + 5 with NS at most 3 lower."""
-    lines = ["### Remedies for sequential editing", ""]
+def remedy_pairs(study: dict[str, list[Run]]) -> list[tuple[Run, Run]]:
+    """Each remedy run with plain MEMIT on the same schedule (stage 4), its comparator."""
     plain = {
         (r.field("n_edits"), r.field("batch_size")): r
         for r in study.get("sequential", [])
         if r.field("algorithm") == "memit" and not r.field("keep_edits")
     }
+    pairs = []
     for run in sorted(study["remedies"], key=label):
         base = plain.get((run.field("n_edits"), run.field("batch_size")))
-        if base is None:
-            continue
+        if base is not None:
+            pairs.append((run, base))
+    return pairs
+
+
+REMEDY_TARGET = {"NS": -3.0, "S": 5.0}  # S at least plain MEMIT's + 5, NS at most 3 lower
+
+
+def remedies_findings(study: dict[str, list[Run]]) -> list[str]:
+    """keep_edits MEMIT and AlphaEdit against plain MEMIT on the same schedule and facts
+    against :data:`REMEDY_TARGET`."""
+    lines = ["### Remedies for sequential editing", ""]
+    for run, base in remedy_pairs(study):
         for stage in ("post", "each_batch"):
             diff, se = difference(run, base, stage)
-            met = diff[3] >= 5 and diff[2] >= -3
+            met = diff[3] >= REMEDY_TARGET["S"] and diff[2] >= REMEDY_TARGET["NS"]
             lines.append(
-                f"- {label(run)} − {label(base)} ({stage}): S {cell(diff[3], se[3])}, "
+                f"- {label(run)} − {label(base)} ({stage}): S {cell(diff[3], se[3])}; "
+                f"ES {cell(diff[0], se[0])}, PS {cell(diff[1], se[1])}, "
                 f"NS {cell(diff[2], se[2])}: target {'met' if met else 'missed'}"
             )
     return lines + [""] + forgetting_lines(study["remedies"])
+
+
+def remedy_color(run: Run) -> str:
+    """A remedy's colour as editexp-report draws its series; plain MEMIT, the comparator,
+    in black."""
+    if run.field("algorithm") == "alphaedit":
+        return SERIES_COLORS["ALPHAEDIT"]
+    return SERIES_COLORS["MEMIT"] if run.field("keep_edits") else "black"
+
+
+def remedies_figure(study: dict[str, list[Run]]) -> Figure | None:
+    """Stage 5: each remedy against plain MEMIT on the same schedule and facts, paired, with
+    the target; and held-out perplexity of all three as the edits accumulate."""
+    pairs = remedy_pairs(study)
+    if not pairs:
+        return None
+    plot = PairedPlot(
+        pairs=pairs,
+        ticks=[f"{label(run)}\n− plain" for run, _ in pairs],
+        colors=[remedy_color(run) for run, _ in pairs],
+        difference="remedy − plain MEMIT",
+        title=f"Remedies against plain {label(pairs[0][1])} on the same facts, paired",
+        targets=REMEDY_TARGET,
+    )
+    figure, (ax,) = paired_figure(plot, extra=1)
+    for run in [pairs[0][1]] + [run for run, _ in pairs]:
+        curve = [(0, run.finished.metric("pre", "PPL"))] + [
+            (row.edits_done, row.edited_so_far["PPL"]["mean"])
+            for row in run.finished.batches()
+            if "PPL" in row.edited_so_far
+        ]
+        x, y = zip(*[(n, ppl) for n, ppl in curve if ppl is not None])
+        ax.plot(x, y, marker="o", color=remedy_color(run), label=label(run))
+    ax.set_ylim(bottom=0)
+    ax.set_title("held-out perplexity", fontsize="medium")
+    ax.set_xlabel("edits done")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
 
 
 Draws = dict[tuple[str, str], dict[int, Run]]  # (fact set, prefix seed) -> batch size -> run
@@ -747,10 +830,11 @@ FINDINGS = {
 }
 
 
-# The study's own figures (<experiment>_vs_one_batch.png), beside editexp-report's
+# The study's own figures, beside editexp-report's: experiment -> (file name, figure)
 FIGURES = {
-    "repeats": lambda study: repeats_figure(study["repeats"]),
-    "sequential": schedule_figure,
+    "repeats": ("repeats_vs_one_batch.png", lambda study: repeats_figure(study["repeats"])),
+    "sequential": ("sequential_vs_one_batch.png", schedule_figure),
+    "remedies": ("remedies_vs_plain.png", remedies_figure),
 }
 
 
@@ -777,9 +861,10 @@ def main() -> None:
             report(directory, args.out / name, args.wandb, args.root / "colors.json")
             study[name] = runs
     for name in set(study) & set(FIGURES):  # the study's own figures, from all its runs
-        figure = FIGURES[name](study)
+        file_name, draw = FIGURES[name]
+        figure = draw(study)
         if figure is not None:
-            figure.savefig(args.out / name / f"{name}_vs_one_batch.png", dpi=150)
+            figure.savefig(args.out / name / file_name, dpi=150)
     write_findings(args.out, study)
     print(f"wrote {args.out / 'findings.md'}")
 

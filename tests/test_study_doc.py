@@ -176,6 +176,30 @@ def test_remedies_meet_the_target_only_with_s_5_higher_and_ns_at_most_3_lower():
     assert alpha_line.endswith("target missed")
 
 
+def test_remedies_figure_draws_each_remedy_against_plain_memit_with_the_target_and_ppl():
+    def run(es, algorithm="memit", keep_edits=False, curve=((2, 40.0), (4, 50.0))):
+        values = [[es, es, 60.0]] * 4
+        fields = {"algorithm": algorithm, "n_edits": 4, "batch_size": 2, "keep_edits": keep_edits}
+        edited = fake_run(values, **fields)
+        rows = [SimpleNamespace(edits_done=n, edited_so_far={"PPL": {"mean": p}}) for n, p in curve]
+        edited.finished.batches = lambda: rows
+        edited.finished.metric = lambda stage, name: 33.5 if stage == "pre" else None
+        return edited
+
+    plain = run(50.0)
+    keep = run(80.0, keep_edits=True, curve=((2, 38.0), (4, 41.0)))
+    alpha = run(70.0, algorithm="alphaedit", keep_edits=True)
+    figure = study.remedies_figure({"sequential": [plain], "remedies": [keep, alpha]})
+    es_panel, s_panel, ppl_panel = figure.axes[0], figure.axes[3], figure.axes[4]
+    plotted = [float(c.lines[0].get_ydata()[0]) for c in es_panel.containers]
+    assert plotted == pytest.approx([20.0, 20.0, 30.0, 30.0])  # AlphaEdit, keep_edits; 2 scorings
+    assert s_panel.lines[-1].get_ydata()[0] == 5.0  # the target: S at least plain's + 5
+    curves = {line.get_label(): list(line.get_ydata()) for line in ppl_panel.lines}
+    assert curves["MEMIT 2x2, keep_edits"] == [33.5, 38.0, 41.0]
+    assert len(curves) == 3  # plain MEMIT, the comparator, beside both remedies
+    assert study.remedies_figure({"sequential": [], "remedies": [keep]}) is None
+
+
 def test_repeats_give_the_mean_difference_and_its_spread_between_draws():
     runs = []
     for fact_set, gain in (("0", 2.0), ("1", 4.0), ("2", 6.0)):
