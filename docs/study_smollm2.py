@@ -633,6 +633,12 @@ def remedy_color(run: Run) -> str:
     return SERIES_COLORS["MEMIT"] if run.field("keep_edits") else "black"
 
 
+def remedy_name(run: Run) -> str:
+    """A remedy's tick: its algorithm and whether it kept earlier edits' keys."""
+    keep = ", keep_edits" if run.field("keep_edits") else ""
+    return f"{run.field('algorithm').upper()}{keep}"
+
+
 def remedies_figure(study: dict[str, list[Run]]) -> Figure | None:
     """Stage 5: each remedy against plain MEMIT on the same schedule and facts, paired, with
     the target; and held-out perplexity of all three as the edits accumulate."""
@@ -641,7 +647,7 @@ def remedies_figure(study: dict[str, list[Run]]) -> Figure | None:
         return None
     plot = PairedPlot(
         pairs=pairs,
-        ticks=[f"{label(run)}\n− plain" for run, _ in pairs],
+        ticks=[remedy_name(run) for run, _ in pairs],
         colors=[remedy_color(run) for run, _ in pairs],
         difference="remedy − plain MEMIT",
         title=f"Remedies against plain {label(pairs[0][1])} on the same facts, paired",
