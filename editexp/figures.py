@@ -208,9 +208,11 @@ def _title(axes_list: Sequence[Mapping[str, Any]], skip: Sequence[str]) -> str:
     if modes <= {"singular", "batch"}:  # batch size 1, or the number of edits
         skip = [*skip, "batch_size"]
     parts = []
-    for name in ("model", "mode", "n_edits", "batch_size", "layer", "lambda", "eval_schedule"):
+    names = ("model", "mode", "n_edits", "batch_size", "layer", "lambda", "eval_schedule")
+    for name in (*names, "keep_edits"):
         values = {_hashable(axes.get(name)) for axes in axes_list}
-        if name in skip or len(values) != 1 or None in values:
+        plain = name == "keep_edits" and values == {False}  # named only where it was on
+        if name in skip or len(values) != 1 or None in values or plain:
             continue
         (value,) = values
         parts.append(

@@ -308,6 +308,18 @@ def test_layer_axis_is_linear_with_integer_ticks_and_title_names_the_setting() -
     assert figure.get_suptitle() == "tiny, singular editing, 8 edits, λ 100"
 
 
+def test_sequential_title_says_when_every_run_kept_the_earlier_edits_keys() -> None:
+    def title(keep_edits: bool, layer: tuple[int, ...] = (0,)) -> str:
+        axes = {**result().axes, "mode": "sequential", "layer": layer, "keep_edits": keep_edits}
+        return F.sequential_figure(
+            [F.Curve(axes, [4, 8], [stats(80), stats(70)], PRE)]
+        ).get_suptitle()
+
+    assert "keep edits on" in title(True)
+    assert "keep edits" not in title(False)  # the default goes unsaid
+    assert "layer 0" in title(False)  # layer 0 is not mistaken for keep_edits=false
+
+
 def test_multi_layer_runs_get_a_categorical_axis() -> None:
     runs = [result(layer=(1, 2)), result(layer=(2, 3))]
     ax = data_axes(F.axis_figures(runs)["metric_vs_layer"])[0]
