@@ -37,30 +37,39 @@ def duration(seconds: float) -> str:
 @dataclass
 class UpdateProgress:
     """Logs each step of a run's update loop and moves its terminal bar. The estimate of the
-    time left is this attempt's mean time per update times the updates left."""
+    time left is the time per update since the previous line times the updates left: the
+    latest updates, not the attempt's mean, since a run's first updates often read their
+    values from the cache (a sweep's shared first batch, or a resumed attempt's) and take a
+    fraction of the time the later ones do."""
 
     n_updates: int
     n_edits: int
     updates_before: int  # done by earlier attempts
     started: float = field(default_factory=time.perf_counter)
     bar: tqdm = field(init=False)
+    previous: tuple[float, int] = field(init=False)  # (time, updates done) at the last line
 
     def __post_init__(self) -> None:
         self.bar = terminal_bar(self.n_updates, "updates", "update", self.updates_before)
+        self.previous = (self.started, self.updates_before)
 
-    def line(self, updates_done: int, edits_done: int, now: float | None = None) -> str:
-        """The progress line after ``updates_done`` updates (``edits_done`` edits)."""
-        elapsed = (time.perf_counter() if now is None else now) - self.started
-        done_now = updates_done - self.updates_before
+    def line(self, updates_done: int, edits_done: int, now: float) -> str:
+        """The progress line after ``updates_done`` updates (``edits_done`` edits) at ``now``."""
+        elapsed = now - self.started
+        since, updates_then = self.previous
+        done_since = updates_done - updates_then
         left = self.n_updates - updates_done
-        estimate = duration(elapsed / done_now * left) if done_now > 0 else "unknown"
+        per_update = (now - since) / done_since if done_since > 0 else None
+        estimate = "unknown" if per_update is None else duration(per_update * left)
         return (
             f"update {updates_done}/{self.n_updates}: {edits_done}/{self.n_edits} edits done, "
             f"{duration(elapsed)} elapsed, about {estimate} left"
         )
 
-    def step(self, updates_done: int, edits_done: int) -> None:
-        log.info(self.line(updates_done, edits_done))
+    def step(self, updates_done: int, edits_done: int, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        log.info(self.line(updates_done, edits_done, now))
+        self.previous = (now, updates_done)
         self.bar.update(updates_done - self.bar.n)
 
     def __enter__(self) -> UpdateProgress:

@@ -35,12 +35,21 @@ def test_runner_log_holds_one_progress_line_per_update(tmp_path):
     assert "sampling" not in done.stderr and "updates" not in done.stderr  # no bars: no tty
 
 
-def test_time_left_is_the_mean_time_per_update_of_this_attempt_times_the_updates_left():
+def test_time_left_is_the_time_per_update_since_the_last_line_times_the_updates_left():
     progress = UpdateProgress(n_updates=10, n_edits=20, updates_before=4, started=100.0)
     line = progress.line(updates_done=6, edits_done=12, now=130.0)  # 2 updates in 30 s
     assert line == "update 6/10: 12/20 edits done, 30 s elapsed, about 1 min 0 s left"
     assert progress.line(4, 8, now=100.0).endswith("about unknown left")
     assert progress.line(10, 20, now=190.0).endswith("about 0 s left")
+
+
+def test_time_left_follows_the_latest_updates_not_a_fast_cached_first_one():
+    progress = UpdateProgress(n_updates=4, n_edits=8, updates_before=0, started=0.0)
+    progress.step(1, 2, now=10.0)  # the first batch's values read from the cache
+    line = progress.line(2, 4, now=610.0)  # the second computed its own: 600 s
+    assert line.endswith("10 min 10 s elapsed, about 20 min 0 s left")  # the mean: 10 min 10 s
+    progress.step(2, 4, now=610.0)
+    assert progress.line(3, 6, now=1210.0).endswith("about 10 min 0 s left")
 
 
 def test_durations_read_as_seconds_minutes_hours():
