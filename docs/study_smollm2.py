@@ -545,7 +545,7 @@ def paired_figure(plot: PairedPlot, extra: int = 0) -> tuple[Figure, list[Any]]:
             ax.errorbar(x, d[k], yerr=se[k], color=colors[i], **style)
         difference_panel(ax, plot.ticks, limit, f"{metric}: {plot.difference}")
         if metric in targets:
-            ax.axhline(targets[metric], color="0.2", ls=":", lw=1.2, label="target")
+            ax.axhline(targets[metric], color="0.2", ls=":", lw=1.2)
         ax.tick_params(axis="x", labelsize="small", labelrotation=30)
     handles = [
         Line2D([], [], color="0.3", marker=m, mfc="0.3" if stage == "post" else "white", ls="none")
@@ -610,8 +610,8 @@ REMEDY_TARGET = {"NS": -3.0, "S": 5.0}  # S at least plain MEMIT's + 5, NS at mo
 
 
 def remedies_findings(study: dict[str, list[Run]]) -> list[str]:
-    """keep_edits MEMIT and AlphaEdit against plain MEMIT on the same schedule and facts
-    against :data:`REMEDY_TARGET`."""
+    """keep_edits MEMIT and AlphaEdit against plain MEMIT on the same schedule and facts, each
+    scoring checked against :data:`REMEDY_TARGET`."""
     lines = ["### Remedies for sequential editing", ""]
     for run, base in remedy_pairs(study):
         for stage in ("post", "each_batch"):
