@@ -560,15 +560,20 @@ def paired_figure(plot: PairedPlot, extra: int = 0) -> tuple[Figure, list[Any]]:
     return figure, list(axes[4:])
 
 
+def perplexity_curve(run: Run) -> dict[int, float]:
+    """A sequential run's held-out perplexity at each curve point: edits done -> PPL."""
+    return {
+        row.edits_done: row.edited_so_far["PPL"]["mean"]
+        for row in run.finished.batches()
+        if "PPL" in row.edited_so_far
+    }
+
+
 def forgetting_lines(runs: list[Run]) -> list[str]:
     """Held-out perplexity before editing and at every curve point of the sequential runs."""
     curves: list[tuple[str, float, dict[int, float]]] = []  # (run's label, before, points)
     for run in runs:
-        points = {
-            row.edits_done: row.edited_so_far["PPL"]["mean"]
-            for row in run.finished.batches()
-            if "PPL" in row.edited_so_far
-        }
+        points = perplexity_curve(run)
         pre = run.finished.metric("pre", "PPL")
         if points and pre is not None:
             curves.append((label(run), pre, points))
@@ -655,12 +660,8 @@ def remedies_figure(study: dict[str, list[Run]]) -> Figure | None:
     )
     figure, (ax,) = paired_figure(plot, extra=1)
     for run in [pairs[0][1]] + [run for run, _ in pairs]:
-        curve = [(0, run.finished.metric("pre", "PPL"))] + [
-            (row.edits_done, row.edited_so_far["PPL"]["mean"])
-            for row in run.finished.batches()
-            if "PPL" in row.edited_so_far
-        ]
-        x, y = zip(*[(n, ppl) for n, ppl in curve if ppl is not None])
+        curve = {0: run.finished.metric("pre", "PPL")} | perplexity_curve(run)
+        x, y = zip(*[(n, ppl) for n, ppl in curve.items() if ppl is not None])
         ax.plot(x, y, marker="o", color=remedy_color(run), label=label(run))
     ax.set_ylim(bottom=0)
     ax.set_title("held-out perplexity", fontsize="medium")
